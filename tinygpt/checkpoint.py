@@ -1,0 +1,321 @@
+"""`.tinygpt` files: one safetensors file holding the weights and a JSON manifest.
+
+The manifest (safetensors metadata key "tinygpt") records the format version, the `GPTConfig`, the
+tokenizer, the training state (step, metrics, training config) and a sha256 of the tensor content.
+Training checkpoints also carry the optimizer state (`optimizer.*` tensors) and RNG state (`rng.*`).
+Writes are atomic; reads validate everything and never unpickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tinygpt.config import ConfigError, GPTConfig
+from tinygpt.io import atomic_write_bytes
+
+FORMAT = "tinygpt"
+FORMAT_VERSION = 1
+OPTIM_PREFIX = "optimizer."
+RNG_PREFIX = "rng."
+
+
+class CheckpointError(ValueError):
+    """A file is missing, truncated, corrupt, foreign or inconsistent."""
+
+
+@dataclass
+class Checkpoint:
+    """The parsed content of a `.tinygpt` file."""
+
+    path: Path
+    manifest: dict[str, Any]
+    tensors: dict[str, Tensor]  # model weights
+    optimizer: dict[str, Tensor] = field(default_factory=dict)  # names without the prefix
+    rng: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def config(self) -> GPTConfig:
+        return GPTConfig.from_dict(self.manifest["config"])
+
+    @property
+    def train_state(self) -> dict[str, Any]:
+        return self.manifest.get("train_state") or {}
+
+
+# ------------------------------------------------------------------------------------- writing
+def save(
+    model,
+    path: str | os.PathLike,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    train_state: dict[str, Any] | None = None,
+    include_rng: bool = False,
+) -> Path:
+    """Write `model` (with its tokenizer) to a `.tinygpt` file atomically.
+
+    Args:
+        model: a `tinygpt.GPT`.
+        path: destination; parent directories are created.
+        optimizer: if given, its state is stored for exact resumption.
+        train_state: JSON-serialisable training state (defaults to `model.train_state`).
+        include_rng: also store torch's CPU RNG state.
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    if model.tokenizer is None:
+        raise CheckpointError("the model has no tokenizer attached; set model.tokenizer before saving")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        tensors.pop("unembed.weight", None)
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.cfg.to_dict(),
+        "tokenizer": model.tokenizer.to_dict(),
+        "train_state": train_state if train_state is not None else getattr(model, "train_state", {}),
+    }
+    if optimizer is not None:
+        groups, state = _flatten_optimizer(optimizer)
+        manifest["optimizer"] = {"class": type(optimizer).__name__, "param_groups": groups}
+        tensors.update({OPTIM_PREFIX + k: v for k, v in state.items()})
+    if include_rng:
+        tensors[RNG_PREFIX + "torch"] = torch.get_rng_state()
+    manifest["content_sha256"] = content_hash(tensors)
+    from safetensors.torch import save as st_save
+
+    try:
+        data = st_save(tensors, metadata={FORMAT: json.dumps(manifest)})
+    except TypeError as e:
+        raise CheckpointError(f"training state is not JSON-serialisable: {e}") from e
+    atomic_write_bytes(path, data)
+    return path
+
+
+def content_hash(tensors: dict[str, Tensor]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[list[dict], dict[str, Tensor]]:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            t = v if isinstance(v, Tensor) else torch.tensor(v)
+            tensors[f"state.{idx}.{k}"] = t.detach().cpu().contiguous()
+    groups = json.loads(json.dumps(sd["param_groups"], default=_json_default))
+    return groups, tensors
+
+
+def _json_default(o):
+    if isinstance(o, Tensor):
+        return o.item() if o.numel() == 1 else o.tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
+    """Restore an optimizer saved with `save(..., optimizer=opt)`."""
+    if "optimizer" not in ckpt.manifest:
+        raise CheckpointError(
+            f"{ckpt.path} has no optimizer state (it was saved for inference, not as a training "
+            "checkpoint); start a new run instead of resuming"
+        )
+    rec = ckpt.manifest["optimizer"]
+    if rec["class"] != type(opt).__name__:
+        raise CheckpointError(f"{ckpt.path} holds {rec['class']} state, not {type(opt).__name__}")
+    state: dict[int, dict[str, Tensor]] = {}
+    for name, t in ckpt.optimizer.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = t
+    groups = rec["param_groups"]
+    for g in groups:
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ------------------------------------------------------------------------------------- reading
+_MAGIC_HINTS = {
+    b"PK\x03\x04": "a zip archive (a PyTorch torch.save checkpoint?)",
+    b"\x80\x02": "a Python pickle",
+    b"\x80\x03": "a Python pickle",
+    b"\x80\x04": "a Python pickle",
+    b"\x80\x05": "a Python pickle",
+    b"GGUF": "a GGUF file",
+    b"\x93NUMPY": "a NumPy .npy file",
+}
+
+
+def read_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
+    """Parse and validate a `.tinygpt` file without building a model."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a .tinygpt file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is not a .tinygpt file: only {size} bytes (empty or truncated)")
+        for magic, what in _MAGIC_HINTS.items():
+            if head.startswith(magic):
+                raise CheckpointError(
+                    f"{path} is {what}, not a .tinygpt (safetensors) file; tinygpt never unpickles files"
+                )
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(
+                f"{path} is not a .tinygpt file: header length {n} does not fit a {size}-byte file "
+                "(truncated, corrupt or not safetensors)"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not a .tinygpt file: its header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a .tinygpt file: unexpected header")
+    meta = header.pop("__metadata__", None) or {}
+    if FORMAT not in meta:
+        raise CheckpointError(
+            f"{path} is a safetensors file but not a tinygpt checkpoint (no '{FORMAT}' manifest in its "
+            "metadata); save models with tinygpt.save(model, path)"
+        )
+    try:
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{path}: corrupt tensor table in header ({e})") from e
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path} is truncated: its header promises {8 + n + end} bytes but the file has {size}"
+        )
+    try:
+        manifest = json.loads(meta[FORMAT])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: the tinygpt manifest is not valid JSON ({e})") from e
+    version = manifest.get("format_version")
+    if manifest.get("format") != FORMAT or not isinstance(version, int):
+        raise CheckpointError(f"{path}: the manifest does not describe a tinygpt checkpoint")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer tinygpt (format {version}; this one reads up to "
+            f"{FORMAT_VERSION}); upgrade tinygpt"
+        )
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type
+        raise CheckpointError(f"{path}: corrupt tensor data ({e})") from e
+    if verify and "content_sha256" in manifest and content_hash(tensors) != manifest["content_sha256"]:
+        raise CheckpointError(f"{path} is corrupt: tensor content does not match its recorded sha256")
+    ckpt = Checkpoint(path=path, manifest=manifest, tensors={})
+    for k, v in tensors.items():
+        if k.startswith(OPTIM_PREFIX):
+            ckpt.optimizer[k[len(OPTIM_PREFIX) :]] = v
+        elif k.startswith(RNG_PREFIX):
+            ckpt.rng[k[len(RNG_PREFIX) :]] = v
+        else:
+            ckpt.tensors[k] = v
+    return ckpt
+
+
+def load(path: str | os.PathLike | Checkpoint, device: str | torch.device | None = None):
+    """Load a `.tinygpt` file: the model, with its tokenizer attached and `train_state` filled.
+
+    Args:
+        path: the file (or an already parsed `Checkpoint`).
+        device: where to put the model (default: CPU).
+    """
+    from tinygpt.model import GPT
+    from tinygpt.tokenizer import TokenizerError, load_tokenizer
+
+    ckpt = path if isinstance(path, Checkpoint) else read_checkpoint(path)
+    try:
+        cfg = ckpt.config
+        tokenizer = load_tokenizer(ckpt.manifest.get("tokenizer"))
+    except (ConfigError, TokenizerError, TypeError) as e:
+        raise CheckpointError(f"{ckpt.path}: invalid manifest: {e}") from e
+    if tokenizer.vocab_size > cfg.d_vocab:
+        raise CheckpointError(
+            f"{ckpt.path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.d_vocab}"
+        )
+    model = GPT(cfg, tokenizer=tokenizer)
+    expected = set(model.state_dict())
+    if cfg.tie_embeddings:
+        expected.discard("unembed.weight")
+    missing, unexpected = expected - set(ckpt.tensors), set(ckpt.tensors) - expected
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{ckpt.path}: tensors do not match the config: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    try:
+        model.load_state_dict(ckpt.tensors, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt.path}: tensor shapes do not match the config: {e}") from e
+    model.train_state = ckpt.train_state
+    model.source_path = str(ckpt.path)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------- inspect
+def describe(path: str | os.PathLike) -> str:
+    """Human-readable summary: config, tokenizer, parameter count and a table of every tensor."""
+    ckpt = read_checkpoint(path)
+    cfg, m = ckpt.config, ckpt.manifest
+    tok = m.get("tokenizer", {})
+    n_params = sum(t.numel() for t in ckpt.tensors.values())
+    lines = [f"file        {ckpt.path}  ({ckpt.path.stat().st_size:,} bytes, format {m['format_version']})"]
+    lines.append("config      " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
+    if tok.get("type") == "bpe":
+        from tinygpt.tokenizer import load_tokenizer
+
+        lines.append(f"tokenizer   bpe, vocab {load_tokenizer(tok).vocab_size}")
+    else:
+        lines.append(f"tokenizer   {tok.get('type', '?')}, vocab 256")
+    lines.append(f"parameters  {n_params:,}" + ("  (embeddings tied)" if cfg.tie_embeddings else ""))
+    ts = ckpt.train_state
+    if ts:
+        keys = ("step", "loss", "val_loss", "tokens_seen")
+        lines.append("training    " + ", ".join(f"{k}={ts[k]}" for k in keys if k in ts))
+    if ckpt.optimizer:
+        n = sum(t.numel() for t in ckpt.optimizer.values())
+        lines.append(f"optimizer   {m['optimizer']['class']} state: {len(ckpt.optimizer)} tensors, {n:,} elements")
+    lines.append("")
+    w = max(len(k) for k in ckpt.tensors) if ckpt.tensors else 4
+    lines.append(f"{'tensor':<{w}}  {'dtype':<9} {'shape':<16} {'elements':>12}")
+    lines.append("-" * (w + 41))
+    for k, t in sorted(ckpt.tensors.items(), key=lambda kv: _natural_key(kv[0])):
+        dt = str(t.dtype).removeprefix("torch.")
+        lines.append(f"{k:<{w}}  {dt:<9} {str(list(t.shape)):<16} {t.numel():>12,}")
+    lines.append("-" * (w + 41))
+    lines.append(f"{'total':<{w}}  {'':<9} {'':<16} {n_params:>12,}")
+    return "\n".join(lines)
+
+
+def _natural_key(name: str) -> list:
+    """Sort "blocks.2" before "blocks.10"."""
+    import re
+
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]

@@ -1,0 +1,162 @@
+"""The `tinygpt` command line: a thin layer over the library functions.
+
+    tinygpt train --preset tiny --steps 300 --out tiny.tinygpt
+    tinygpt sample tiny.tinygpt --prompt "ROMEO:" --tokens 200 --temperature 0.8 --seed 1
+    tinygpt inspect tiny.tinygpt
+    tinygpt tokenizer --corpus FILE --vocab-size 4096 --out tok/
+
+`python -m tinygpt` is the same command. Nothing here reads `sys.argv` at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from tinygpt.config import PRESETS
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model (built-in Shakespeare and bytes by default)")
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size (default tiny)")
+    p.add_argument("--tokenizer", default=None, help="'byte' (default) or a tokenizer.json / HF tokenizer directory")
+    p.add_argument("--corpus", default=None, help="text file, directory or .jsonl (default: built-in Shakespeare)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype")
+    p.add_argument("--batch", type=int, default=8, help="sequences per micro-batch")
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--ctx", type=int, default=None, help="sequence length (default: the preset's n_ctx)")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"])
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--max-lr", type=float, default=6e-4)
+    p.add_argument("--min-lr", type=float, default=None, help="default: max-lr / 10")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="0 disables")
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--val-split", type=float, default=0.01)
+    p.add_argument("--val-every", type=int, default=100)
+    p.add_argument("--sample-every", type=int, default=0)
+    p.add_argument("--sample-prompt", default="\n")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="checkpoint path (default: PRESET.tinygpt)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from tinygpt.train import train
+
+    out = a.out or f"{a.preset}.tinygpt"
+    settings = dict(
+        steps=a.steps, batch_size=a.batch, accum=a.accum, ctx=a.ctx, max_lr=a.max_lr, min_lr=a.min_lr,
+        lr_schedule=a.lr_schedule, warmup=a.warmup, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
+        dtype=a.dtype, val_split=a.val_split, val_every=a.val_every, save_every=a.save_every,
+        sample_every=a.sample_every, sample_prompt=a.sample_prompt, seed=a.seed,
+    )
+    if a.resume:  # only what was given explicitly overrides the saved run
+        defaults = vars(build_parser().parse_args(["train"]))
+        flag = {"batch_size": "batch"}
+        settings = {k: v for k, v in settings.items() if getattr(a, flag.get(k, k)) != defaults[flag.get(k, k)]}
+    corpus = a.corpus
+    if corpus is not None and a.text_field != "text":
+        from tinygpt.data import load_corpus
+
+        corpus = load_corpus(corpus, text_field=a.text_field)
+    res = train(corpus=corpus, tokenizer=a.tokenizer, preset=a.preset, out=out, resume=a.resume,
+                device=a.device, progress=not a.no_progress, **settings)
+    last = res.history[-1] if res.history else {}
+    parts = [f"step {res.step}"]
+    if "loss" in last:
+        parts.append(f"loss {last['loss']:.3f}")
+    if res.final_val_loss is not None:
+        parts.append(f"val loss {res.final_val_loss:.3f}")
+    parts.append(f"{res.elapsed:.1f}s")
+    parts.append(f"saved {res.path}")
+    print(("interrupted: " if res.interrupted else "done: ") + " | ".join(parts))
+    return 130 if res.interrupted else 0
+
+
+def _sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="generate text from a .tinygpt file")
+    p.add_argument("file")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context every token")
+    p.add_argument("--device", default=None)
+
+
+def _cmd_sample(a: argparse.Namespace) -> int:
+    from tinygpt.checkpoint import load
+    from tinygpt.sampling import stream
+
+    model = load(a.file, device=a.device)
+    for i in range(a.num_samples):
+        seed = None if a.seed is None else a.seed + i
+        sys.stdout.write(a.prompt)
+        for piece in stream(model, a.prompt, a.tokens, temperature=a.temperature, top_k=a.top_k,
+                            top_p=a.top_p, seed=seed, use_cache=not a.no_cache):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n" if a.num_samples == 1 else "\n---\n")
+    return 0
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    from tinygpt.checkpoint import describe
+
+    print(describe(a.file))
+    return 0
+
+
+def _cmd_tokenizer(a: argparse.Namespace) -> int:
+    from tinygpt.tokenizer import train_bpe
+
+    tok = train_bpe(a.corpus, a.vocab_size, out=a.out, progress=not a.no_progress)
+    print(f"trained BPE tokenizer, vocab {tok.vocab_size}, saved {tok.source}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinygpt", description="Train, sample and inspect tiny GPTs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _train_parser(sub)
+    _sample_parser(sub)
+    p = sub.add_parser("inspect", help="print config, tokenizer and every tensor of a .tinygpt file")
+    p.add_argument("file")
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a corpus")
+    p.add_argument("--corpus", default=None, help="default: built-in Shakespeare")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True, help="directory to write tokenizer.json into")
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "inspect": _cmd_inspect, "tokenizer": _cmd_tokenizer}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `tinygpt` console script and `python -m tinygpt`."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from tinygpt.errors import USER_ERRORS
+
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as e:
+        print(f"tinygpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,191 @@
+"""Sampling with temperature, top-k and top-p, a KV cache, seeds and streaming.
+
+When a sequence outgrows the context, the model keeps its most recent `n_ctx - n_ctx // 4` tokens and
+re-encodes them; the cached and uncached paths apply the same rule, so they produce the same tokens.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from tinygpt.model import GPT, KVCache
+
+
+def sample_next(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw one token per row. logits: [batch, d_vocab] -> [batch]. temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _check_args(max_new_tokens, temperature, top_k, top_p) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: GPT,
+    tokens: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    stop_tokens: set[int] | None = None,
+) -> Iterator[Tensor]:
+    """Yield the next token [batch] for each step. tokens: [batch, pos] prompt (pos >= 1)."""
+    _check_args(max_new_tokens, temperature, top_k, top_p)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.shape[1] == 0:
+        raise ValueError("the prompt is empty: give at least one token (e.g. a newline)")
+    n_ctx = model.cfg.n_ctx
+    keep = max(1, n_ctx - n_ctx // 4)
+    device = model.embed.weight.device
+    tokens = tokens.to(device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+    was_training = model.training
+    model.eval()
+    try:
+        seq = tokens
+        start = 0
+        cache = KVCache(model.cfg, seq.shape[0], n_ctx, device, model.embed.weight.dtype) if use_cache else None
+        logits = None
+        for i in range(max_new_tokens):
+            if seq.shape[1] - start > n_ctx:
+                start = seq.shape[1] - keep
+                logits = None
+            if logits is None or not use_cache:
+                if cache is not None:
+                    cache.length = 0
+                logits = model(seq[:, start:], past_kv_cache=cache)[:, -1]
+            nxt = sample_next(logits, temperature, top_k, top_p, gen)
+            yield nxt
+            if stop_tokens and all(int(t) in stop_tokens for t in nxt):
+                return
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            if use_cache and i + 1 < max_new_tokens and seq.shape[1] - start <= n_ctx:
+                logits = model(nxt[:, None], past_kv_cache=cache)[:, -1]
+            else:
+                logits = None
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: GPT,
+    prompt: str | Tensor | list[int] = "\n",
+    max_new_tokens: int = 100,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    stop_at_eos: bool = False,
+) -> str | Tensor:
+    """Continue a prompt.
+
+    Args:
+        model: a tinygpt model (its tokenizer is used for text prompts).
+        prompt: text, or tokens [pos] / [batch, pos].
+        max_new_tokens: tokens to add.
+        temperature: 0 for greedy; top_k / top_p filter the distribution.
+        seed: the same seed gives the same text.
+        use_cache: use the KV cache (same tokens as without, much faster).
+        stop_at_eos: stop once the tokenizer's EOS token is produced.
+    Returns:
+        For a text prompt, the prompt followed by the generated text (as TransformerLens does);
+        for tokens, the tokens [batch, pos + new].
+    """
+    is_text = isinstance(prompt, str)
+    tokens = _prompt_tokens(model, prompt)
+    stop = _stop_tokens(model, stop_at_eos)
+    out = [tokens]
+    for nxt in generate_tokens(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k,
+                               top_p=top_p, seed=seed, use_cache=use_cache, stop_tokens=stop):
+        out.append(nxt[:, None].to(tokens.device))
+    result = torch.cat(out, dim=1)
+    return model.to_string(result[0]) if is_text else result
+
+
+def stream(
+    model: GPT,
+    prompt: str = "\n",
+    max_new_tokens: int = 100,
+    **kwargs,
+) -> Iterator[str]:
+    """Yield the generated text piece by piece (for notebooks: `for s in stream(...): print(s, end="")`).
+
+    Takes the same keyword arguments as `generate`. Multi-byte characters are held back until complete.
+    """
+    tok = model._require_tokenizer()
+    tokens = _prompt_tokens(model, prompt)
+    stop = _stop_tokens(model, kwargs.pop("stop_at_eos", False))
+    if hasattr(tok, "decode_bytes"):
+        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for nxt in generate_tokens(model, tokens, max_new_tokens, stop_tokens=stop, **kwargs):
+            if piece := dec.decode(bytes([int(nxt[0])])):
+                yield piece
+        if tail := dec.decode(b"", final=True):
+            yield tail
+        return
+    ids: list[int] = []
+    shown = ""
+    for nxt in generate_tokens(model, tokens, max_new_tokens, stop_tokens=stop, **kwargs):
+        ids.append(int(nxt[0]))
+        text = tok.decode(ids)
+        if not text.endswith("\ufffd") and len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
+    text = tok.decode(ids)
+    if len(text) > len(shown):
+        yield text[len(shown):]
+
+
+def _prompt_tokens(model: GPT, prompt) -> Tensor:
+    if isinstance(prompt, str):
+        ids = model._require_tokenizer().encode(prompt)
+        return torch.tensor([ids], dtype=torch.long)
+    t = prompt if isinstance(prompt, Tensor) else torch.tensor(list(prompt), dtype=torch.long)
+    return t[None] if t.ndim == 1 else t
+
+
+def _stop_tokens(model: GPT, stop_at_eos: bool) -> set[int] | None:
+    if not stop_at_eos:
+        return None
+    eos = getattr(model.tokenizer, "eos_id", None)
+    if eos is None:
+        raise ValueError("stop_at_eos=True but the tokenizer has no EOS token")
+    return {eos}

@@ -1,0 +1,272 @@
+"""Tokenizers: lossless bytes, and BPE through Hugging Face's `tokenizers` library.
+
+Every tokenizer serialises to a small dict (`to_dict`) that is stored in each `.tinygpt` manifest, so a
+checkpoint is self-contained; `load_tokenizer` accepts that dict, "byte", a `tokenizer.json` file or a
+directory holding one (any local Hugging Face tokenizer), or a tokenizer object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tinygpt.io import atomic_write_text
+
+EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>")
+BOS_NAMES = ("<s>", "<bos>", "<|begin_of_text|>", "<|bos|>")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer could not be loaded or built."""
+
+
+class Tokenizer(ABC):
+    """What the rest of tinygpt needs from a tokenizer."""
+
+    kind: str
+    bos_id: int | None = None
+    eos_id: int | None = None
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    @abstractmethod
+    def token_str(self, i: int) -> str:
+        """A readable string for one token (used by `to_str_tokens` and the dashboards)."""
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def vocab_items(self) -> list[tuple[str, int]]:
+        """(token, id) pairs: the vocabulary's content, for fingerprints and comparisons."""
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=np.int64)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the vocabulary content (not just its size)."""
+        h = hashlib.sha256(self.kind.encode())
+        h.update(json.dumps(sorted(self.vocab_items()), ensure_ascii=False).encode())
+        return h.hexdigest()
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as tokens: vocab 256, lossless on any text and on arbitrary bytes."""
+
+    kind = "byte"
+
+    @property
+    def vocab_size(self) -> int:
+        return 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        return list(data)
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return bytes(int(i) for i in ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def token_str(self, i: int) -> str:
+        return bytes([int(i)]).decode("utf-8", errors="backslashreplace")
+
+    def vocab_items(self) -> list[tuple[str, int]]:
+        return [(f"<0x{i:02X}>", i) for i in range(256)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "byte"}
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer(vocab_size=256)"
+
+
+class BPETokenizer(Tokenizer):
+    """A Hugging Face `tokenizers.Tokenizer` (byte-level BPE when trained here)."""
+
+    kind = "bpe"
+
+    def __init__(self, tok, source: str | None = None):
+        self.tok = tok
+        self.source = source
+        added = {t.content: i for i, t in tok.get_added_tokens_decoder().items()}
+        self.eos_id = next((added[n] for n in EOS_NAMES if n in added), None)
+        self.bos_id = next((added[n] for n in BOS_NAMES if n in added), self.eos_id)
+
+    @classmethod
+    def from_str(cls, data: str, source: str | None = None) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            return cls(HFTokenizer.from_str(data), source)
+        except Exception as e:  # tokenizers raises plain Exception subclasses
+            raise TokenizerError(f"could not parse tokenizer JSON from {source or 'string'}: {e}") from e
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> BPETokenizer:
+        p = Path(path)
+        if p.is_dir():
+            if (p / "tokenizer.json").exists():
+                p = p / "tokenizer.json"
+            elif (p / "vocab.json").exists() and (p / "merges.txt").exists():
+                return cls._from_vocab_merges(p)
+            else:
+                raise TokenizerError(
+                    f"{path} holds no tokenizer.json (nor vocab.json + merges.txt); "
+                    "point --tokenizer at a Hugging Face tokenizer directory or a tokenizer.json file"
+                )
+        if not p.exists():
+            raise TokenizerError(f"tokenizer path {path} does not exist")
+        return cls.from_str(p.read_text(encoding="utf-8"), source=str(p))
+
+    @classmethod
+    def _from_vocab_merges(cls, d: Path) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        tok = HFTokenizer(models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt")))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        vocab = tok.get_vocab()
+        specials = [n for n in EOS_NAMES + BOS_NAMES if n in vocab]
+        if specials:
+            tok.add_special_tokens(specials)
+        return cls(tok, source=str(d))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_str(self, i: int) -> str:
+        return self.tok.decode([int(i)], skip_special_tokens=False)
+
+    def vocab_items(self) -> list[tuple[str, int]]:
+        return list(self.tok.get_vocab(with_added_tokens=True).items())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "bpe", "json": self.tok.to_str()}
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write `tokenizer.json` into `directory` (atomically) and return its path."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / "tokenizer.json"
+        atomic_write_text(path, self.tok.to_str(pretty=True))
+        return path
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size}, source={self.source!r})"
+
+
+def train_bpe(
+    texts: Iterable[str] | Any,
+    vocab_size: int,
+    *,
+    special_tokens: tuple[str, ...] = ("<|endoftext|>",),
+    min_frequency: int = 2,
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> BPETokenizer:
+    """Train a byte-level BPE tokenizer (lossless on any UTF-8).
+
+    Args:
+        texts: an iterable of strings, or a corpus spec accepted by `tinygpt.data.load_corpus`
+            (a path, or None for the built-in Shakespeare).
+        vocab_size: target vocabulary size, including the 256 byte symbols and `special_tokens`.
+        out: optional directory to save `tokenizer.json` into.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    min_vocab = 256 + len(special_tokens)
+    if not isinstance(vocab_size, int) or vocab_size < min_vocab:
+        raise TokenizerError(
+            f"vocab_size must be an integer >= {min_vocab} (256 bytes + special tokens), got {vocab_size!r}"
+        )
+    if texts is None or isinstance(texts, (str, os.PathLike)):
+        from tinygpt.data import load_corpus
+
+        texts = load_corpus(texts).iter_texts()
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=progress,
+    )
+    tok.train_from_iterator(_chunks(texts), trainer=trainer)
+    result = BPETokenizer(tok, source="trained")
+    if out is not None:
+        result.save(out)
+        result.source = str(Path(out) / "tokenizer.json")
+    return result
+
+
+def _chunks(texts: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
+    """Split long documents so the trainer streams them."""
+    for t in texts:
+        for i in range(0, len(t), size):
+            yield t[i : i + size]
+
+
+def load_tokenizer(spec: Any = None) -> Tokenizer:
+    """A tokenizer from "byte"/None, a manifest dict, a tokenizer.json path or directory, or an object."""
+    if spec is None or (isinstance(spec, str) and spec.lower() in ("byte", "bytes")):
+        return ByteTokenizer()
+    if isinstance(spec, Tokenizer):
+        return spec
+    if isinstance(spec, dict):
+        kind = spec.get("type")
+        if kind == "byte":
+            return ByteTokenizer()
+        if kind == "bpe" and isinstance(spec.get("json"), str):
+            return BPETokenizer.from_str(spec["json"], source="checkpoint")
+        raise TokenizerError(f"unknown tokenizer record type {kind!r}")
+    if isinstance(spec, (str, os.PathLike)):
+        return BPETokenizer.from_file(spec)
+    if type(spec).__module__.startswith("tokenizers"):
+        return BPETokenizer(spec)
+    raise TokenizerError(
+        f"cannot make a tokenizer from {type(spec).__name__}; pass 'byte', a tokenizer.json path "
+        "or a directory holding one"
+    )

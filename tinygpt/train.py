@@ -1,0 +1,417 @@
+"""`train()`: next-token training as a plain function returning a `TrainResult`.
+
+AdamW with weight-decay groups (fused where available), cosine or constant LR with warmup and a
+minimum LR, gradient clipping and accumulation, fp32 or bf16 autocast, a validation split, atomic
+checkpoints that resume exactly, sampling during training, and callbacks that receive each step's
+metrics (the live dashboard uses them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinygpt.checkpoint import CheckpointError, load, load_optimizer_state, read_checkpoint, save
+from tinygpt.config import GPTConfig
+from tinygpt.data import batch_starts, load_corpus, tokenize_corpus, val_starts, windows
+from tinygpt.model import GPT
+from tinygpt.tokenizer import Tokenizer, load_tokenizer
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint was kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a run (saved in every checkpoint; `resume` reuses them).
+
+    Attributes:
+        steps: total optimizer steps of the run.
+        batch_size: sequences per micro-batch.
+        accum: micro-batches per optimizer step (gradient accumulation).
+        ctx: sequence length (default: the model's n_ctx).
+        max_lr, min_lr: peak and final learning rate (min_lr defaults to max_lr / 10).
+        lr_schedule: "cosine" (warmup, then cosine decay to min_lr) or "constant" (warmup, then max_lr).
+        warmup: linear warmup steps.
+        weight_decay, betas, eps: AdamW; no decay on biases, LayerNorm and other 1-D parameters.
+        grad_clip: max global gradient norm (0 disables).
+        dtype: "float32" or "bfloat16" (autocast).
+        val_split: fraction of the tokens held out for validation.
+        val_every, val_batches: validate every N steps on `val_batches` fixed batches (0 disables).
+        save_every: write the checkpoint every N steps (and at the end) when `out` is set.
+        sample_every, sample_prompt, sample_tokens: print a sample every N steps.
+        seed: seeds initialisation, batches and dropout.
+    """
+
+    steps: int = 500
+    batch_size: int = 8
+    accum: int = 1
+    ctx: int | None = None
+    max_lr: float = 6e-4
+    min_lr: float | None = None
+    lr_schedule: str = "cosine"
+    warmup: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: str = "float32"
+    val_split: float = 0.01
+    val_every: int = 100
+    val_batches: int = 8
+    save_every: int = 0
+    sample_every: int = 0
+    sample_prompt: str = "\n"
+    sample_tokens: int = 200
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if self.min_lr is None:
+            self.min_lr = self.max_lr / 10
+        checks = {
+            "steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "accum": self.accum >= 1,
+            "warmup": self.warmup >= 0, "max_lr": self.max_lr > 0, "min_lr": 0 <= self.min_lr <= self.max_lr,
+            "grad_clip": self.grad_clip >= 0, "val_batches": self.val_batches >= 1,
+            "ctx": self.ctx is None or self.ctx >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"invalid training setting {name}={getattr(self, name)!r}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for optimizer step `step` (0-based)."""
+        if step < self.warmup:
+            return self.max_lr * (step + 1) / self.warmup
+        if self.lr_schedule == "constant":
+            return self.max_lr
+        span = max(1, self.steps - self.warmup)
+        ratio = min(1.0, (step - self.warmup) / span)
+        return self.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (self.max_lr - self.min_lr)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    """What `train()` returns: the model, the metric history and where it was saved."""
+
+    model: GPT
+    config: TrainConfig
+    history: list[dict[str, float]] = field(default_factory=list)
+    path: Path | None = None
+    elapsed: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def step(self) -> int:
+        return int(self.history[-1]["step"]) if self.history else 0
+
+    @property
+    def losses(self) -> list[float]:
+        return [h["loss"] for h in self.history]
+
+    @property
+    def val_losses(self) -> list[tuple[int, float]]:
+        return [(int(h["step"]), h["val_loss"]) for h in self.history if "val_loss" in h]
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.history[-1]["loss"] if self.history else None
+
+    @property
+    def final_val_loss(self) -> float | None:
+        v = self.val_losses
+        return v[-1][1] if v else None
+
+    def figure(self):
+        """Plotly figure: train loss, validation loss and learning rate against step."""
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(specs=[[{"secondary_y": True}]])
+        steps = [h["step"] for h in self.history]
+        fig.add_trace(go.Scatter(x=steps, y=self.losses, name="train loss", mode="lines"))
+        if self.val_losses:
+            vs, vl = zip(*self.val_losses)
+            fig.add_trace(go.Scatter(x=vs, y=vl, name="val loss", mode="lines+markers"))
+        fig.add_trace(go.Scatter(x=steps, y=[h["lr"] for h in self.history], name="lr",
+                                 line=dict(dash="dot")), secondary_y=True)
+        fig.update_layout(title="training", xaxis_title="step", template="plotly_white")
+        fig.update_yaxes(title_text="loss", secondary_y=False)
+        fig.update_yaxes(title_text="learning rate", secondary_y=True)
+        return fig
+
+    def __repr__(self) -> str:
+        v = f", val loss {self.final_val_loss:.3f}" if self.final_val_loss is not None else ""
+        loss = f"loss {self.final_loss:.3f}" if self.final_loss is not None else "no steps"
+        return f"TrainResult(step {self.step}, {loss}{v}, {self.elapsed:.1f}s, path={self.path})"
+
+
+def default_device() -> str:
+    """cuda, then mps, then cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with decay on matrices and embeddings only; fused where the device supports it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kw = dict(lr=cfg.max_lr, betas=cfg.betas, eps=cfg.eps)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, **kw)
+
+
+def train(
+    model: GPT | None = None,
+    corpus: Any = None,
+    tokenizer: Tokenizer | str | os.PathLike | None = None,
+    *,
+    preset: str = "tiny",
+    config: TrainConfig | None = None,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Callable[[dict[str, float]], Any]] = (),
+    device: str | None = None,
+    progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    **settings: Any,
+) -> TrainResult:
+    """Train a GPT on a corpus.
+
+    Args:
+        model: a model to train; None builds `preset` sized for the tokenizer.
+        corpus: a path (text file, directory, .jsonl) or None for the built-in Shakespeare.
+        tokenizer: for a new model: "byte" (default), a tokenizer.json path / directory, or an object.
+        preset: preset name used when `model` is None.
+        config: a `TrainConfig`; keyword `settings` (e.g. `steps=200, max_lr=1e-3`) override fields.
+        out: checkpoint path (`.tinygpt`), written atomically every `save_every` steps and at the end.
+        resume: continue from `out` (weights, optimizer, step, history); the run's saved settings are
+            reused except those given explicitly.
+        callbacks: functions called with each step's metrics dict (`step, loss, lr, grad_norm,
+            tokens_per_sec, tokens_seen, elapsed`, plus `val_loss` when validated).
+        device: "cuda", "mps" or "cpu" (default: the best available).
+        progress: show a progress bar.
+    Returns:
+        TrainResult with the model, the history and the checkpoint path.
+    Raises:
+        TrainingDiverged: the loss became NaN/inf (the last checkpoint is left untouched).
+    """
+    from tqdm.auto import tqdm
+
+    device = device or default_device()
+    out = Path(out) if out is not None else None
+    history: list[dict[str, float]] = []
+    start_step = 0
+    ckpt = None
+    if resume:
+        if out is None:
+            raise ValueError("resume=True needs out= (the checkpoint to continue)")
+        if not out.exists():
+            raise CheckpointError(f"cannot resume: {out} does not exist (drop --resume to start a new run)")
+        ckpt = read_checkpoint(out)
+        state = ckpt.train_state
+        if "train_config" not in state:
+            raise CheckpointError(f"cannot resume from {out}: it holds no training state")
+        saved = TrainConfig.from_dict(state["train_config"])
+        base = dataclasses.replace(saved, **{**(dataclasses.asdict(config) if config else {}), **settings})
+        _warn_changed(saved, base, settings)
+        cfg = base
+        model = load(ckpt)
+        start_step = int(state["step"])
+        history = list(state.get("history", []))
+        corpus = corpus if corpus is not None else state.get("corpus")
+    else:
+        cfg = dataclasses.replace(config, **settings) if config else TrainConfig(**settings)
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        tok = load_tokenizer(tokenizer)
+        overrides = {"d_vocab": tok.vocab_size}
+        if cfg.ctx and cfg.ctx > GPTConfig.preset(preset).n_ctx:
+            overrides["n_ctx"] = cfg.ctx
+        model = GPT(GPTConfig.preset(preset, **overrides), tokenizer=tok)
+    elif tokenizer is not None and not resume:
+        model.tokenizer = load_tokenizer(tokenizer)
+    tok = model._require_tokenizer()
+    if tok.vocab_size > model.cfg.d_vocab:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's d_vocab is {model.cfg.d_vocab}")
+    ctx = cfg.ctx or model.cfg.n_ctx
+    if ctx > model.cfg.n_ctx:
+        raise ValueError(f"ctx={ctx} exceeds the model's n_ctx={model.cfg.n_ctx}")
+    cfg.ctx = ctx
+    model.to(device)
+
+    corpus_obj = load_corpus(corpus)
+    data = tokenize_corpus(corpus_obj, tok, cache_dir=cache_dir, progress=progress)
+    train_tokens, val_tokens = data.split(cfg.val_split)
+    if len(train_tokens) <= ctx + 1:
+        raise ValueError(f"the corpus has {len(train_tokens)} training tokens, too few for ctx={ctx}; lower --ctx")
+    do_val = cfg.val_every > 0 and cfg.val_split > 0
+    v_starts = val_starts(len(val_tokens), ctx, cfg.val_batches * cfg.batch_size) if do_val else None
+
+    opt = make_optimizer(model, cfg)
+    if ckpt is not None:
+        load_optimizer_state(opt, ckpt)
+        if "torch" in ckpt.rng:
+            torch.set_rng_state(ckpt.rng["torch"])
+    autocast = (torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+                if cfg.dtype == "bfloat16" else _nullcontext())
+    tokens_per_step = cfg.batch_size * cfg.accum * ctx
+    corpus_name = str(corpus) if corpus is not None else None
+
+    def checkpoint(step: int) -> None:
+        if out is None:
+            return
+        last = history[-1] if history else {}
+        state = {"step": step, "train_config": cfg.to_dict(), "corpus": corpus_name,
+                 "loss": last.get("loss"), "val_loss": _last_val(history), "tokens_seen": step * tokens_per_step,
+                 "history": history}
+        save(model, out, optimizer=opt, train_state=state, include_rng=True)
+
+    def evaluate() -> float:
+        model.eval()
+        losses = []
+        with torch.no_grad(), autocast:
+            for i in range(0, len(v_starts), cfg.batch_size):
+                x, y = windows(val_tokens, v_starts[i : i + cfg.batch_size], ctx, device)
+                losses.append(model(x, return_type="loss", targets=y).item())
+        model.train()
+        return sum(losses) / len(losses)
+
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    tps_ema = None
+    step = start_step
+    interrupted = False
+    in_update = False
+    try:
+        while step < cfg.steps:
+            t_step = time.perf_counter()
+            lr = cfg.lr_at(step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            starts = batch_starts(len(train_tokens), ctx, cfg.batch_size * cfg.accum, cfg.seed, step)
+            loss_sum = 0.0
+            for m in range(cfg.accum):
+                x, y = windows(train_tokens, starts[m * cfg.batch_size : (m + 1) * cfg.batch_size], ctx, device)
+                with autocast:
+                    loss = model(x, return_type="loss", targets=y)
+                (loss / cfg.accum).backward()
+                loss_sum += loss.item()
+            loss_val = loss_sum / cfg.accum
+            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+                         if cfg.grad_clip > 0 else _grad_norm(model))
+            if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+                where = f"; the last good checkpoint {out} (step {_saved_step(out)}) was kept" if out and out.exists() else ""
+                raise TrainingDiverged(
+                    f"loss became {loss_val} (grad norm {grad_norm}) at step {step + 1}{where}. "
+                    "Lower --max-lr, raise --warmup, or keep --grad-clip on."
+                )
+            in_update = True
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            in_update = False
+            step += 1
+            dt = time.perf_counter() - t_step
+            tps = tokens_per_step / dt if dt > 0 else float("nan")
+            tps_ema = tps if tps_ema is None else 0.9 * tps_ema + 0.1 * tps
+            rec = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tps,
+                   "tokens_seen": step * tokens_per_step, "elapsed": time.perf_counter() - t0}
+            if do_val and (step % cfg.val_every == 0 or step == cfg.steps):
+                rec["val_loss"] = evaluate()
+            history.append(rec)
+            msg = f"loss {loss_val:.3f}" + (f" | val loss {rec['val_loss']:.3f}" if "val_loss" in rec else "")
+            bar.set_postfix_str(f"{msg} | lr {lr:.2e} | {tps_ema:,.0f} tok/s", refresh=False)
+            bar.update(1)
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                checkpoint(step)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                from tinygpt.sampling import generate
+
+                text = generate(model, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed)
+                bar.write(f"--- sample at step {step} ---\n{text}\n---")
+                model.train()
+            for cb in callbacks:
+                cb(rec)
+    except KeyboardInterrupt:
+        interrupted = True
+        if in_update:  # weights may be half-updated: keep the previous checkpoint
+            out_path = out if out and out.exists() else None
+            bar.close()
+            model.eval()
+            return TrainResult(model, cfg, history, out_path, time.perf_counter() - t0, interrupted=True)
+    finally:
+        bar.close()
+    checkpoint(step)
+    model.train_state = {"step": step, "train_config": cfg.to_dict(), "loss": history[-1]["loss"] if history else None}
+    model.eval()
+    return TrainResult(model, cfg, history, out, time.perf_counter() - t0, interrupted=interrupted)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    return torch.stack(norms).norm().item() if norms else 0.0
+
+
+def _last_val(history: list[dict[str, float]]) -> float | None:
+    vals = [h["val_loss"] for h in history if "val_loss" in h]
+    return vals[-1] if vals else None
+
+
+def _saved_step(path: Path) -> int | str:
+    try:
+        return read_checkpoint(path, verify=False).train_state.get("step", "?")
+    except CheckpointError:
+        return "?"
+
+
+def _warn_changed(saved: TrainConfig, new: TrainConfig, explicit: dict[str, Any]) -> None:
+    harmless = {"steps", "val_every", "save_every", "sample_every", "sample_prompt", "sample_tokens", "val_batches"}
+    changed = [k for k in explicit if k not in harmless and getattr(saved, k) != getattr(new, k)]
+    if changed:
+        warnings.warn(
+            f"resuming with changed settings {changed}: the run will not reproduce an uninterrupted one",
+            stacklevel=3,
+        )
