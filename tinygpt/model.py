@@ -37,15 +37,22 @@ if TYPE_CHECKING:
 
 def observed(hp: HookPoint) -> bool:
     """True if anything (a TransformerLens hook, a torch hook, a patched forward) watches `hp`."""
-    return bool(
+    if (
         hp._forward_hooks
         or hp._forward_pre_hooks
         or hp._backward_hooks
         or hp._backward_pre_hooks
-        or "forward" in hp.__dict__
         or nn.modules.module._global_forward_hooks
         or nn.modules.module._global_forward_pre_hooks
-    )
+    ):
+        return True
+    fwd = hp.__dict__.get("forward")
+    if fwd is None:
+        return False
+    # nnsight installs a controller as the instance forward, inert outside a trace: it only observes
+    # while one of its traces is running.
+    active = getattr(getattr(fwd, "state", None), "active", None)
+    return active is None or active()[0] is not None
 
 
 class KVCache:
@@ -133,7 +140,10 @@ class Attention(nn.Module):
             src = torch.arange(past + t, device=x.device)
             mask = src[None, :] <= (past + torch.arange(t, device=x.device))[:, None]
             scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
-            pattern = self.hook_pattern(scores.float().softmax(-1).to(q.dtype))
+            # Softmax in at least fp32 (bf16 is upcast; float64 stays float64 for gradcheck/double runs).
+            pattern = self.hook_pattern(
+                scores.softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+            )
             z = F.dropout(pattern, p_drop) @ v if p_drop else pattern @ v
         else:
             if past == 0:
@@ -298,9 +308,7 @@ class GPT(HookedRootModule):
                 "truncate the input (generate() does this for you)"
             )
         pos = torch.arange(start, start + t, device=tokens.device)
-        x = self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(
-            self.pos_embed(pos)[None].expand(b, t, -1)
-        )
+        x = self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(self.pos_embed(pos)[None].expand(b, t, -1))
         if self.cfg.dropout and self.training:
             x = F.dropout(x, self.cfg.dropout)
         for block in self.blocks:
@@ -318,9 +326,7 @@ class GPT(HookedRootModule):
         return loss if return_type == "loss" else (logits, loss)
 
     @staticmethod
-    def loss_fn(
-        logits: Tensor, tokens: Tensor, targets: Tensor | None = None, per_token: bool = False
-    ) -> Tensor:
+    def loss_fn(logits: Tensor, tokens: Tensor, targets: Tensor | None = None, per_token: bool = False) -> Tensor:
         """Cross-entropy in fp32; next-token shift when `targets` is None."""
         if targets is None:
             logits, targets = logits[:, :-1], tokens[:, 1:]
@@ -420,7 +426,7 @@ class GPT(HookedRootModule):
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def generate(self, prompt: Any = "", max_new_tokens: int = 100, **kwargs: Any):
+    def generate(self, prompt: Any = "\n", max_new_tokens: int = 100, **kwargs: Any):
         """See `tinygpt.generate`."""
         from tinygpt.sampling import generate
 

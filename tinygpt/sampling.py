@@ -133,8 +133,17 @@ def generate(
     tokens = _prompt_tokens(model, prompt)
     stop = _stop_tokens(model, stop_at_eos)
     out = [tokens]
-    for nxt in generate_tokens(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k,
-                               top_p=top_p, seed=seed, use_cache=use_cache, stop_tokens=stop):
+    for nxt in generate_tokens(
+        model,
+        tokens,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        use_cache=use_cache,
+        stop_tokens=stop,
+    ):
         out.append(nxt[:, None].to(tokens.device))
     result = torch.cat(out, dim=1)
     return model.to_string(result[0]) if is_text else result
@@ -167,11 +176,11 @@ def stream(
         ids.append(int(nxt[0]))
         text = tok.decode(ids)
         if not text.endswith("\ufffd") and len(text) > len(shown):
-            yield text[len(shown):]
+            yield text[len(shown) :]
             shown = text
     text = tok.decode(ids)
     if len(text) > len(shown):
-        yield text[len(shown):]
+        yield text[len(shown) :]
 
 
 def _prompt_tokens(model: GPT, prompt) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 
 from tinygpt.checkpoint import CheckpointError, load, load_optimizer_state, read_checkpoint, save
 from tinygpt.config import GPTConfig
-from tinygpt.data import batch_starts, load_corpus, tokenize_corpus, val_starts, windows
+from tinygpt.data import Corpus, CorpusError, batch_starts, load_corpus, tokenize_corpus, val_starts, windows
 from tinygpt.model import GPT
 from tinygpt.tokenizer import Tokenizer, load_tokenizer
 
@@ -80,9 +80,14 @@ class TrainConfig:
         if self.min_lr is None:
             self.min_lr = self.max_lr / 10
         checks = {
-            "steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "accum": self.accum >= 1,
-            "warmup": self.warmup >= 0, "max_lr": self.max_lr > 0, "min_lr": 0 <= self.min_lr <= self.max_lr,
-            "grad_clip": self.grad_clip >= 0, "val_batches": self.val_batches >= 1,
+            "steps": self.steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "accum": self.accum >= 1,
+            "warmup": self.warmup >= 0,
+            "max_lr": self.max_lr > 0,
+            "min_lr": 0 <= self.min_lr <= self.max_lr,
+            "grad_clip": self.grad_clip >= 0,
+            "val_batches": self.val_batches >= 1,
             "ctx": self.ctx is None or self.ctx >= 1,
         }
         for name, ok in checks.items():
@@ -160,8 +165,9 @@ class TrainResult:
         if self.val_losses:
             vs, vl = zip(*self.val_losses)
             fig.add_trace(go.Scatter(x=vs, y=vl, name="val loss", mode="lines+markers"))
-        fig.add_trace(go.Scatter(x=steps, y=[h["lr"] for h in self.history], name="lr",
-                                 line=dict(dash="dot")), secondary_y=True)
+        fig.add_trace(
+            go.Scatter(x=steps, y=[h["lr"] for h in self.history], name="lr", line=dict(dash="dot")), secondary_y=True
+        )
         fig.update_layout(title="training", xaxis_title="step", template="plotly_white")
         fig.update_yaxes(title_text="loss", secondary_y=False)
         fig.update_yaxes(title_text="learning rate", secondary_y=True)
@@ -253,7 +259,7 @@ def train(
         model = load(ckpt)
         start_step = int(state["step"])
         history = list(state.get("history", []))
-        corpus = corpus if corpus is not None else state.get("corpus")
+        corpus = corpus if corpus is not None else _corpus_from_record(state.get("corpus"))
     else:
         cfg = dataclasses.replace(config, **settings) if config else TrainConfig(**settings)
     torch.manual_seed(cfg.seed)
@@ -287,18 +293,27 @@ def train(
         load_optimizer_state(opt, ckpt)
         if "torch" in ckpt.rng:
             torch.set_rng_state(ckpt.rng["torch"])
-    autocast = (torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
-                if cfg.dtype == "bfloat16" else _nullcontext())
+    autocast = (
+        torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+        if cfg.dtype == "bfloat16"
+        else _nullcontext()
+    )
     tokens_per_step = cfg.batch_size * cfg.accum * ctx
-    corpus_name = str(corpus) if corpus is not None else None
+    corpus_name = _corpus_record(corpus, corpus_obj)
 
     def checkpoint(step: int) -> None:
         if out is None:
             return
         last = history[-1] if history else {}
-        state = {"step": step, "train_config": cfg.to_dict(), "corpus": corpus_name,
-                 "loss": last.get("loss"), "val_loss": _last_val(history), "tokens_seen": step * tokens_per_step,
-                 "history": history}
+        state = {
+            "step": step,
+            "train_config": cfg.to_dict(),
+            "corpus": corpus_name,
+            "loss": last.get("loss"),
+            "val_loss": _last_val(history),
+            "tokens_seen": step * tokens_per_step,
+            "history": history,
+        }
         save(model, out, optimizer=opt, train_state=state, include_rng=True)
 
     def evaluate() -> float:
@@ -333,10 +348,17 @@ def train(
                 (loss / cfg.accum).backward()
                 loss_sum += loss.item()
             loss_val = loss_sum / cfg.accum
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-                         if cfg.grad_clip > 0 else _grad_norm(model))
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+                if cfg.grad_clip > 0
+                else _grad_norm(model)
+            )
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
-                where = f"; the last good checkpoint {out} (step {_saved_step(out)}) was kept" if out and out.exists() else ""
+                where = (
+                    f"; the last good checkpoint {out} (step {_saved_step(out)}) was kept"
+                    if out and out.exists()
+                    else ""
+                )
                 raise TrainingDiverged(
                     f"loss became {loss_val} (grad norm {grad_norm}) at step {step + 1}{where}. "
                     "Lower --max-lr, raise --warmup, or keep --grad-clip on."
@@ -349,8 +371,15 @@ def train(
             dt = time.perf_counter() - t_step
             tps = tokens_per_step / dt if dt > 0 else float("nan")
             tps_ema = tps if tps_ema is None else 0.9 * tps_ema + 0.1 * tps
-            rec = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tps,
-                   "tokens_seen": step * tokens_per_step, "elapsed": time.perf_counter() - t0}
+            rec = {
+                "step": step,
+                "loss": loss_val,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_sec": tps,
+                "tokens_seen": step * tokens_per_step,
+                "elapsed": time.perf_counter() - t0,
+            }
             if do_val and (step % cfg.val_every == 0 or step == cfg.steps):
                 rec["val_loss"] = evaluate()
             history.append(rec)
@@ -388,6 +417,27 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+def _corpus_record(corpus: Any, corpus_obj: Corpus) -> str | dict[str, Any] | None:
+    """What a checkpoint records so `resume` finds the corpus again: the path given, or a `Corpus`'s fields."""
+    if corpus is None or isinstance(corpus, (str, os.PathLike)):
+        return None if corpus is None else str(corpus)
+    return {
+        "name": corpus_obj.name,
+        "files": [str(f) for f in corpus_obj.files],
+        "kind": corpus_obj.kind,
+        "text_field": corpus_obj.text_field,
+    }
+
+
+def _corpus_from_record(rec: Any) -> Any:
+    if not isinstance(rec, dict):
+        return rec  # a path, or None for the built-in corpus
+    files = [Path(f) for f in rec["files"]]
+    if missing := [str(f) for f in files if not f.exists()]:
+        raise CorpusError(f"cannot resume: corpus file(s) {missing[:3]} no longer exist; pass corpus= / --corpus")
+    return Corpus(name=rec["name"], files=files, kind=rec["kind"], text_field=rec["text_field"])
 
 
 def _grad_norm(model: torch.nn.Module) -> float:

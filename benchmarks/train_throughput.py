@@ -1,0 +1,198 @@
+"""Training / forward / sampling throughput of tinygpt against a plain-torch GPT of the same shapes.
+
+The reference is a nanoGPT-class model (fused qkv projection, nn.LayerNorm, SDPA, no hooks). Both run the
+same training step (AdamW fused, grad clip 1.0, fp32 or bf16 autocast), interleaved in one process, so
+machine noise hits both alike; we report tokens/s, the ratio ours/reference (target >= 0.97), and MFU
+against a matmul peak measured in the same run (flops/token = 6N + 12·L·d·T, N = non-embedding params).
+
+    python benchmarks/train_throughput.py                 # tiny and huge, fp32, 2 threads
+    python benchmarks/train_throughput.py --presets tiny --dtype bfloat16 --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tinygpt
+from tinygpt.sampling import generate_tokens
+
+SHAPES = {  # batch, vocab (the issue's reference settings)
+    "tiny": (8, 256),
+    "huge": (4, 49152),
+}
+
+
+class RefBlock(nn.Module):
+    def __init__(self, d: int, h: int):
+        super().__init__()
+        self.h = h
+        self.ln_1 = nn.LayerNorm(d)
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+        self.ln_2 = nn.LayerNorm(d)
+        self.c_fc = nn.Linear(d, 4 * d)
+        self.mlp_proj = nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.h, d // self.h).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        x = x + self.c_proj(y)
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class RefGPT(nn.Module):
+    """nanoGPT-class reference: same shapes as tinygpt's GPT, no hooks."""
+
+    def __init__(self, cfg: tinygpt.GPTConfig):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.n_ctx, cfg.d_model)
+        self.blocks = nn.ModuleList(RefBlock(cfg.d_model, cfg.n_heads) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        for p in self.parameters():
+            if p.ndim >= 2:
+                nn.init.normal_(p, 0, 0.02)
+
+    def forward(self, idx, targets):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        for blk in self.blocks:
+            x = blk(x)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
+def matmul_peak(dtype=torch.float32, n: int = 1024, reps: int = 20) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
+    return best
+
+
+def step_fn(model, opt, x, y, ours: bool, autocast):
+    with autocast:
+        loss = model(x, return_type="loss", targets=y) if ours else model(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def time_steps(fn, n: int) -> float:
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return time.perf_counter() - t
+
+
+def bench_preset(name: str, dtype: str, rounds: int, steps: int, peak: float) -> dict:
+    batch, vocab = SHAPES[name]
+    cfg = tinygpt.GPTConfig.preset(name, d_vocab=vocab)
+    T = cfg.n_ctx
+    torch.manual_seed(0)
+    ours = tinygpt.GPT(cfg).train()
+    ref = RefGPT(cfg).train()
+    x = torch.randint(0, vocab, (batch, T))
+    y = torch.randint(0, vocab, (batch, T))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for m in (ours, ref)}
+    fns = {
+        "ours": lambda: step_fn(ours, opts[ours], x, y, True, autocast),
+        "ref": lambda: step_fn(ref, opts[ref], x, y, False, autocast),
+    }
+    for f in fns.values():  # warm-up
+        time_steps(f, 2)
+    times = {"ours": [], "ref": []}
+    for r in range(rounds):
+        order = ("ours", "ref") if r % 2 == 0 else ("ref", "ours")
+        for k in order:
+            times[k].append(time_steps(fns[k], steps) / steps)
+    tok = batch * T
+    n_nonemb = sum(p.numel() for n_, p in ours.named_parameters() if not n_.startswith(("embed", "pos_embed")))
+    flops_per_token = 6 * n_nonemb + 12 * cfg.n_layers * cfg.d_model * T
+    res = {k: tok / statistics.median(v) for k, v in times.items()}
+    # per-round paired ratio is more robust to drift than ratio of medians
+    ratios = [times["ref"][i] / times["ours"][i] for i in range(rounds)]
+    out = {
+        "preset": name,
+        "tok_s_ours": res["ours"],
+        "tok_s_ref": res["ref"],
+        "ratio": statistics.median(ratios),
+        "mfu_ours": res["ours"] * flops_per_token / peak,
+        "mfu_ref": res["ref"] * flops_per_token / peak,
+    }
+    # forward throughput (inference mode)
+    ours.eval()
+    ref.eval()
+    with torch.inference_mode():
+        fwd = lambda: ours(x)  # noqa: E731
+        time_steps(fwd, 2)
+        out["fwd_tok_s"] = tok * 5 / time_steps(fwd, 5)
+    return out
+
+
+def bench_sampling(name: str, n_new: int = 200) -> dict:
+    batch, vocab = SHAPES[name]
+    cfg = tinygpt.GPTConfig.preset(name, d_vocab=vocab)
+    torch.manual_seed(0)
+    model = tinygpt.GPT(cfg).eval()
+    prompt = torch.randint(0, vocab, (1, 16))
+    res = {}
+    for use_cache in (False, True):
+        list(generate_tokens(model, prompt, 8, seed=0, use_cache=use_cache))
+        t = time.perf_counter()
+        list(generate_tokens(model, prompt, n_new, seed=0, use_cache=use_cache))
+        res["cache" if use_cache else "no_cache"] = n_new / (time.perf_counter() - t)
+    res["speedup"] = res["cache"] / res["no_cache"]
+    return res
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", nargs="+", default=["tiny", "huge"], choices=list(SHAPES))
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3, help="training steps per timed round")
+    ap.add_argument("--no-sampling", action="store_true")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    peak = matmul_peak(torch.bfloat16 if a.dtype == "bfloat16" else torch.float32)
+    print(f"torch {torch.__version__}, {a.threads} threads, {a.dtype}; matmul peak {peak / 1e9:.0f} GFLOP/s")
+    print(
+        f"{'preset':<6} {'ours tok/s':>11} {'ref tok/s':>10} {'ratio':>6} {'MFU ours':>9} {'MFU ref':>8} "
+        f"{'fwd tok/s':>10}"
+    )
+    for name in a.presets:
+        r = bench_preset(name, a.dtype, a.rounds, a.steps, peak)
+        print(
+            f"{name:<6} {r['tok_s_ours']:>11,.0f} {r['tok_s_ref']:>10,.0f} {r['ratio']:>6.3f} "
+            f"{r['mfu_ours']:>9.1%} {r['mfu_ref']:>8.1%} {r['fwd_tok_s']:>10,.0f}"
+        )
+    if not a.no_sampling:
+        print("\nsampling 200 tokens, batch 1:")
+        for name in a.presets:
+            s = bench_sampling(name)
+            print(
+                f"{name:<6} no cache {s['no_cache']:>7,.0f} tok/s | KV cache {s['cache']:>7,.0f} tok/s | "
+                f"speed-up {s['speedup']:.2f}x (target > 3x)"
+            )
+
+
+if __name__ == "__main__":
+    main()

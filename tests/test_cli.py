@@ -1,0 +1,261 @@
+"""The `tinygpt` command line, called in-process through `tinygpt.cli.main(argv)`."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tinygpt.cli
+from tinygpt import load, read_checkpoint
+from tinygpt.cli import main
+
+LINES = [
+    "ROMEO: But soft, what light through yonder window breaks?",
+    "JULIET: O Romeo, Romeo! wherefore art thou Romeo?",
+    "ROMEO: Shall I hear more, or shall I speak at this?",
+    "JULIET: 'Tis but thy name that is my enemy.",
+]
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYGPT_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text(("\n".join(LINES) + "\n") * 30)  # ~6 KB
+    return p
+
+
+def train_args(corpus, out, steps=5, *extra):
+    return [
+        "train",
+        "--preset",
+        "nano",
+        "--corpus",
+        str(corpus),
+        "--steps",
+        str(steps),
+        "--batch",
+        "2",
+        "--ctx",
+        "32",
+        "--warmup",
+        "2",
+        "--val-split",
+        "0.1",
+        "--val-every",
+        "0",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def trained(corpus, tmp_path, capsys):
+    out = tmp_path / "m.tinygpt"
+    assert main(train_args(corpus, out)) == 0
+    capsys.readouterr()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ train
+def test_train_prints_loss_and_writes_file(corpus, tmp_path, capsys):
+    out = tmp_path / "m.tinygpt"
+    assert main(train_args(corpus, out)) == 0
+    line = last_line(capsys.readouterr().out)
+    m = re.search(r"\bloss (\d+\.\d+)", line)
+    assert m, line
+    assert line.startswith("done: step 5")
+    assert str(out) in line
+    state = read_checkpoint(out).train_state
+    assert state["step"] == 5
+    assert float(m.group(1)) == pytest.approx(state["loss"], abs=5e-4)
+    assert load(out).cfg.n_layers == 2  # the nano preset
+
+
+def test_train_resume_continues(corpus, trained, capsys):
+    first = read_checkpoint(trained).train_state["history"]
+    assert main(train_args(corpus, trained, 8, "--resume")) == 0
+    assert last_line(capsys.readouterr().out).startswith("done: step 8")
+    state = read_checkpoint(trained).train_state
+    assert state["step"] == 8
+    assert [h["step"] for h in state["history"]] == list(range(1, 9))
+    assert [h["loss"] for h in state["history"][:5]] == [h["loss"] for h in first]
+
+
+def test_train_jsonl_text_field_and_resume_without_corpus(tmp_path, capsys):
+    p = tmp_path / "docs.jsonl"
+    p.write_text("".join(json.dumps({"body": line, "id": i}) + "\n" for i, line in enumerate(LINES * 30)))
+    out = tmp_path / "j.tinygpt"
+    assert main(train_args(p, out, 2, "--text-field", "body")) == 0
+    assert main(["train", "--resume", "--out", str(out), "--steps", "3", "--no-progress", "--device", "cpu"]) == 0
+    assert last_line(capsys.readouterr().out).startswith("done: step 3")
+    assert read_checkpoint(out).train_state["step"] == 3
+
+
+def test_train_with_validation(corpus, tmp_path, capsys):
+    out = tmp_path / "v.tinygpt"
+    args = train_args(corpus, out, 2)
+    args[args.index("--val-every") + 1] = "2"
+    assert main(args) == 0
+    assert re.search(r"val loss \d+\.\d+", last_line(capsys.readouterr().out))
+
+
+# ------------------------------------------------------------------------------------------------ sample
+def test_sample_is_deterministic(trained, capsys):
+    args = ["sample", str(trained), "--prompt", "ROMEO:", "--tokens", "30", "--seed", "3"]
+    assert main(args) == 0
+    a = capsys.readouterr().out
+    assert main(args) == 0
+    b = capsys.readouterr().out
+    assert a == b and a.startswith("ROMEO:")
+    assert main([*args[:-1], "4"]) == 0
+    assert capsys.readouterr().out != a
+    assert main([*args, "--no-cache"]) == 0  # the KV cache changes nothing
+    assert capsys.readouterr().out == a
+
+
+def test_sample_matches_library(trained, capsys):
+    from tinygpt import generate
+
+    assert (
+        main(["sample", str(trained), "--prompt", "JULIET:", "--tokens", "20", "--seed", "1", "--temperature", "0.8"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    expected = generate(load(trained), "JULIET:", 20, temperature=0.8, seed=1)
+    assert out == expected + "\n"
+
+
+def test_sample_num_samples(trained, capsys):
+    assert main(["sample", str(trained), "--prompt", "A", "--tokens", "5", "--seed", "0", "--num-samples", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n---\n") == 2
+
+
+# ------------------------------------------------------------------------------------------------ inspect
+def test_inspect(trained, capsys):
+    assert main(["inspect", str(trained)]) == 0
+    out = capsys.readouterr().out
+    model = load(trained)
+    assert "blocks.0.mlp.fc_in.weight" in out and "blocks.1.attn.q_proj.bias" in out
+    assert f"{model.n_params():,}" in out
+    assert re.search(r"training\s+step=5", out)
+    assert "optimizer" in out
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def test_tokenizer_then_train_with_it(corpus, tmp_path, capsys):
+    tok_dir = tmp_path / "tok"
+    assert (
+        main(["tokenizer", "--corpus", str(corpus), "--vocab-size", "300", "--out", str(tok_dir), "--no-progress"]) == 0
+    )
+    assert "vocab 300" in capsys.readouterr().out
+    assert (tok_dir / "tokenizer.json").is_file()
+    out = tmp_path / "bpe.tinygpt"
+    assert main(train_args(corpus, out, 2, "--tokenizer", str(tok_dir))) == 0
+    model = load(out)
+    assert model.tokenizer.kind == "bpe" and model.tokenizer.vocab_size == 300
+    assert model.cfg.d_vocab == 300
+    capsys.readouterr()
+    assert main(["sample", str(out), "--prompt", "ROMEO:", "--tokens", "5", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def assert_one_line_error(capsys, command: str, *patterns: str) -> None:
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "Traceback" not in captured.err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"tinygpt {command}: error: ")
+    for p in patterns:
+        assert re.search(p, err), err
+
+
+def test_missing_file(tmp_path, capsys):
+    missing = str(tmp_path / "missing.tinygpt")
+    assert main(["inspect", missing]) == 2
+    assert_one_line_error(capsys, "inspect", "no such file", re.escape(missing))
+    assert main(["sample", missing]) == 2
+    assert_one_line_error(capsys, "sample", "no such file")
+
+
+def test_corrupt_file(trained, capsys):
+    data = bytearray(trained.read_bytes())
+    data[-50] ^= 0xFF
+    trained.write_bytes(bytes(data))
+    assert main(["inspect", str(trained)]) == 2
+    assert_one_line_error(capsys, "inspect", "corrupt", "sha256")
+    trained.write_bytes(bytes(data[: len(data) // 2]))
+    assert main(["sample", str(trained)]) == 2
+    assert_one_line_error(capsys, "sample", "truncated")
+
+
+def test_pickle_file(tmp_path, capsys):
+    p = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2)}, p)
+    assert main(["inspect", str(p)]) == 2
+    assert_one_line_error(capsys, "inspect", "never unpickles")
+
+
+def test_missing_corpus_and_bad_settings(tmp_path, capsys):
+    assert main(train_args(tmp_path / "nope.txt", tmp_path / "x.tinygpt")) == 2
+    assert_one_line_error(capsys, "train", "does not exist")
+    assert main(train_args(tmp_path / "nope.txt", tmp_path / "x.tinygpt", 0)) == 2
+    assert_one_line_error(capsys, "train", "steps=0")
+    assert main(train_args(tmp_path / "nope.txt", tmp_path / "x.tinygpt", 5, "--resume")) == 2
+    assert_one_line_error(capsys, "train", "cannot resume")
+    assert not (tmp_path / "x.tinygpt").exists()
+
+
+def test_bad_tokenizer_path(corpus, tmp_path, capsys):
+    assert main(train_args(corpus, tmp_path / "x.tinygpt", 1, "--tokenizer", str(tmp_path / "nodir"))) == 2
+    assert_one_line_error(capsys, "train", "does not exist")
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--preset", "gigantic"])
+    assert info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ module
+def test_no_argv_at_import(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(sys, "argv", ["tinygpt", "--not-an-option"])
+    importlib.reload(tinygpt.cli)  # would exit if the module parsed sys.argv on import
+    monkeypatch.setattr(sys, "argv", ["tinygpt", "inspect", str(tmp_path / "none.tinygpt")])
+    assert tinygpt.cli.main() == 2  # main() without argv reads sys.argv at call time
+    assert_one_line_error(capsys, "inspect", "no such file")
+
+
+def test_python_m_help():
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tinygpt", "--help"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    for command in ("train", "sample", "inspect", "tokenizer"):
+        assert command in proc.stdout

@@ -1,0 +1,558 @@
+"""The hookable GPT: TransformerLens hook names and shapes, exact residual stream, fast/eager attention,
+Hugging Face GPT-2 parity, ActivationCache helpers, weight views, tokens, KV cache and errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformer_lens import ActivationCache
+
+from tinygpt import GPT, GPTConfig, KVCache
+from tinygpt.model import Block
+
+# All dims distinct, so a transposed or mislabelled axis cannot pass a shape check.
+BATCH, POS, D_MODEL, N_HEADS, D_HEAD, D_MLP, D_VOCAB = 2, 7, 24, 3, 8, 40, 256
+SMALL = GPTConfig(n_layers=2, d_model=D_MODEL, n_heads=N_HEADS, d_mlp=D_MLP, n_ctx=32)
+
+# TransformerLens' canonical hook names for a GPT-2 style HookedTransformer, with TransformerLens' shapes.
+TL_HOOKS = {
+    "hook_embed": ("batch", "pos", "d_model"),
+    "hook_pos_embed": ("batch", "pos", "d_model"),
+    "blocks.{i}.hook_resid_pre": ("batch", "pos", "d_model"),
+    "blocks.{i}.ln1.hook_scale": ("batch", "pos", 1),
+    "blocks.{i}.ln1.hook_normalized": ("batch", "pos", "d_model"),
+    "blocks.{i}.attn.hook_q": ("batch", "pos", "n_heads", "d_head"),
+    "blocks.{i}.attn.hook_k": ("batch", "pos", "n_heads", "d_head"),
+    "blocks.{i}.attn.hook_v": ("batch", "pos", "n_heads", "d_head"),
+    "blocks.{i}.attn.hook_attn_scores": ("batch", "n_heads", "pos", "pos"),
+    "blocks.{i}.attn.hook_pattern": ("batch", "n_heads", "pos", "pos"),
+    "blocks.{i}.attn.hook_z": ("batch", "pos", "n_heads", "d_head"),
+    "blocks.{i}.hook_attn_out": ("batch", "pos", "d_model"),
+    "blocks.{i}.hook_resid_mid": ("batch", "pos", "d_model"),
+    "blocks.{i}.ln2.hook_scale": ("batch", "pos", 1),
+    "blocks.{i}.ln2.hook_normalized": ("batch", "pos", "d_model"),
+    "blocks.{i}.mlp.hook_pre": ("batch", "pos", "d_mlp"),
+    "blocks.{i}.mlp.hook_post": ("batch", "pos", "d_mlp"),
+    "blocks.{i}.hook_mlp_out": ("batch", "pos", "d_model"),
+    "blocks.{i}.hook_resid_post": ("batch", "pos", "d_model"),
+    "ln_final.hook_scale": ("batch", "pos", 1),
+    "ln_final.hook_normalized": ("batch", "pos", "d_model"),
+}
+DIMS = {"batch": BATCH, "pos": POS, "d_model": D_MODEL, "n_heads": N_HEADS, "d_head": D_HEAD, "d_mlp": D_MLP}
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.3, skip: tuple[str, ...] = ()) -> None:
+    """Perturb every parameter (LayerNorm gains and all biases included) so that no check passes only
+    because the default init makes something zero, one or uniform."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(skip):
+                continue
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype)
+            p.add_(noise * scale)
+
+
+def make_model(cfg: GPTConfig = SMALL, seed: int = 0, **changes) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(cfg.replace(**changes) if changes else cfg)
+    randomize(model, seed)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: intra-op threads only add overhead, and on a shared 2-core machine
+    oversubscribed OpenMP threads make small ops up to 100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    return make_model()
+
+
+@pytest.fixture(scope="module")
+def tokens() -> torch.Tensor:
+    return torch.randint(0, D_VOCAB, (BATCH, POS), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def run(model, tokens):
+    with torch.no_grad():
+        return model.run_with_cache(tokens)
+
+
+def expand(name: str, n_layers: int) -> list[str]:
+    return [name.format(i=i) for i in range(n_layers)] if "{i}" in name else [name]
+
+
+# ---------------------------------------------------------------------------------------- hook points
+def test_every_transformer_lens_hook_exists_with_its_shape(model, run):
+    _, cache = run
+    assert isinstance(cache, ActivationCache)
+    for template, dims in TL_HOOKS.items():
+        for name in expand(template, model.cfg.n_layers):
+            assert name in model.hook_dict, name
+            want = tuple(DIMS[d] if isinstance(d, str) else d for d in dims)
+            assert tuple(cache[name].shape) == want, name
+    every = {n for t in TL_HOOKS for n in expand(t, model.cfg.n_layers)}
+    assert set(cache.keys()) == set(model.hook_dict) >= every
+
+
+def test_residual_stream_is_additive_and_exact(model, run):
+    _, cache = run
+    assert torch.equal(cache["blocks.0.hook_resid_pre"], cache["hook_embed"] + cache["hook_pos_embed"])
+    for i in range(model.cfg.n_layers):
+        pre, mid, post = (cache[f"blocks.{i}.hook_resid_{s}"] for s in ("pre", "mid", "post"))
+        assert torch.equal(mid, pre + cache[f"blocks.{i}.hook_attn_out"])
+        assert torch.equal(post, mid + cache[f"blocks.{i}.hook_mlp_out"])
+        if i + 1 < model.cfg.n_layers:
+            assert torch.equal(cache[f"blocks.{i + 1}.hook_resid_pre"], post)
+
+
+def test_cached_activations_are_consistent_with_the_weights(model, run):
+    logits, cache = run
+    assert torch.allclose(cache["ln_final.hook_normalized"] @ model.W_U + model.b_U, logits, atol=1e-5)
+    post = torch.nn.functional.gelu(cache["blocks.1.mlp.hook_pre"], approximate="tanh")
+    assert torch.allclose(cache["blocks.1.mlp.hook_post"], post, atol=1e-6)
+    z = cache["blocks.0.attn.hook_z"]
+    attn_out = torch.einsum("bphd,hdm->bpm", z, model.blocks[0].attn.W_O) + model.blocks[0].attn.b_O
+    assert torch.allclose(attn_out, cache["blocks.0.hook_attn_out"], atol=1e-5)
+
+
+# --------------------------------------------------------------------------------- attention paths
+def noop(x, hook):
+    return None
+
+
+def test_fast_and_eager_attention_agree(model, tokens):
+    cfg = model.cfg
+    outs = {}
+    for impl in ("eager", "sdpa", "auto"):
+        m = make_model(attn_impl=impl)
+        with torch.no_grad():
+            outs[impl] = m(tokens)
+    with torch.no_grad():
+        outs["auto+pattern hook"] = make_model(attn_impl="auto").run_with_hooks(
+            tokens, fwd_hooks=[(f"blocks.{i}.attn.hook_pattern", noop) for i in range(cfg.n_layers)]
+        )
+    for name, out in outs.items():
+        assert torch.allclose(out, outs["eager"], atol=1e-5, rtol=0), name
+    assert not torch.equal(outs["sdpa"], torch.zeros_like(outs["sdpa"]))
+
+
+def test_pattern_hook_receives_the_pattern(model, tokens):
+    seen = {}
+
+    def grab(x, hook):
+        seen[hook.name] = x.detach().clone()
+
+    with torch.no_grad():
+        model.run_with_hooks(
+            tokens,
+            fwd_hooks=[("blocks.1.attn.hook_pattern", grab), ("blocks.1.attn.hook_attn_scores", grab)],
+        )
+    pattern, scores = seen["blocks.1.attn.hook_pattern"], seen["blocks.1.attn.hook_attn_scores"]
+    assert pattern.shape == (BATCH, N_HEADS, POS, POS)
+    assert torch.allclose(pattern.sum(-1), torch.ones(BATCH, N_HEADS, POS), atol=1e-6)
+    upper = torch.triu(torch.ones(POS, POS, dtype=torch.bool), diagonal=1)
+    assert torch.all(pattern[..., upper] == 0)
+    assert torch.all(pattern[..., ~upper] > 0)
+    assert torch.all(torch.isneginf(scores[..., upper]))
+    assert torch.allclose(scores.softmax(-1), pattern, atol=1e-6)
+    assert not torch.allclose(pattern[..., 1, :2], torch.full_like(pattern[..., 1, :2], 0.5))  # not uniform
+
+
+def test_editing_the_pattern_changes_the_output(model, tokens):
+    def uniform(pattern, hook):
+        causal = torch.tril(torch.ones_like(pattern))
+        return causal / causal.sum(-1, keepdim=True)
+
+    with torch.no_grad():
+        clean = model(tokens)
+        edited = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_pattern", uniform)])
+    assert edited.shape == clean.shape
+    assert (edited - clean).abs().max() > 1e-3
+    assert torch.allclose(edited[:, 0], clean[:, 0], atol=1e-5)  # position 0 attends only to itself anyway
+
+
+def test_sdpa_with_a_pattern_hook_is_a_clear_error(tokens):
+    m = make_model(attn_impl="sdpa")
+    with pytest.raises(RuntimeError, match="attn_impl='sdpa' cannot expose"):
+        m.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_pattern", noop)])
+    with pytest.raises(RuntimeError, match="attn_impl='auto'"):
+        m.run_with_cache(tokens)
+    m.reset_hooks()
+    with torch.no_grad():  # q/k/v/z hooks do not need the pattern: fine on the SDPA path
+        m.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_z", noop)])
+
+
+def test_noop_hooks_everywhere_do_not_change_outputs(model, tokens):
+    with torch.no_grad():
+        plain = model(tokens)
+        hooked = model.run_with_hooks(tokens, fwd_hooks=[(lambda name: True, noop)])
+    assert torch.allclose(hooked, plain, atol=1e-5, rtol=0)
+    assert not any(hp._forward_hooks for hp in model.hook_dict.values())  # hooks removed afterwards
+
+
+def test_ln_hook_scale_is_used_when_hooked(model, tokens):
+    # ln_final has bias b: logits = (x_c / scale * w + b) @ W_U; doubling the scale halves the first term.
+    def double(scale, hook):
+        return scale * 2
+
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter="ln_final.hook_scale")
+        logits = model.run_with_hooks(tokens, fwd_hooks=[("ln_final.hook_scale", double)])
+        resid = model.run_with_cache(tokens, names_filter="blocks.1.hook_resid_post")[1]["blocks.1.hook_resid_post"]
+    ln = model.ln_final
+    centred = resid - resid.mean(-1, keepdim=True)
+    expected = (centred / (2 * cache["ln_final.hook_scale"]) * ln.weight + ln.bias) @ model.W_U
+    assert torch.allclose(logits, expected, atol=1e-5)
+    var = centred.pow(2).mean(-1, keepdim=True)
+    assert torch.allclose(cache["ln_final.hook_scale"], (var + model.cfg.layer_norm_eps).sqrt(), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------- numerics
+def test_random_init_loss_is_near_log_vocab():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layers=2, d_model=64, n_heads=4, n_ctx=128))
+    toks = torch.randint(0, 256, (4, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loss = m(toks, return_type="loss")
+    assert abs(loss.item() - math.log(256)) < 0.1
+
+
+def test_loss_matches_manual_cross_entropy(model, tokens):
+    with torch.no_grad():
+        logits, loss = model(tokens, return_type="both")
+        per_token = model(tokens, return_type="loss", loss_per_token=True)
+    manual = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, D_VOCAB), tokens[:, 1:].reshape(-1))
+    assert torch.allclose(loss, manual, atol=1e-6)
+    assert per_token.shape == (BATCH, POS - 1)
+    assert torch.allclose(per_token.mean(), loss, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_block_gradcheck_float64(impl):
+    cfg = GPTConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=12, n_ctx=8, attn_impl=impl)
+    torch.manual_seed(0)
+    block = Block(cfg, 0).double()
+    randomize(block, seed=3)
+    x = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True)
+    w_q = block.attn.q_proj.weight.detach().clone().requires_grad_(True)
+    w_in = block.mlp.fc_in.weight.detach().clone().requires_grad_(True)
+    ln_w = block.ln1.weight.detach().clone().requires_grad_(True)
+
+    def f(x, w_q, w_in, ln_w):
+        params = {"attn.q_proj.weight": w_q, "mlp.fc_in.weight": w_in, "ln1.weight": ln_w}
+        return torch.func.functional_call(block, params, (x,))
+
+    assert torch.autograd.gradcheck(f, (x, w_q, w_in, ln_w), eps=1e-6, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- HF parity
+def copy_hf_gpt2_weights(model: GPT, hf) -> None:
+    """Copy a Hugging Face `GPT2LMHeadModel`'s weights into a tinygpt `GPT` of the same shape.
+
+    HF's `Conv1D` stores weights as [in, out] (y = x @ W + b) and fuses q|k|v in `c_attn`; our
+    `nn.Linear` stores [out, in].
+    """
+    t, d = hf.transformer, model.cfg.d_model
+
+    def put(dst: torch.Tensor, src: torch.Tensor) -> None:
+        assert dst.shape == src.shape, (dst.shape, src.shape)
+        dst.copy_(src)
+
+    with torch.no_grad():
+        put(model.embed.weight, t.wte.weight)
+        put(model.pos_embed.weight, t.wpe.weight[: model.cfg.n_ctx])
+        for ours, theirs in zip(model.blocks, t.h, strict=True):
+            put(ours.ln1.weight, theirs.ln_1.weight)
+            put(ours.ln1.bias, theirs.ln_1.bias)
+            w_q, w_k, w_v = theirs.attn.c_attn.weight.split(d, dim=1)
+            b_q, b_k, b_v = theirs.attn.c_attn.bias.split(d)
+            for proj, w, b in (
+                (ours.attn.q_proj, w_q, b_q),
+                (ours.attn.k_proj, w_k, b_k),
+                (ours.attn.v_proj, w_v, b_v),
+            ):
+                put(proj.weight, w.T)
+                put(proj.bias, b)
+            put(ours.attn.o_proj.weight, theirs.attn.c_proj.weight.T)
+            put(ours.attn.o_proj.bias, theirs.attn.c_proj.bias)
+            put(ours.ln2.weight, theirs.ln_2.weight)
+            put(ours.ln2.bias, theirs.ln_2.bias)
+            put(ours.mlp.fc_in.weight, theirs.mlp.c_fc.weight.T)
+            put(ours.mlp.fc_in.bias, theirs.mlp.c_fc.bias)
+            put(ours.mlp.fc_out.weight, theirs.mlp.c_proj.weight.T)
+            put(ours.mlp.fc_out.bias, theirs.mlp.c_proj.bias)
+        put(model.ln_final.weight, t.ln_f.weight)
+        put(model.ln_final.bias, t.ln_f.bias)
+        if model.unembed.weight is not model.embed.weight:
+            put(model.unembed.weight, hf.lm_head.weight)
+
+
+def test_parity_with_hugging_face_gpt2(tokens):
+    import transformers  # the `interop` extra, part of `dev`: a hard requirement of the test suite
+
+    hf_cfg = transformers.GPT2Config(
+        vocab_size=D_VOCAB, n_positions=32, n_embd=D_MODEL, n_layer=2, n_head=N_HEADS, n_inner=D_MLP,
+        activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    randomize(hf, seed=5, scale=0.2)
+    assert hf.lm_head.weight is hf.transformer.wte.weight
+    ours = GPT(SMALL.replace(tie_embeddings=True)).eval()
+    copy_hf_gpt2_weights(ours, hf)
+    with torch.no_grad():
+        want = hf(tokens).logits
+        got = ours(tokens)
+        got_eager, cache = ours.run_with_cache(tokens)
+        hidden = hf(tokens, output_hidden_states=True).hidden_states
+    assert want.abs().max() > 0.1  # a non-trivial comparison
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    assert torch.allclose(got_eager, want, atol=1e-5, rtol=0)
+    for i in range(2):  # hidden_states[i] is the residual stream entering block i
+        assert torch.allclose(cache[f"blocks.{i}.hook_resid_pre"], hidden[i], atol=1e-5)
+
+
+# ----------------------------------------------------------------------- ActivationCache helpers
+def test_accumulated_resid_with_ln(model, run):
+    _, cache = run
+    acc, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)
+    assert acc.shape == (model.cfg.n_layers + 1, BATCH, POS, D_MODEL)
+    assert labels == ["0_pre", "1_pre", "final_post"]
+    assert torch.allclose(acc[-1], cache["ln_final.hook_normalized"], atol=1e-5)
+    raw = cache.accumulated_resid()
+    assert torch.equal(raw[1], cache["blocks.1.hook_resid_pre"])
+
+
+def test_decompose_resid_sums_to_the_final_residual(model, run):
+    _, cache = run
+    parts, labels = cache.decompose_resid(return_labels=True)
+    assert labels == ["embed", "pos_embed", "0_attn_out", "0_mlp_out", "1_attn_out", "1_mlp_out"]
+    assert parts.shape == (6, BATCH, POS, D_MODEL)
+    assert torch.allclose(parts.sum(0), cache["blocks.1.hook_resid_post"], atol=1e-5)
+
+
+def test_logit_attrs_sum_to_the_logits():
+    # TransformerLens' logit_attrs applies the final LN's centring and cached scale but not its affine
+    # weight/bias (it assumes folded LN), so keep ln_final at weight 1, bias 0 for an exact identity.
+    m = GPT(SMALL)
+    randomize(m, seed=7, skip=("ln_final",))
+    m.eval()
+    toks = torch.randint(0, D_VOCAB, (BATCH, POS), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits, cache = m.run_with_cache(toks)
+    target = toks[:, -1]  # [batch]: the logit of each sequence's last token at the last position
+    parts = cache.decompose_resid(pos_slice=-1)  # [components, batch, d_model]
+    attrs = cache.logit_attrs(parts, target, pos_slice=-1)
+    assert attrs.shape == (6, BATCH)
+    assert torch.allclose(attrs.sum(0), logits[torch.arange(BATCH), -1, target] - m.b_U[target], atol=1e-4)
+    # decompose_resid(apply_ln=True) is the per-component share of the final LN output.
+    scaled = cache.decompose_resid(apply_ln=True)
+    assert torch.allclose(scaled.sum(0), cache["ln_final.hook_normalized"], atol=1e-5)
+    # With a string token (to_single_token), over every position.
+    attrs_a = cache.logit_attrs(cache.decompose_resid(), "a")
+    assert torch.allclose(attrs_a.sum(0), logits[..., ord("a")], atol=1e-4)
+
+
+def test_direct_logit_attribution_with_a_trained_final_ln(model, run, tokens):
+    # The recipe in docs/hooks.md: fold ln_final.w into the directions, add ln_final.b @ W_U as a constant.
+    logits, cache = run
+    assert not torch.allclose(model.ln_final.w, torch.ones(D_MODEL))  # really a non-trivial LN
+    token = tokens[:, -1]
+    parts = cache.decompose_resid(pos_slice=-1)
+    directions = model.ln_final.w[:, None] * model.W_U[:, token]  # [d_model, batch]
+    attrs = (cache.apply_ln_to_stack(parts, pos_slice=-1) * directions.T).sum(-1)
+    constant = model.ln_final.b @ model.W_U[:, token]
+    assert torch.allclose(attrs.sum(0) + constant, logits[torch.arange(BATCH), -1, token], atol=1e-4)
+
+
+def test_cache_shorthand_and_head_results(model, run):
+    _, cache = run
+    assert torch.equal(cache["pattern", 0], cache["blocks.0.attn.hook_pattern"])
+    assert torch.equal(cache["pattern", -1], cache["blocks.1.attn.hook_pattern"])
+    assert torch.equal(cache["resid_post", 1], cache["blocks.1.hook_resid_post"])
+    assert torch.equal(cache["q", 1, "attn"], cache["blocks.1.attn.hook_q"])
+    heads, labels = cache.stack_head_results(return_labels=True)
+    assert heads.shape == (model.cfg.n_layers * N_HEADS, BATCH, POS, D_MODEL)
+    assert labels == [f"L{layer}H{h}" for layer in range(2) for h in range(N_HEADS)]
+    for layer in range(2):
+        per_layer = heads[layer * N_HEADS : (layer + 1) * N_HEADS].sum(0) + model.blocks[layer].attn.b_O
+        assert torch.allclose(per_layer, cache[f"blocks.{layer}.hook_attn_out"], atol=1e-5)
+
+
+def test_per_head_weight_views(model, run):
+    _, cache = run
+    attn = model.blocks[1].attn
+    x = cache["blocks.1.ln1.hook_normalized"]
+    for W, b, hook in ((attn.W_Q, attn.b_Q, "hook_q"), (attn.W_K, attn.b_K, "hook_k"), (attn.W_V, attn.b_V, "hook_v")):
+        assert W.shape == (N_HEADS, D_MODEL, D_HEAD) and b.shape == (N_HEADS, D_HEAD)
+        recomputed = torch.einsum("bpm,hmd->bphd", x, W) + b
+        assert torch.allclose(recomputed, cache[f"blocks.1.attn.{hook}"], atol=1e-5), hook
+    assert attn.W_O.shape == (N_HEADS, D_HEAD, D_MODEL)
+    assert model.W_Q.shape == (2, N_HEADS, D_MODEL, D_HEAD)
+    assert torch.equal(model.W_Q[1], attn.W_Q)
+    assert model.blocks[0].mlp.W_in.shape == (D_MODEL, D_MLP)
+    assert model.blocks[0].mlp.W_out.shape == (D_MLP, D_MODEL)
+    assert model.W_E.shape == (D_VOCAB, D_MODEL) and model.W_U.shape == (D_MODEL, D_VOCAB)
+    assert model.W_pos.shape == (SMALL.n_ctx, D_MODEL)
+
+
+def test_per_head_views_share_storage():
+    m = make_model()
+    attn = m.blocks[0].attn
+    with torch.no_grad():
+        attn.W_Q[1, 5, 2] = 123.0  # head 1, d_model row 5, d_head column 2
+        attn.W_O[2, 3, 4] = -7.0  # head 2, d_head row 3, d_model column 4
+        m.blocks[0].mlp.W_in[1, 6] = 9.0
+        m.W_U[3, 10] = 4.0
+    assert attn.q_proj.weight[1 * D_HEAD + 2, 5] == 123.0
+    assert attn.o_proj.weight[4, 2 * D_HEAD + 3] == -7.0
+    assert m.blocks[0].mlp.fc_in.weight[6, 1] == 9.0
+    assert m.unembed.weight[10, 3] == 4.0
+
+
+# ------------------------------------------------------------------------------------------- tokens
+def test_to_tokens_and_str_tokens(model):
+    toks = model.to_tokens("hello")
+    assert toks.dtype == torch.long and toks.tolist() == [list(b"hello")]
+    batch = model.to_tokens(["ab", "abcd"])
+    assert batch.shape == (2, 4) and batch[0, 2:].tolist() == [0, 0]
+    assert model.to_tokens("x" * 100).shape == (1, model.cfg.n_ctx)  # truncated to the context
+    assert model.to_string(toks[0]) == "hello"
+    assert model.to_string(batch[:, :2]) == ["ab", "ab"]
+    assert model.to_str_tokens("héllo") == ["h", "\\xc3", "\\xa9", "l", "l", "o"]
+    assert model.to_str_tokens(torch.tensor([[72, 105]])) == ["H", "i"]
+    with pytest.raises(ValueError, match="no BOS token"):
+        model.to_tokens("hi", prepend_bos=True)
+    logits = model("hello")  # text input is tokenized
+    assert logits.shape == (1, 5, D_VOCAB)
+
+
+def test_to_single_token(model):
+    assert model.to_single_token("a") == 97
+    with pytest.raises(ValueError, match="2 tokens"):
+        model.to_single_token("ab")
+    with pytest.raises(ValueError, match="2 tokens"):
+        model.to_single_token("é")  # one character, two bytes
+    with pytest.raises(ValueError, match="0 tokens"):
+        model.to_single_token("")
+
+
+def test_tokens_to_residual_directions(model):
+    d = model.tokens_to_residual_directions("a")
+    assert d.shape == (D_MODEL,) and torch.equal(d, model.W_U[:, 97])
+    assert torch.equal(model.tokens_to_residual_directions(97), d)
+    many = model.tokens_to_residual_directions(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    assert many.shape == (2, 3, D_MODEL) and torch.equal(many[1, 2], model.W_U[:, 6])
+    assert model.tokens_to_residual_directions(torch.tensor([7, 8])).shape == (2, D_MODEL)
+    with pytest.raises(ValueError, match="not one"):
+        model.tokens_to_residual_directions("ab")
+
+
+def test_model_without_tokenizer_explains_itself():
+    m = GPT(GPTConfig(n_layers=1, d_model=16, n_heads=2, n_ctx=16, d_vocab=300))
+    assert m.tokenizer is None
+    with pytest.raises(ValueError, match="no tokenizer attached"):
+        m.to_tokens("hi")
+    assert m(torch.tensor([[299, 0, 5]])).shape == (1, 3, 300)
+
+
+def test_activation_patching_resid_pre(model):
+    from transformer_lens import patching
+
+    clean = torch.tensor([list(b"abcde")])
+    corrupted = torch.tensor([list(b"abcdz")])  # differs only at the last position
+    answer = ord("f")
+
+    def metric(logits):
+        return logits[0, -1, answer]
+
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(clean)
+        clean_value, corrupted_value = metric(model(clean)), metric(model(corrupted))
+        result = patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric)
+    assert result.shape == (model.cfg.n_layers, 5)
+    # Patching the only differing position restores the clean run; other positions change nothing.
+    assert torch.allclose(result[:, -1], clean_value.expand(2), atol=1e-5)
+    assert torch.allclose(result[:, :-1], corrupted_value.expand(2, 4), atol=1e-5)
+    assert not torch.isclose(clean_value, corrupted_value, atol=1e-3)
+
+
+# ------------------------------------------------------------------------- storage, dtypes, caches
+def test_tied_embeddings_share_storage():
+    m = GPT(SMALL.replace(tie_embeddings=True))
+    assert m.unembed.weight is m.embed.weight
+    assert m.unembed.weight.data_ptr() == m.embed.weight.data_ptr()
+    with torch.no_grad():
+        m.embed.weight[3, 0] = 42.0
+    assert m.W_U[0, 3] == 42.0
+    assert m.n_params() == SMALL.replace(tie_embeddings=True).n_params()
+
+
+def test_bfloat16_model_runs_forward(tokens):
+    m = make_model(dtype="bfloat16")
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        logits, loss = m(tokens, return_type="both")
+        eager, cache = m.run_with_cache(tokens)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert cache["blocks.0.attn.hook_pattern"].dtype == torch.bfloat16
+    ref = make_model()(tokens).detach()
+    assert (logits.float() - ref).abs().max() < 0.25 * ref.abs().max()  # same model, lower precision
+
+
+@pytest.mark.parametrize("impl", ["auto", "eager"])
+def test_kv_cache_chunks_equal_full_forward(impl):
+    m = make_model(attn_impl=impl)
+    toks = torch.randint(0, D_VOCAB, (BATCH, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = m(toks)
+        cache = KVCache(m.cfg, BATCH, 16, "cpu", torch.float32)
+        pieces, start = [], 0
+        for size in (3, 1, 5, 1, 2):  # prefill, single steps and multi-token chunks after a prefix
+            pieces.append(m(toks[:, start : start + size], past_kv_cache=cache))
+            start += size
+    assert cache.length == 12
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_kv_cache_hook_shapes():
+    m = make_model()
+    toks = torch.randint(0, D_VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        kv = KVCache(m.cfg, 1, 8, "cpu", torch.float32)
+        m(toks[:, :4], past_kv_cache=kv)
+        _, cache = m.run_with_cache(toks[:, 4:], past_kv_cache=kv)
+    assert cache["blocks.0.attn.hook_k"].shape == (1, 2, N_HEADS, D_HEAD)  # only the new positions
+    assert cache["blocks.0.attn.hook_pattern"].shape == (1, N_HEADS, 2, 6)  # new queries x all keys
+    assert torch.all(cache["blocks.0.attn.hook_pattern"][0, :, 0, 5] == 0)  # still causal
+
+
+def test_sequence_longer_than_context_is_a_clear_error(model):
+    n_ctx = model.cfg.n_ctx
+    with torch.no_grad():
+        assert model(torch.zeros(1, n_ctx, dtype=torch.long)).shape == (1, n_ctx, D_VOCAB)
+        with pytest.raises(ValueError, match=rf"{n_ctx + 1} tokens exceeds .*n_ctx={n_ctx}"):
+            model(torch.zeros(1, n_ctx + 1, dtype=torch.long))
+        kv = KVCache(model.cfg, 1, n_ctx + 4, "cpu", torch.float32)
+        model(torch.zeros(1, n_ctx - 1, dtype=torch.long), past_kv_cache=kv)
+        with pytest.raises(ValueError, match="exceeds"):
+            model(torch.zeros(1, 2, dtype=torch.long), past_kv_cache=kv)
+
+
+def test_bad_return_type(model, tokens):
+    with pytest.raises(ValueError, match="return_type"):
+        model(tokens, return_type="probs")
+    assert model(tokens, return_type=None) is None
