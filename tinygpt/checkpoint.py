@@ -84,6 +84,9 @@ def save(
         "tokenizer": model.tokenizer.to_dict(),
         "train_state": train_state if train_state is not None else getattr(model, "train_state", {}),
     }
+    surgery = _surgery_record(model)  # factored / packed layers (tinygpt.surgery); absent otherwise
+    if surgery is not None:
+        manifest["surgery"] = surgery
     if optimizer is not None:
         groups, state = _flatten_optimizer(optimizer)
         manifest["optimizer"] = {"class": type(optimizer).__name__, "param_groups": groups}
@@ -204,9 +207,7 @@ def read_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise CheckpointError(f"{path}: corrupt tensor table in header ({e})") from e
     if 8 + n + end > size:
-        raise CheckpointError(
-            f"{path} is truncated: its header promises {8 + n + end} bytes but the file has {size}"
-        )
+        raise CheckpointError(f"{path} is truncated: its header promises {8 + n + end} bytes but the file has {size}")
     try:
         manifest = json.loads(meta[FORMAT])
     except json.JSONDecodeError as e:
@@ -259,6 +260,8 @@ def load(path: str | os.PathLike | Checkpoint, device: str | torch.device | None
             f"{ckpt.path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.d_vocab}"
         )
     model = GPT(cfg, tokenizer=tokenizer)
+    if ckpt.manifest.get("surgery"):
+        _rebuild_surgery(model, ckpt)
     expected = set(model.state_dict())
     if cfg.tie_embeddings:
         expected.discard("unembed.weight")
@@ -279,6 +282,26 @@ def load(path: str | os.PathLike | Checkpoint, device: str | torch.device | None
     return model.eval()
 
 
+# ------------------------------------------------------------------------------------- surgery
+def _surgery_record(model) -> dict[str, Any] | None:
+    """Manifest entry for weight surgery (see `tinygpt.surgery`): replaced modules and the operation log."""
+    if not any(hasattr(m, "surgery_spec") for m in model.modules()) and not getattr(model, "surgery_log", None):
+        return None
+    from tinygpt.surgery.common import surgery_record
+
+    return surgery_record(model)
+
+
+def _rebuild_surgery(model, ckpt: Checkpoint) -> None:
+    """Swap in the factored / packed modules a file records, so its tensors load into them."""
+    from tinygpt.surgery.common import apply_surgery_record
+
+    try:
+        apply_surgery_record(model, ckpt.manifest["surgery"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{ckpt.path}: invalid 'surgery' record in the manifest: {e}") from e
+
+
 # ------------------------------------------------------------------------------------- inspect
 def describe(path: str | os.PathLike) -> str:
     """Human-readable summary: config, tokenizer, parameter count and a table of every tensor."""
@@ -295,6 +318,12 @@ def describe(path: str | os.PathLike) -> str:
     else:
         lines.append(f"tokenizer   {tok.get('type', '?')}, vocab 256")
     lines.append(f"parameters  {n_params:,}" + ("  (embeddings tied)" if cfg.tie_embeddings else ""))
+    if m.get("surgery", {}).get("modules"):
+        kinds: dict[str, int] = {}
+        for spec in m["surgery"]["modules"].values():
+            kind = spec.get("type", "?") + (f" {spec['bits']}-bit" if "bits" in spec else "")
+            kinds[kind] = kinds.get(kind, 0) + 1
+        lines.append("surgery     " + ", ".join(f"{n} {k}" for k, n in kinds.items()) + " modules")
     ts = ckpt.train_state
     if ts:
         keys = ("step", "loss", "val_loss", "tokens_seen")

@@ -4,6 +4,9 @@
     tinygpt sample tiny.tinygpt --prompt "ROMEO:" --tokens 200 --temperature 0.8 --seed 1
     tinygpt inspect tiny.tinygpt
     tinygpt tokenizer --corpus FILE --vocab-size 4096 --out tok/
+    tinygpt laser tiny.tinygpt --target mlp.fc_out --layers 2-3 --rank-fraction 0.2 --out tiny-laser.tinygpt
+    tinygpt hqq tiny.tinygpt --bits 4 --group-size 64 --packed --out tiny-4bit.tinygpt
+    tinygpt tuned-lens tiny.tinygpt --steps 300 --lr 1e-3 --out tiny.lenses
 
 `python -m tinygpt` is the same command. Nothing here reads `sys.argv` at import time.
 """
@@ -15,6 +18,8 @@ import sys
 from collections.abc import Sequence
 
 from tinygpt.config import PRESETS
+from tinygpt.interp import cli as interp_cli
+from tinygpt.surgery import cli as surgery_cli
 
 
 def _train_parser(sub) -> None:
@@ -52,10 +57,23 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
     out = a.out or f"{a.preset}.tinygpt"
     settings = dict(
-        steps=a.steps, batch_size=a.batch, accum=a.accum, ctx=a.ctx, max_lr=a.max_lr, min_lr=a.min_lr,
-        lr_schedule=a.lr_schedule, warmup=a.warmup, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
-        dtype=a.dtype, val_split=a.val_split, val_every=a.val_every, save_every=a.save_every,
-        sample_every=a.sample_every, sample_prompt=a.sample_prompt, seed=a.seed,
+        steps=a.steps,
+        batch_size=a.batch,
+        accum=a.accum,
+        ctx=a.ctx,
+        max_lr=a.max_lr,
+        min_lr=a.min_lr,
+        lr_schedule=a.lr_schedule,
+        warmup=a.warmup,
+        weight_decay=a.weight_decay,
+        grad_clip=a.grad_clip,
+        dtype=a.dtype,
+        val_split=a.val_split,
+        val_every=a.val_every,
+        save_every=a.save_every,
+        sample_every=a.sample_every,
+        sample_prompt=a.sample_prompt,
+        seed=a.seed,
     )
     if a.resume:  # only what was given explicitly overrides the saved run
         defaults = vars(build_parser().parse_args(["train"]))
@@ -66,8 +84,16 @@ def _cmd_train(a: argparse.Namespace) -> int:
         from tinygpt.data import load_corpus
 
         corpus = load_corpus(corpus, text_field=a.text_field)
-    res = train(corpus=corpus, tokenizer=a.tokenizer, preset=a.preset, out=out, resume=a.resume,
-                device=a.device, progress=not a.no_progress, **settings)
+    res = train(
+        corpus=corpus,
+        tokenizer=a.tokenizer,
+        preset=a.preset,
+        out=out,
+        resume=a.resume,
+        device=a.device,
+        progress=not a.no_progress,
+        **settings,
+    )
     last = res.history[-1] if res.history else {}
     parts = [f"step {res.step}"]
     if "loss" in last:
@@ -102,8 +128,16 @@ def _cmd_sample(a: argparse.Namespace) -> int:
     for i in range(a.num_samples):
         seed = None if a.seed is None else a.seed + i
         sys.stdout.write(a.prompt)
-        for piece in stream(model, a.prompt, a.tokens, temperature=a.temperature, top_k=a.top_k,
-                            top_p=a.top_p, seed=seed, use_cache=not a.no_cache):
+        for piece in stream(
+            model,
+            a.prompt,
+            a.tokens,
+            temperature=a.temperature,
+            top_k=a.top_k,
+            top_p=a.top_p,
+            seed=seed,
+            use_cache=not a.no_cache,
+        ):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n" if a.num_samples == 1 else "\n---\n")
@@ -137,10 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--out", required=True, help="directory to write tokenizer.json into")
     p.add_argument("--no-progress", action="store_true")
+    surgery_cli.add_parsers(sub)  # laser, hqq
+    interp_cli.add_parsers(sub)  # tuned-lens
     return parser
 
 
-COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "inspect": _cmd_inspect, "tokenizer": _cmd_tokenizer}
+COMMANDS = {
+    "train": _cmd_train,
+    "sample": _cmd_sample,
+    "inspect": _cmd_inspect,
+    "tokenizer": _cmd_tokenizer,
+    **surgery_cli.COMMANDS,
+    **interp_cli.COMMANDS,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

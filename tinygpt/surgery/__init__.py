@@ -1,0 +1,71 @@
+"""Weight surgery on trained models: LASER rank reduction and HQQ / round-to-nearest quantization.
+
+    from tinygpt.surgery import laser, laser_, laser_sweep, hqq, hqq_
+
+    with laser(model, "mlp.fc_in", layers="2-3", rank_fraction=0.1):   # restored exactly on exit
+        print(model("To be, or not to be", return_type="loss"))
+    print(hqq_(model, bits=4, group_size=64, packed=True))            # per-matrix RTN vs HQQ error
+    model.save("tiny-4bit.tinygpt")                                    # factored / packed layers load back
+
+Targets are named relative to a block: mlp.fc_in, mlp.fc_out, attn.q_proj, attn.k_proj, attn.v_proj,
+attn.o_proj (groups: mlp, attn, all). Layers: an int, a list, "8-11", "0,2,5" or None (all).
+"""
+
+from tinygpt.surgery.common import TARGET_GROUPS, TARGETS, resolve_layers, resolve_targets
+from tinygpt.surgery.hqq import (
+    HQQReport,
+    PackedQuantLinear,
+    QuantEntry,
+    QuantizedTensor,
+    hqq,
+    hqq_,
+    hqq_quantize,
+    pack_codes,
+    quantize_rtn,
+    unpack_codes,
+)
+from tinygpt.surgery.laser import (
+    PAPER_GRID,
+    Intervention,
+    LaserEntry,
+    LaserGreedyResult,
+    LaserReport,
+    LaserSweepResult,
+    LowRankLinear,
+    kept_rank,
+    laser,
+    laser_,
+    laser_greedy,
+    laser_sweep,
+    low_rank,
+)
+
+__all__ = [
+    "TARGETS",
+    "TARGET_GROUPS",
+    "resolve_layers",
+    "resolve_targets",
+    "PAPER_GRID",
+    "Intervention",
+    "LaserEntry",
+    "LaserGreedyResult",
+    "LaserReport",
+    "LaserSweepResult",
+    "LowRankLinear",
+    "kept_rank",
+    "laser",
+    "laser_",
+    "laser_greedy",
+    "laser_sweep",
+    "low_rank",
+    "HQQReport",
+    "PackedQuantLinear",
+    "QuantEntry",
+    "QuantizedTensor",
+    "hqq",
+    "hqq_",
+    "hqq_quantize",
+    "pack_codes",
+    "quantize_rtn",
+    "unpack_codes",
+]

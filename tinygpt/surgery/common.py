@@ -1,0 +1,341 @@
+"""Shared helpers for weight surgery: choosing matrices, swapping modules, restoring, evaluating.
+
+Targets are named relative to a block, as `tinygpt inspect` shows them (`blocks.3.mlp.fc_out.weight`):
+
+    mlp.fc_in  mlp.fc_out  attn.q_proj  attn.k_proj  attn.v_proj  attn.o_proj
+    groups: "mlp" (both MLP matrices), "attn" (all four attention projections), "all" (all six)
+
+Leaf names alone ("fc_out", "q_proj") are accepted too. Layers are an int, a list of ints, a `range`,
+a string such as "8-11", "0,2,5" or "0-3,7", or None (every layer); negative ints count from the end.
+Every function here validates all of its arguments before anything is modified.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+TARGETS: tuple[str, ...] = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.fc_in", "mlp.fc_out")
+TARGET_GROUPS: dict[str, tuple[str, ...]] = {
+    "attn": TARGETS[:4],
+    "mlp": TARGETS[4:],
+    "all": TARGETS,
+}
+_LEAF = {t.split(".")[1]: t for t in TARGETS}
+
+TargetSpec = str | Sequence[str] | None
+LayerSpec = int | str | Sequence[int] | range | None
+
+
+def valid_target_names() -> str:
+    return ", ".join(TARGETS) + "; groups: " + ", ".join(TARGET_GROUPS)
+
+
+def resolve_targets(spec: TargetSpec, default: TargetSpec = "all") -> list[str]:
+    """Expand a target spec into canonical names, in `TARGETS` order, without duplicates.
+
+    Args:
+        spec: a name ("mlp.fc_out" or "fc_out"), a group ("mlp", "attn", "all"), a comma-separated string
+            of those, a list of them, or None (= `default`).
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones) or an empty spec.
+    """
+    if spec is None:
+        spec = default
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    chosen: set[str] = set()
+    for raw in items:
+        if not isinstance(raw, str):
+            raise ValueError(f"targets must be strings, got {raw!r}; valid targets: {valid_target_names()}")
+        name = raw.strip()
+        if name in TARGET_GROUPS:
+            chosen.update(TARGET_GROUPS[name])
+        elif name in TARGETS:
+            chosen.add(name)
+        elif name in _LEAF:
+            chosen.add(_LEAF[name])
+        else:
+            raise ValueError(f"unknown target {raw!r}; valid targets: {valid_target_names()}")
+    if not chosen:
+        raise ValueError(f"no targets given; valid targets: {valid_target_names()}")
+    return [t for t in TARGETS if t in chosen]
+
+
+_RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
+_INT = re.compile(r"^-?\d+$")
+
+
+def resolve_layers(spec: LayerSpec, n_layers: int) -> list[int]:
+    """Expand a layer spec into sorted, distinct layer indices in `[0, n_layers)`.
+
+    Args:
+        spec: an int (negative counts from the end), a list/tuple/range of ints, a string "8-11" (inclusive),
+            "0,2,5", "0-3,7" or "all", or None (every layer).
+        n_layers: the model's number of layers.
+    Raises:
+        ValueError: a layer out of range, a malformed string, or an empty selection.
+    """
+    valid = f"valid layers are 0..{n_layers - 1} (or negative from the end)"
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
+        return list(range(n_layers))
+    if isinstance(spec, str):
+        out: list[int] = []
+        for part in spec.split(","):
+            part = part.strip()
+            if m := _RANGE.match(part):
+                lo, hi = int(m.group(1)), int(m.group(2))
+                if lo > hi:
+                    raise ValueError(f"layer range {part!r} is empty (start > end); write it as {hi}-{lo}")
+                out.extend(range(lo, hi + 1))
+            elif _INT.match(part):
+                out.append(int(part))
+            else:
+                raise ValueError(f"cannot parse layers {spec!r}: write an int, a range like 8-11 or a list like 0,2,5")
+        items: list[Any] = out
+    elif isinstance(spec, bool):
+        raise ValueError(f"layers must be ints, got {spec!r}")
+    elif isinstance(spec, (int, np.integer)):
+        items = [int(spec)]
+    else:
+        items = list(spec)
+    result: set[int] = set()
+    for x in items:
+        if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+            raise ValueError(f"layers must be ints, got {x!r}; {valid}")
+        i = int(x)
+        if not -n_layers <= i < n_layers:
+            raise ValueError(f"layer {i} is out of range for a {n_layers}-layer model; {valid}")
+        result.add(i % n_layers)
+    if not result:
+        raise ValueError(f"no layers selected; {valid}")
+    return sorted(result)
+
+
+def module_name(layer: int, target: str) -> str:
+    """The module path of a target matrix, e.g. (3, "mlp.fc_out") -> "blocks.3.mlp.fc_out"."""
+    return f"blocks.{layer}.{target}"
+
+
+def get_module(model: nn.Module, layer: int, target: str) -> nn.Module:
+    return model.get_submodule(module_name(layer, target))
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Replace the submodule at dotted path `name` by `new`; returns the old one.
+
+    Keeps a `HookedRootModule`'s `mod_dict` and module `.name` attributes in step with the tree.
+    """
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, leaf)
+    setattr(parent, leaf, new)
+    new.name = name
+    mod_dict = getattr(model, "mod_dict", None)
+    if isinstance(mod_dict, dict):
+        mod_dict[name] = new
+    return old
+
+
+def check_model(model: nn.Module) -> int:
+    """The number of layers of a tinygpt-style model (has `cfg.n_layers` and `blocks`)."""
+    if not hasattr(model, "blocks") or not hasattr(model, "cfg"):
+        raise ValueError(f"expected a tinygpt.GPT (with .blocks and .cfg), got {type(model).__name__}")
+    return len(model.blocks)
+
+
+def select_linears(model: nn.Module, targets: TargetSpec, layers: LayerSpec) -> list[tuple[int, str, nn.Linear]]:
+    """(layer, target, nn.Linear) for every selected matrix, layer-major; validates everything first.
+
+    Raises:
+        ValueError: bad targets or layers, or a selected module that is not a plain `nn.Linear` (for
+            example one already replaced by `LowRankLinear` or `PackedQuantLinear`).
+    """
+    n = check_model(model)
+    tgt = resolve_targets(targets)
+    lay = resolve_layers(layers, n)
+    out = []
+    for layer in lay:
+        for t in tgt:
+            mod = get_module(model, layer, t)
+            if type(mod) is not nn.Linear:
+                raise ValueError(
+                    f"{module_name(layer, t)} is a {type(mod).__name__}, not a dense nn.Linear (it was already "
+                    "factored or packed); reload the original model to operate on it again"
+                )
+            out.append((layer, t, mod))
+    return out
+
+
+class Restorer:
+    """Remembers weights and modules before surgery and puts them back exactly (bitwise)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.weights: list[tuple[nn.Linear, Tensor]] = []
+        self.modules: list[tuple[str, nn.Module]] = []
+        self.log_len = len(getattr(model, "surgery_log", []) or [])
+
+    def save_weight(self, lin: nn.Linear) -> None:
+        self.weights.append((lin, lin.weight.detach().clone()))
+
+    def swap(self, name: str, new: nn.Module) -> None:
+        self.modules.append((name, set_module(self.model, name, new)))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for lin, w in reversed(self.weights):
+            lin.weight.copy_(w)
+        for name, old in reversed(self.modules):
+            set_module(self.model, name, old)
+        log = getattr(self.model, "surgery_log", None)
+        if log is not None:
+            del log[self.log_len :]
+        self.weights.clear()
+        self.modules.clear()
+
+
+def record(model: nn.Module, entry: dict[str, Any]) -> None:
+    """Append an operation to `model.surgery_log` (saved in the checkpoint manifest)."""
+    log = getattr(model, "surgery_log", None)
+    if log is None:
+        log = []
+        model.surgery_log = log
+    log.append(entry)
+
+
+def layers_text(layers: Iterable[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    ls = sorted(set(layers))
+    parts, i = [], 0
+    while i < len(ls):
+        j = i
+        while j + 1 < len(ls) and ls[j + 1] == ls[j] + 1:
+            j += 1
+        parts.append(str(ls[i]) if i == j else f"{ls[i]}-{ls[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+# -------------------------------------------------------------------------------- checkpoints
+def surgery_record(model: nn.Module) -> dict[str, Any] | None:
+    """The manifest entry describing structural surgery (factored / packed modules) and the log, or None."""
+    modules = {name: m.surgery_spec() for name, m in model.named_modules() if hasattr(m, "surgery_spec")}
+    log = list(getattr(model, "surgery_log", None) or [])
+    if not modules and not log:
+        return None
+    return {"version": 1, "modules": modules, "log": log}
+
+
+def apply_surgery_record(model: nn.Module, rec: dict[str, Any]) -> None:
+    """Rebuild factored / packed modules described by `rec` (before `load_state_dict`)."""
+    from tinygpt.surgery.hqq import PackedQuantLinear
+    from tinygpt.surgery.laser import LowRankLinear
+
+    kinds = {LowRankLinear.kind: LowRankLinear, PackedQuantLinear.kind: PackedQuantLinear}
+    if not isinstance(rec, dict) or not isinstance(rec.get("modules", {}), dict):
+        raise ValueError("malformed 'surgery' record in the manifest")
+    for name, spec in rec.get("modules", {}).items():
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if kind not in kinds:
+            raise ValueError(f"unknown surgery module type {kind!r} for {name} (written by a newer tinygpt?)")
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as e:
+            raise ValueError(f"surgery record names {name}, which the model does not have") from e
+        if not isinstance(old, nn.Linear):
+            raise ValueError(f"surgery record names {name}, which is a {type(old).__name__}, not a Linear")
+        set_module(model, name, kinds[kind].from_spec(spec, like=old))
+    model.surgery_log = list(rec.get("log", []))
+
+
+# -------------------------------------------------------------------------------- evaluation
+@dataclass
+class EvalData:
+    """Fixed validation windows: inputs and targets [n_windows, ctx]."""
+
+    x: Tensor
+    y: Tensor
+    batch_size: int = 8
+
+    @property
+    def n_tokens(self) -> int:
+        return self.y.numel()
+
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for i in range(0, len(self.x), self.batch_size):
+            yield self.x[i : i + self.batch_size], self.y[i : i + self.batch_size]
+
+
+def eval_data(
+    model: nn.Module,
+    data: Any = None,
+    *,
+    ctx: int | None = None,
+    n_windows: int = 16,
+    batch_size: int = 8,
+    val_fraction: float = 0.01,
+    progress: bool = False,
+) -> EvalData:
+    """Validation windows from many kinds of input.
+
+    Args:
+        model: the model (its tokenizer, `cfg.n_ctx` and device are used).
+        data: tokens [batch, pos] (used as they are, next-token targets), a 1-D token stream (tensor or
+            array; cut into `n_windows` evenly spaced windows of `ctx`), text, a corpus path / `Corpus`,
+            or None for the built-in Shakespeare (the last `val_fraction` of a corpus is used).
+        ctx: window length (default: the model's n_ctx).
+        n_windows: windows cut from a token stream.
+        batch_size: windows per forward pass.
+    """
+    from tinygpt.data import Corpus, load_corpus, tokenize_corpus, val_starts, windows
+
+    device = next(model.parameters()).device
+    ctx = min(ctx or model.cfg.n_ctx, model.cfg.n_ctx)
+    if isinstance(data, EvalData):
+        return data
+    if isinstance(data, Tensor) and data.ndim == 2:
+        if data.shape[1] < 2:
+            raise ValueError(f"token batches need at least 2 positions, got shape {tuple(data.shape)}")
+        t = data.long().to(device)
+        return EvalData(t[:, :-1], t[:, 1:], batch_size)
+    if isinstance(data, str) and not os.path.exists(data):
+        stream = np.asarray(model._require_tokenizer().encode(data), dtype=np.int64)
+    elif data is None or isinstance(data, (str, os.PathLike, Path, Corpus)):
+        tok = model._require_tokenizer()
+        td = tokenize_corpus(load_corpus(data), tok, progress=progress)
+        stream = td.split(val_fraction)[1] if val_fraction else td.tokens
+    else:
+        stream = data.cpu().numpy() if isinstance(data, Tensor) else np.asarray(data)
+        if stream.ndim != 1:
+            raise ValueError(f"expected tokens [batch, pos] or a 1-D token stream, got shape {stream.shape}")
+    if len(stream) < 2:
+        raise ValueError(f"need at least 2 validation tokens, got {len(stream)}")
+    ctx = min(ctx, len(stream) - 1)
+    starts = val_starts(len(stream), ctx, n_windows) if len(stream) > ctx + 1 else torch.zeros(1, dtype=torch.long)
+    x, y = windows(stream, starts, ctx, device)
+    return EvalData(x.to(device), y.to(device), batch_size)
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, data: EvalData) -> float:
+    """Mean next-token cross-entropy over all target tokens of `data`."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for x, y in data.batches():
+            loss = model(x, return_type="loss", targets=y)
+            total += float(loss) * y.numel()
+            count += y.numel()
+    finally:
+        model.train(was_training)
+    return total / count
