@@ -8,21 +8,32 @@ metrics (the live dashboard uses them).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from tinygpt.checkpoint import CheckpointError, load, load_optimizer_state, read_checkpoint, save
 from tinygpt.config import GPTConfig
-from tinygpt.data import Corpus, CorpusError, batch_starts, load_corpus, tokenize_corpus, val_starts, windows
+from tinygpt.data import (
+    Corpus,
+    CorpusError,
+    TokenData,
+    batch_starts,
+    load_corpus,
+    tokenize_corpus,
+    val_starts,
+    windows,
+)
 from tinygpt.model import GPT
 from tinygpt.tokenizer import Tokenizer, load_tokenizer
 
@@ -236,30 +247,12 @@ def train(
     Raises:
         TrainingDiverged: the loss became NaN/inf (the last checkpoint is left untouched).
     """
-    from tqdm.auto import tqdm
-
     device = device or default_device()
     out = Path(out) if out is not None else None
-    history: list[dict[str, float]] = []
-    start_step = 0
-    ckpt = None
-    if resume:
-        if out is None:
-            raise ValueError("resume=True needs out= (the checkpoint to continue)")
-        if not out.exists():
-            raise CheckpointError(f"cannot resume: {out} does not exist (drop --resume to start a new run)")
-        ckpt = read_checkpoint(out)
-        state = ckpt.train_state
-        if "train_config" not in state:
-            raise CheckpointError(f"cannot resume from {out}: it holds no training state")
-        saved = TrainConfig.from_dict(state["train_config"])
-        base = dataclasses.replace(saved, **{**(dataclasses.asdict(config) if config else {}), **settings})
-        _warn_changed(saved, base, settings)
-        cfg = base
-        model = load(ckpt)
-        start_step = int(state["step"])
-        history = list(state.get("history", []))
-        corpus = corpus if corpus is not None else _corpus_from_record(state.get("corpus"))
+    run = resume_run(out, config, settings) if resume else None
+    if run is not None:
+        cfg, model = run.config, run.model
+        corpus = corpus if corpus is not None else _corpus_from_record(run.train_state.get("corpus"))
     else:
         cfg = dataclasses.replace(config, **settings) if config else TrainConfig(**settings)
     torch.manual_seed(cfg.seed)
@@ -269,65 +262,173 @@ def train(
         if cfg.ctx and cfg.ctx > GPTConfig.preset(preset).n_ctx:
             overrides["n_ctx"] = cfg.ctx
         model = GPT(GPTConfig.preset(preset, **overrides), tokenizer=tok)
-    elif tokenizer is not None and not resume:
+    elif tokenizer is not None and run is None:
         model.tokenizer = load_tokenizer(tokenizer)
     tok = model._require_tokenizer()
     if tok.vocab_size > model.cfg.d_vocab:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's d_vocab is {model.cfg.d_vocab}")
-    ctx = cfg.ctx or model.cfg.n_ctx
-    if ctx > model.cfg.n_ctx:
-        raise ValueError(f"ctx={ctx} exceeds the model's n_ctx={model.cfg.n_ctx}")
-    cfg.ctx = ctx
-    model.to(device)
-
     corpus_obj = load_corpus(corpus)
     data = tokenize_corpus(corpus_obj, tok, cache_dir=cache_dir, progress=progress)
-    train_tokens, val_tokens = data.split(cfg.val_split)
-    if len(train_tokens) <= ctx + 1:
-        raise ValueError(f"the corpus has {len(train_tokens)} training tokens, too few for ctx={ctx}; lower --ctx")
-    do_val = cfg.val_every > 0 and cfg.val_split > 0
-    v_starts = val_starts(len(val_tokens), ctx, cfg.val_batches * cfg.batch_size) if do_val else None
+    batches = TokenBatches(data, cfg, model.cfg.n_ctx)
+    return fit(
+        model,
+        cfg,
+        batches,
+        out=out,
+        run=run,
+        callbacks=callbacks,
+        device=device,
+        progress=progress,
+        state={"corpus": _corpus_record(corpus, corpus_obj)},
+    )
 
+
+def next_token_loss(model: GPT, batch: tuple[Tensor, ...]) -> Tensor:
+    """The default objective: mean next-token cross-entropy of x -> y."""
+    x, y = batch
+    return model(x, return_type="loss", targets=y)
+
+
+class TokenBatches:
+    """Micro-batches of random windows of a token array, a pure function of (seed, step).
+
+    Other objectives (distillation, SFT, data-parallel shards) supply their own object with the same two
+    methods: `train(step) -> list of micro-batches` and `val() -> iterable of batches`.
+    """
+
+    def __init__(self, data: TokenData, cfg: TrainConfig, n_ctx: int):
+        ctx = cfg.ctx or n_ctx
+        if ctx > n_ctx:
+            raise ValueError(f"ctx={ctx} exceeds the model's n_ctx={n_ctx}")
+        cfg.ctx = ctx
+        self.cfg, self.ctx = cfg, ctx
+        self.train_tokens, self.val_tokens = data.split(cfg.val_split)
+        if len(self.train_tokens) <= ctx + 1:
+            raise ValueError(
+                f"the corpus has {len(self.train_tokens)} training tokens, too few for ctx={ctx}; lower --ctx"
+            )
+        self.has_val = cfg.val_every > 0 and cfg.val_split > 0
+        self.v_starts = (
+            val_starts(len(self.val_tokens), ctx, cfg.val_batches * cfg.batch_size) if self.has_val else None
+        )
+        self.device = None
+        self.tokens_per_step = cfg.batch_size * cfg.accum * ctx
+
+    def train(self, step: int) -> list[tuple[Tensor, Tensor]]:
+        b = self.cfg.batch_size
+        starts = batch_starts(len(self.train_tokens), self.ctx, b * self.cfg.accum, self.cfg.seed, step)
+        return [
+            windows(self.train_tokens, starts[m * b : (m + 1) * b], self.ctx, self.device)
+            for m in range(self.cfg.accum)
+        ]
+
+    def val(self) -> Iterator[tuple[Tensor, Tensor]]:
+        b = self.cfg.batch_size
+        for i in range(0, len(self.v_starts), b):
+            yield windows(self.val_tokens, self.v_starts[i : i + b], self.ctx, self.device)
+
+
+@dataclass
+class ResumedRun:
+    """What `resume_run` recovers from a training checkpoint."""
+
+    checkpoint: Any
+    config: TrainConfig
+    model: GPT
+    step: int
+    history: list[dict[str, float]]
+
+    @property
+    def train_state(self) -> dict[str, Any]:
+        return self.checkpoint.train_state
+
+
+def resume_run(out: Path | None, config: TrainConfig | None, settings: dict[str, Any]) -> ResumedRun:
+    """Read a training checkpoint: its model, settings (overridden by those given), step and history."""
+    if out is None:
+        raise ValueError("resume=True needs out= (the checkpoint to continue)")
+    if not out.exists():
+        raise CheckpointError(f"cannot resume: {out} does not exist (drop --resume to start a new run)")
+    ckpt = read_checkpoint(out)
+    state = ckpt.train_state
+    if "train_config" not in state:
+        raise CheckpointError(f"cannot resume from {out}: it holds no training state")
+    saved = TrainConfig.from_dict(state["train_config"])
+    cfg = dataclasses.replace(saved, **{**(dataclasses.asdict(config) if config else {}), **settings})
+    _warn_changed(saved, cfg, settings)
+    return ResumedRun(ckpt, cfg, load(ckpt), int(state["step"]), list(state.get("history", [])))
+
+
+def fit(
+    model: GPT,
+    cfg: TrainConfig,
+    batches: Any,
+    *,
+    loss_fn: Callable[[GPT, tuple[Tensor, ...]], Tensor] = next_token_loss,
+    val_loss_fn: Callable[[GPT, tuple[Tensor, ...]], Tensor] = next_token_loss,
+    out: Path | None = None,
+    run: ResumedRun | None = None,
+    callbacks: Sequence[Callable[[dict[str, float]], Any]] = (),
+    device: str = "cpu",
+    progress: bool = True,
+    state: dict[str, Any] | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """The training loop shared by `train`, distillation and fine-tuning.
+
+    Args:
+        model: the model to optimise (moved to `device`).
+        cfg: schedule, accumulation, clipping, validation, saving and sampling settings.
+        batches: an object with `train(step) -> list of micro-batches`, `val() -> iterable of batches`,
+            `has_val`, `tokens_per_step` and a settable `device` (see `TokenBatches`).
+        loss_fn: `(model, micro_batch) -> scalar loss` to minimise.
+        val_loss_fn: the loss reported as `val_loss`.
+        out: checkpoint path (atomic saves every `cfg.save_every` steps and at the end).
+        run: a `ResumedRun` to continue (optimizer, RNG, step and history are restored).
+        state: extra JSON-serialisable entries for the checkpoint's training state.
+    """
+    from tqdm.auto import tqdm
+
+    model.to(device)
+    batches.device = device
+    history = list(run.history) if run else []
+    start_step = run.step if run else 0
     opt = make_optimizer(model, cfg)
-    if ckpt is not None:
-        load_optimizer_state(opt, ckpt)
-        if "torch" in ckpt.rng:
-            torch.set_rng_state(ckpt.rng["torch"])
+    if run is not None:
+        load_optimizer_state(opt, run.checkpoint)
+        if "torch" in run.checkpoint.rng:
+            torch.set_rng_state(run.checkpoint.rng["torch"])
     autocast = (
         torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
         if cfg.dtype == "bfloat16"
-        else _nullcontext()
+        else contextlib.nullcontext()
     )
-    tokens_per_step = cfg.batch_size * cfg.accum * ctx
-    corpus_name = _corpus_record(corpus, corpus_obj)
+    tokens_per_step = batches.tokens_per_step
 
     def checkpoint(step: int) -> None:
         if out is None:
             return
         last = history[-1] if history else {}
-        state = {
+        train_state = {
             "step": step,
             "train_config": cfg.to_dict(),
-            "corpus": corpus_name,
+            **(state or {}),
             "loss": last.get("loss"),
             "val_loss": _last_val(history),
             "tokens_seen": step * tokens_per_step,
             "history": history,
         }
-        save(model, out, optimizer=opt, train_state=state, include_rng=True)
+        save(model, out, optimizer=opt, train_state=train_state, include_rng=True)
 
     def evaluate() -> float:
         model.eval()
-        losses = []
         with torch.no_grad(), autocast:
-            for i in range(0, len(v_starts), cfg.batch_size):
-                x, y = windows(val_tokens, v_starts[i : i + cfg.batch_size], ctx, device)
-                losses.append(model(x, return_type="loss", targets=y).item())
+            losses = [val_loss_fn(model, b).item() for b in batches.val()]
         model.train()
         return sum(losses) / len(losses)
 
     model.train()
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=desc, disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     tps_ema = None
     step = start_step
@@ -339,15 +440,14 @@ def train(
             lr = cfg.lr_at(step)
             for g in opt.param_groups:
                 g["lr"] = lr
-            starts = batch_starts(len(train_tokens), ctx, cfg.batch_size * cfg.accum, cfg.seed, step)
+            micro = batches.train(step)
             loss_sum = 0.0
-            for m in range(cfg.accum):
-                x, y = windows(train_tokens, starts[m * cfg.batch_size : (m + 1) * cfg.batch_size], ctx, device)
+            for b in micro:
                 with autocast:
-                    loss = model(x, return_type="loss", targets=y)
-                (loss / cfg.accum).backward()
+                    loss = loss_fn(model, b)
+                (loss / len(micro)).backward()
                 loss_sum += loss.item()
-            loss_val = loss_sum / cfg.accum
+            loss_val = loss_sum / len(micro)
             grad_norm = (
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
                 if cfg.grad_clip > 0
@@ -380,7 +480,7 @@ def train(
                 "tokens_seen": step * tokens_per_step,
                 "elapsed": time.perf_counter() - t0,
             }
-            if do_val and (step % cfg.val_every == 0 or step == cfg.steps):
+            if batches.has_val and (step % cfg.val_every == 0 or step == cfg.steps):
                 rec["val_loss"] = evaluate()
             history.append(rec)
             msg = f"loss {loss_val:.3f}" + (f" | val loss {rec['val_loss']:.3f}" if "val_loss" in rec else "")
@@ -399,24 +499,16 @@ def train(
     except KeyboardInterrupt:
         interrupted = True
         if in_update:  # weights may be half-updated: keep the previous checkpoint
-            out_path = out if out and out.exists() else None
-            bar.close()
             model.eval()
-            return TrainResult(model, cfg, history, out_path, time.perf_counter() - t0, interrupted=True)
+            return TrainResult(
+                model, cfg, history, out if out and out.exists() else None, time.perf_counter() - t0, interrupted=True
+            )
     finally:
         bar.close()
     checkpoint(step)
     model.train_state = {"step": step, "train_config": cfg.to_dict(), "loss": history[-1]["loss"] if history else None}
     model.eval()
     return TrainResult(model, cfg, history, out, time.perf_counter() - t0, interrupted=interrupted)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _corpus_record(corpus: Any, corpus_obj: Corpus) -> str | dict[str, Any] | None:
