@@ -79,6 +79,17 @@ class GPTConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     attn_impl: str = "auto"
+    # Architecture knobs; each variant lives in its own module under tinygpt/arch/.
+    diff_attn: bool = False
+    mod: bool = False
+    mod_capacity: float = 0.125
+    mod_every: int = 2
+    moe_experts: int = 0
+    moe_topk: int = 2
+    moe_aux_coef: float = 0.01
+    moe_z_coef: float = 0.001
+    yoco: bool = False
+    yoco_window: int = 64
     device: str = field(default="cpu", compare=False)
 
     # Read by TransformerLens utilities (ActivationCache, patching, logit lens).
@@ -110,6 +121,14 @@ class GPTConfig:
             raise ConfigError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.mod and not 0.0 < self.mod_capacity <= 1.0:
+            raise ConfigError(f"mod_capacity must be in (0, 1], got {self.mod_capacity!r}")
+        if self.mod and (not isinstance(self.mod_every, int) or self.mod_every < 1):
+            raise ConfigError(f"mod_every must be a positive integer, got {self.mod_every!r}")
+        if self.moe_experts < 0 or (self.moe_experts and not 1 <= self.moe_topk <= self.moe_experts):
+            raise ConfigError(f"moe_topk must be between 1 and moe_experts={self.moe_experts}, got {self.moe_topk!r}")
+        if self.yoco and (self.n_layers < 2 or self.yoco_window < 1):
+            raise ConfigError("yoco needs n_layers >= 2 (self- and cross-decoder halves) and yoco_window >= 1")
 
     # ----------------------------------------------------------------------------------------
     @classmethod
@@ -142,15 +161,19 @@ class GPTConfig:
         return self.from_dict({**self.to_dict(), **changes})
 
     def n_params(self) -> int:
-        """Parameter count of a model built from this config."""
-        d, L, V = self.d_model, self.n_layers, self.d_vocab
-        hd = self.n_heads * self.d_head
-        attn = 3 * (d * hd + hd) + hd * d + d
-        mlp = d * self.d_mlp + self.d_mlp + self.d_mlp * d + d
-        block = attn + mlp + 4 * d
-        emb = V * d + self.n_ctx * d
-        unembed = 0 if self.tie_embeddings else V * d
-        return emb + L * block + 2 * d + unembed
+        """Parameter count of a model built from this config (built on the meta device: no memory)."""
+        import torch
+
+        from tinygpt.model import GPT
+
+        with torch.device("meta"):
+            return GPT(self.replace(dtype="float32")).n_params()
+
+    @property
+    def variants(self) -> list[str]:
+        """The architecture knobs switched on, e.g. ["diff_attn", "moe"]."""
+        on = [("diff_attn", self.diff_attn), ("mod", self.mod), ("moe", self.moe_experts > 0), ("yoco", self.yoco)]
+        return [name for name, flag in on if flag]
 
 
 def _did_you_mean(name: str, choices) -> str:

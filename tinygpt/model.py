@@ -205,16 +205,23 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm block; the residual stream is additive and exact."""
+    """Pre-LayerNorm block; the residual stream is additive and exact.
+
+    The attention and feed-forward modules come from `tinygpt.arch` (plain `Attention`/`MLP`, or a
+    variant such as differential attention or mixture-of-experts, which is then named `moe`).
+    """
 
     hook_out_is_single_residual_stream = True
 
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
+        from tinygpt import arch
+
         self.ln1 = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
-        self.attn = Attention(cfg, layer)
+        self.attn = arch.attention_class(cfg)(cfg, layer)
         self.ln2 = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
-        self.mlp = MLP(cfg)
+        self._ffn_name, ffn = arch.make_ffn(cfg, layer)
+        setattr(self, self._ffn_name, ffn)
         for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
             setattr(self, f"hook_{name}", HookPoint())
 
@@ -222,7 +229,7 @@ class Block(nn.Module):
         resid_pre = self.hook_resid_pre(x)
         attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), cache))
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
+        mlp_out = self.hook_mlp_out(getattr(self, self._ffn_name)(self.ln2(resid_mid)))
         return self.hook_resid_post(resid_mid + mlp_out)
 
 
@@ -234,8 +241,18 @@ class GPT(HookedRootModule):
         tokenizer: attached tokenizer; defaults to `ByteTokenizer` when `d_vocab == 256`.
     """
 
+    def __new__(cls, cfg: GPTConfig | str | None = None, *args: Any, **kwargs: Any):
+        # `GPT(cfg)` builds the variant a config asks for when it needs its own model class (e.g. YOCO).
+        if cls is GPT and cfg is not None:
+            from tinygpt import arch
+
+            cls = arch.model_class(GPTConfig.preset(cfg) if isinstance(cfg, str) else cfg)
+        return super().__new__(cls)
+
     def __init__(self, cfg: GPTConfig | str, tokenizer: Tokenizer | None = None):
         super().__init__()
+        from tinygpt import arch
+
         cfg = GPTConfig.preset(cfg) if isinstance(cfg, str) else cfg.replace()
         self.cfg = cfg
         if tokenizer is None and cfg.d_vocab == 256:
@@ -247,17 +264,22 @@ class GPT(HookedRootModule):
         self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model)
         self.hook_embed = HookPoint()
         self.hook_pos_embed = HookPoint()
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(arch.make_block(cfg, i) for i in range(cfg.n_layers))
         self.ln_final = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
         self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight
         self.register_buffer("_zero_b_U", torch.zeros(cfg.d_vocab), persistent=False)
         self.train_state: dict[str, Any] = {}
+        self.build_extra()
         self.reset_parameters()
         if cfg.dtype == "bfloat16":
             self.to(torch.bfloat16)
         self.setup()
+        self._aux_modules = [m for m in self.modules() if m is not self and hasattr(m, "aux_loss")]
+
+    def build_extra(self) -> None:
+        """Model-level modules of an architecture variant (overridden by e.g. YOCO)."""
 
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, init_std), residual projections scaled by 1/sqrt(2L)."""
@@ -271,6 +293,9 @@ class GPT(HookedRootModule):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
             else:
                 nn.init.normal_(p, 0.0, std)
+        for m in self.modules():  # variants with parameters of their own (routers, λ, ...)
+            if m is not self and hasattr(m, "reset_variant_parameters"):
+                m.reset_variant_parameters()
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -311,8 +336,7 @@ class GPT(HookedRootModule):
         x = self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(self.pos_embed(pos)[None].expand(b, t, -1))
         if self.cfg.dropout and self.training:
             x = F.dropout(x, self.cfg.dropout)
-        for block in self.blocks:
-            x = block(x, past_kv_cache)
+        x = self.run_blocks(x, past_kv_cache)
         if past_kv_cache is not None:
             past_kv_cache.length += t
         if return_type is None:
@@ -323,7 +347,33 @@ class GPT(HookedRootModule):
         if return_type not in ("loss", "both"):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         loss = self.loss_fn(logits, tokens, targets, per_token=loss_per_token)
+        if self.training and self._aux_modules and not loss_per_token:
+            loss = loss + self.aux_loss()
         return loss if return_type == "loss" else (logits, loss)
+
+    def run_blocks(self, x: Tensor, cache: KVCache | None) -> Tensor:
+        """The residual stream through every block: [batch, pos, d_model] -> [batch, pos, d_model]."""
+        for block in self.blocks:
+            x = block(x, cache)
+        return x
+
+    def aux_loss(self) -> Tensor:
+        """Sum of the auxiliary losses (router balance, z-loss, ...) from the last forward; 0 if none."""
+        parts = [m.aux_loss for m in self._aux_modules if m.aux_loss is not None]
+        return torch.stack(parts).sum() if parts else torch.zeros((), device=self.embed.weight.device)
+
+    def arch_metrics(self) -> dict[str, float]:
+        """Training metrics of architecture variants (expert load entropy, routing agreement, ...)."""
+        out: dict[str, float] = {}
+        for m in self.modules():
+            if m is not self and hasattr(m, "metrics") and callable(m.metrics):
+                out.update(m.metrics())
+        return out
+
+    def make_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """A KV cache for incremental decoding (variants return their own kind)."""
+        w = self.embed.weight
+        return KVCache(self.cfg, batch, max_len or self.cfg.n_ctx, w.device, w.dtype)
 
     @staticmethod
     def loss_fn(logits: Tensor, tokens: Tensor, targets: Tensor | None = None, per_token: bool = False) -> Tensor:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from tinygpt.model import GPT, KVCache
+from tinygpt.model import GPT
 
 
 def sample_next(
@@ -80,7 +80,7 @@ def generate_tokens(
     try:
         seq = tokens
         start = 0
-        cache = KVCache(model.cfg, seq.shape[0], n_ctx, device, model.embed.weight.dtype) if use_cache else None
+        cache = model.make_cache(seq.shape[0], n_ctx) if use_cache else None
         logits = None
         for i in range(max_new_tokens):
             if seq.shape[1] - start > n_ctx:

@@ -480,6 +480,7 @@ def fit(
                 "tokens_seen": step * tokens_per_step,
                 "elapsed": time.perf_counter() - t0,
             }
+            rec.update(model.arch_metrics())  # e.g. expert load entropy of MoE layers
             if batches.has_val and (step % cfg.val_every == 0 or step == cfg.steps):
                 rec["val_loss"] = evaluate()
             history.append(rec)

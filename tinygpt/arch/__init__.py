@@ -1,0 +1,42 @@
+"""Architecture variants: each knob of `GPTConfig` maps to a small module here.
+
+`tinygpt.model` asks this registry which attention class, feed-forward module, block and model class a
+config needs; a vanilla config gets the plain GPT-2 pieces from `tinygpt.model`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from tinygpt.config import GPTConfig
+
+
+def attention_class(cfg: GPTConfig) -> type[nn.Module]:
+    """Attention module class for a block."""
+    from tinygpt.model import Attention
+
+    return Attention
+
+
+def make_ffn(cfg: GPTConfig, layer: int) -> tuple[str, nn.Module]:
+    """(attribute name, module) of a block's feed-forward part: ("mlp", MLP) for a dense model."""
+    from tinygpt.model import MLP
+
+    return "mlp", MLP(cfg)
+
+
+def make_block(cfg: GPTConfig, layer: int) -> nn.Module:
+    """The block at `layer`."""
+    from tinygpt.model import Block
+
+    return Block(cfg, layer)
+
+
+def model_class(cfg: GPTConfig) -> type:
+    """The model class a config needs (GPT unless a variant changes the layer stack)."""
+    from tinygpt.model import GPT
+
+    return GPT
