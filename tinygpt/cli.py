@@ -49,6 +49,18 @@ def _train_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="checkpoint path (default: PRESET.tinygpt)")
+    arch = p.add_argument_group("architecture (GPTConfig knobs of a new model)")
+    arch.add_argument("--attn-impl", default=None, help="auto, eager, sdpa (and backends that are installed)")
+    arch.add_argument("--tie-embeddings", action="store_true")
+    arch.add_argument("--dropout", type=float, default=None)
+    arch.add_argument("--diff-attn", action="store_true", help="differential attention (Ye et al. 2024)")
+    arch.add_argument("--mod", action="store_true", help="mixture-of-depths routing (Raposo et al. 2024)")
+    arch.add_argument("--mod-capacity", type=float, default=None, help="fraction of tokens a routed block takes")
+    arch.add_argument("--mod-every", type=int, default=None, help="route every N-th block (default 2)")
+    arch.add_argument("--moe-experts", type=int, default=None, help="mixture-of-experts: experts per layer")
+    arch.add_argument("--moe-topk", type=int, default=None, help="experts per token")
+    arch.add_argument("--yoco", action="store_true", help="you-only-cache-once decoder (Sun et al. 2024)")
+    arch.add_argument("--yoco-window", type=int, default=None, help="sliding window of the self-decoder")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -88,6 +100,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         corpus=corpus,
         tokenizer=a.tokenizer,
         preset=a.preset,
+        model_config=_model_config(a),
         out=out,
         resume=a.resume,
         device=a.device,
@@ -104,6 +117,33 @@ def _cmd_train(a: argparse.Namespace) -> int:
     parts.append(f"saved {res.path}")
     print(("interrupted: " if res.interrupted else "done: ") + " | ".join(parts))
     return 130 if res.interrupted else 0
+
+
+_ARCH_FLAGS = (
+    "attn_impl",
+    "tie_embeddings",
+    "dropout",
+    "diff_attn",
+    "mod",
+    "mod_capacity",
+    "mod_every",
+    "moe_experts",
+    "moe_topk",
+    "yoco",
+    "yoco_window",
+)
+
+
+def _model_config(a: argparse.Namespace) -> dict:
+    """GPTConfig overrides from the architecture flags that were given."""
+    out = {}
+    for k in _ARCH_FLAGS:
+        v = getattr(a, k)
+        if v is not None and v is not False:
+            out[k] = v
+    if out and a.resume:
+        raise ValueError(f"architecture flags ({', '.join(sorted(out))}) cannot change a run being resumed")
+    return out
 
 
 def _sample_parser(sub) -> None:

@@ -218,6 +218,7 @@ def train(
     tokenizer: Tokenizer | str | os.PathLike | None = None,
     *,
     preset: str = "tiny",
+    model_config: dict[str, Any] | None = None,
     config: TrainConfig | None = None,
     out: str | os.PathLike | None = None,
     resume: bool = False,
@@ -234,6 +235,7 @@ def train(
         corpus: a path (text file, directory, .jsonl) or None for the built-in Shakespeare.
         tokenizer: for a new model: "byte" (default), a tokenizer.json path / directory, or an object.
         preset: preset name used when `model` is None.
+        model_config: `GPTConfig` overrides for a new model, e.g. `{"diff_attn": True, "n_layers": 6}`.
         config: a `TrainConfig`; keyword `settings` (e.g. `steps=200, max_lr=1e-3`) override fields.
         out: checkpoint path (`.tinygpt`), written atomically every `save_every` steps and at the end.
         resume: continue from `out` (weights, optimizer, step, history); the run's saved settings are
@@ -258,7 +260,7 @@ def train(
     torch.manual_seed(cfg.seed)
     if model is None:
         tok = load_tokenizer(tokenizer)
-        overrides = {"d_vocab": tok.vocab_size}
+        overrides = {"d_vocab": tok.vocab_size, **(model_config or {})}
         if cfg.ctx and cfg.ctx > GPTConfig.preset(preset).n_ctx:
             overrides["n_ctx"] = cfg.ctx
         model = GPT(GPTConfig.preset(preset, **overrides), tokenizer=tok)
