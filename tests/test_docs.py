@@ -23,10 +23,10 @@ CFG = GPTConfig(n_layers=3, d_model=24, n_heads=3, d_mlp=40, d_vocab=256, n_ctx=
 ROW = re.compile(r"^\|\s*`(?P<name>[^`]+)`\s*\|\s*`(?P<shape>\[[^`]*\])`\s*\|(?P<what>.*)\|\s*$")
 
 
-def hook_table() -> list[tuple[str, list[str], str]]:
-    """(name, shape dims, explanation) for each row between the hook-table markers."""
+def hook_table(marker: str = "hook-table") -> list[tuple[str, list[str], str]]:
+    """(name, shape dims, explanation) for each row between the `<!-- {marker}:start/end -->` markers."""
     text = HOOKS_MD.read_text(encoding="utf-8")
-    start, end = text.index("<!-- hook-table:start -->"), text.index("<!-- hook-table:end -->")
+    start, end = text.index(f"<!-- {marker}:start -->"), text.index(f"<!-- {marker}:end -->")
     lines = [ln.strip() for ln in text[start:end].splitlines() if ln.strip().startswith("|")]
     assert lines and lines[0].startswith("| hook | shape |"), "the hook table must start with its header row"
     rows = []
@@ -99,3 +99,142 @@ def test_python_examples_run(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "examples ok" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------ YOCO
+YOCO_CFG = CFG.replace(n_layers=4, yoco=True, yoco_window=3)  # window < pos: the band shows in the pattern
+
+
+def expand_yoco(name: str, n_layers: int) -> list[str]:
+    """`{s}`: self-decoder blocks 0 .. n_layers//2 - 1; `{c}`: cross-decoder blocks; `{i}`: every block."""
+    half = n_layers // 2
+    for key, layers in (("{s}", range(half)), ("{c}", range(half, n_layers)), ("{i}", range(n_layers))):
+        if key in name:
+            return [name.replace(key, str(i)) for i in layers]
+    return [name]
+
+
+def test_yoco_hook_table_matches_a_yoco_model():
+    text = " ".join(HOOKS_MD.read_text(encoding="utf-8").split())
+    assert "cross-decoder blocks have no `attn.hook_k` / `attn.hook_v`" in text
+    torch.manual_seed(0)
+    model = GPT(YOCO_CFG).eval()
+    rows = hook_table("hook-table:yoco")
+    cross = range(YOCO_CFG.n_layers // 2, YOCO_CFG.n_layers)
+    absent = {f"blocks.{c}.attn.hook_{kv}" for c in cross for kv in "kv"}  # the stated exception
+    main = {n for name, _, _ in hook_table() for n in expand(name, YOCO_CFG.n_layers)}
+    documented = (main - absent) | {n for name, _, _ in rows for n in expand_yoco(name, YOCO_CFG.n_layers)}
+    assert documented == set(model.hook_dict)
+    tokens = torch.randint(0, DIMS["d_vocab"], (DIMS["batch"], DIMS["pos"]))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    sizes = {**DIMS, "dest_pos": DIMS["pos"], "src_pos": DIMS["pos"]}
+    for name, dims, what in rows:
+        assert what, name
+        want = tuple(int(d) if d.isdigit() else sizes[d] for d in dims)
+        for full in expand_yoco(name, YOCO_CFG.n_layers):
+            assert tuple(cache[full].shape) == want, f"{full}: docs say {dims}, cache has {tuple(cache[full].shape)}"
+    # "zero outside the band dest - yoco_window < src <= dest" (self) / "upper triangle 0" (cross)
+    dest, src = torch.arange(DIMS["pos"])[:, None], torch.arange(DIMS["pos"])[None, :]
+    band = (src <= dest) & (src > dest - YOCO_CFG.yoco_window)
+    assert (cache["blocks.0.attn.hook_pattern"][..., ~band] == 0).all()
+    assert (cache["blocks.3.attn.hook_pattern"][..., src > dest] == 0).all()
+    assert (cache["blocks.3.attn.hook_pattern"][..., band.logical_not() & (src <= dest)] > 0).all()
+
+
+# -------------------------------------------------------------------------------------- Mixture-of-Experts
+MOE_CFG = CFG.replace(moe_experts=6, moe_topk=4)  # 6 and 4: distinct from every other dim
+
+
+def test_moe_hook_table_matches_a_moe_model():
+    torch.manual_seed(0)
+    model = GPT(MOE_CFG).eval()
+    rows = hook_table("hook-table:moe")
+    absent = {f"blocks.{i}.mlp.hook_{h}" for i in range(MOE_CFG.n_layers) for h in ("pre", "post")}
+    main = {n for name, _, _ in hook_table() for n in expand(name, MOE_CFG.n_layers)}
+    documented = (main - absent) | {n for name, _, _ in rows for n in expand(name, MOE_CFG.n_layers)}
+    assert documented == set(model.hook_dict)
+    tokens = torch.randint(0, DIMS["d_vocab"], (DIMS["batch"], DIMS["pos"]))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    sizes = {**DIMS, "moe_experts": 6, "moe_topk": 4}
+    for name, dims, what in rows:
+        assert what, name
+        want = tuple(int(d) if d.isdigit() else sizes[d] for d in dims)
+        for full in expand(name, MOE_CFG.n_layers):
+            assert tuple(cache[full].shape) == want, f"{full}: docs say {dims}, cache has {tuple(cache[full].shape)}"
+    assert cache["blocks.0.moe.hook_router_logits"].dtype == torch.float32
+    torch.testing.assert_close(cache["blocks.1.moe.hook_expert_weights"].sum(-1), torch.ones(2, 5))
+
+
+# -------------------------------------------------------------------------------------- Mixture-of-Depths
+MOD_CFG = CFG.replace(n_layers=4, mod=True, mod_capacity=0.8)  # routed = ceil(0.8 * 5) = 4 of pos = 5
+
+
+def expand_mod(name: str, n_layers: int) -> list[str]:
+    """`{r}`: the routed blocks (i % mod_every == mod_every - 1); `{i}`: every block."""
+    if "{r}" in name:
+        return [name.replace("{r}", str(i)) for i in range(n_layers) if i % 2 == 1]
+    return expand(name, n_layers)
+
+
+def test_mod_hook_table_matches_a_mod_model():
+    from tinygpt.arch.mod import routing
+
+    torch.manual_seed(0)
+    model = GPT(MOD_CFG).eval()
+    rows = hook_table("hook-table:mod")
+    main = {n for name, _, _ in hook_table() for n in expand(name, MOD_CFG.n_layers)}
+    documented = main | {n for name, _, _ in rows for n in expand_mod(name, MOD_CFG.n_layers)}
+    assert documented == set(model.hook_dict)
+    tokens = torch.randint(0, DIMS["d_vocab"], (DIMS["batch"], DIMS["pos"]))
+    with torch.no_grad(), routing(model, "topk"):
+        _, cache = model.run_with_cache(tokens)
+    sizes = {**DIMS, "routed": 4}
+    for name, dims, what in rows:
+        assert what, name
+        want = tuple(int(d) if d.isdigit() else sizes[d] for d in dims)
+        for full in expand_mod(name, MOD_CFG.n_layers):
+            assert tuple(cache[full].shape) == want, f"{full}: docs say {dims}, cache has {tuple(cache[full].shape)}"
+    # the main table's other hooks keep their shapes in routed blocks (residual hooks: full pos)
+    for i in (1, 3):
+        for h in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
+            assert cache[f"blocks.{i}.hook_{h}"].shape == (2, 5, 24)
+    # eval mode default (causal predictor): `routed` is the largest routed count in the batch
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    routed = int(cache["blocks.1.hook_routing_mask"].sum(1).max())
+    assert cache["blocks.1.attn.hook_pattern"].shape == (2, 3, routed, routed)
+
+
+# ------------------------------------------------------------------------------------ Differential attention
+DIFF_CFG = CFG.replace(diff_attn=True)  # d_head 8: halves of 4
+
+
+def test_diff_attn_hook_table_matches_a_diff_attn_model():
+    text = " ".join(HOOKS_MD.read_text(encoding="utf-8").split())
+    assert "There is no `attn.hook_attn_scores`" in text
+    torch.manual_seed(0)
+    model = GPT(DIFF_CFG).eval()
+    rows = hook_table("hook-table:diff_attn")
+    absent = {f"blocks.{i}.attn.hook_attn_scores" for i in range(DIFF_CFG.n_layers)}  # the stated exception
+    main = {n for name, _, _ in hook_table() for n in expand(name, DIFF_CFG.n_layers)}
+    documented = (main - absent) | {n for name, _, _ in rows for n in expand(name, DIFF_CFG.n_layers)}
+    assert documented == set(model.hook_dict)
+    tokens = torch.randint(0, DIMS["d_vocab"], (DIMS["batch"], DIMS["pos"]))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    sizes = {**DIMS, "dest_pos": DIMS["pos"], "src_pos": DIMS["pos"]}
+    for name, dims, what in rows:
+        assert what, name
+        want = tuple(int(d) if d.isdigit() else sizes[d] for d in dims if d)  # `[]`: a scalar
+        for full in expand(name, DIFF_CFG.n_layers):
+            assert tuple(cache[full].shape) == want, f"{full}: docs say {dims}, cache has {tuple(cache[full].shape)}"
+    # the stated convention: hook_pattern = pattern1 - λ pattern2, rows summing to 1 - λ
+    for i in range(DIFF_CFG.n_layers):
+        a = f"blocks.{i}.attn."
+        lam = cache[a + "hook_lambda"]
+        torch.testing.assert_close(
+            cache[a + "hook_pattern"], cache[a + "hook_pattern1"] - lam * cache[a + "hook_pattern2"]
+        )
+        torch.testing.assert_close(cache[a + "hook_pattern"].sum(-1), (1 - lam).expand(2, 3, 5))

@@ -10,6 +10,7 @@ import torch
 from transformer_lens import ActivationCache
 
 from tinygpt import GPT, GPTConfig, KVCache
+from tinygpt.interop.hf import copy_hf_gpt2_weights
 from tinygpt.model import Block
 
 # All dims distinct, so a transposed or mislabelled axis cannot pass a shape check.
@@ -257,47 +258,6 @@ def test_block_gradcheck_float64(impl):
 
 
 # ---------------------------------------------------------------------------------- HF parity
-def copy_hf_gpt2_weights(model: GPT, hf) -> None:
-    """Copy a Hugging Face `GPT2LMHeadModel`'s weights into a tinygpt `GPT` of the same shape.
-
-    HF's `Conv1D` stores weights as [in, out] (y = x @ W + b) and fuses q|k|v in `c_attn`; our
-    `nn.Linear` stores [out, in].
-    """
-    t, d = hf.transformer, model.cfg.d_model
-
-    def put(dst: torch.Tensor, src: torch.Tensor) -> None:
-        assert dst.shape == src.shape, (dst.shape, src.shape)
-        dst.copy_(src)
-
-    with torch.no_grad():
-        put(model.embed.weight, t.wte.weight)
-        put(model.pos_embed.weight, t.wpe.weight[: model.cfg.n_ctx])
-        for ours, theirs in zip(model.blocks, t.h, strict=True):
-            put(ours.ln1.weight, theirs.ln_1.weight)
-            put(ours.ln1.bias, theirs.ln_1.bias)
-            w_q, w_k, w_v = theirs.attn.c_attn.weight.split(d, dim=1)
-            b_q, b_k, b_v = theirs.attn.c_attn.bias.split(d)
-            for proj, w, b in (
-                (ours.attn.q_proj, w_q, b_q),
-                (ours.attn.k_proj, w_k, b_k),
-                (ours.attn.v_proj, w_v, b_v),
-            ):
-                put(proj.weight, w.T)
-                put(proj.bias, b)
-            put(ours.attn.o_proj.weight, theirs.attn.c_proj.weight.T)
-            put(ours.attn.o_proj.bias, theirs.attn.c_proj.bias)
-            put(ours.ln2.weight, theirs.ln_2.weight)
-            put(ours.ln2.bias, theirs.ln_2.bias)
-            put(ours.mlp.fc_in.weight, theirs.mlp.c_fc.weight.T)
-            put(ours.mlp.fc_in.bias, theirs.mlp.c_fc.bias)
-            put(ours.mlp.fc_out.weight, theirs.mlp.c_proj.weight.T)
-            put(ours.mlp.fc_out.bias, theirs.mlp.c_proj.bias)
-        put(model.ln_final.weight, t.ln_f.weight)
-        put(model.ln_final.bias, t.ln_f.bias)
-        if model.unembed.weight is not model.embed.weight:
-            put(model.unembed.weight, hf.lm_head.weight)
-
-
 def test_parity_with_hugging_face_gpt2(tokens):
     import transformers  # the `interop` extra, part of `dev`: a hard requirement of the test suite
 

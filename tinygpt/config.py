@@ -36,7 +36,7 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 DTYPES = ("float32", "bfloat16")
-ATTN_IMPLS = ("auto", "eager", "sdpa")
+ATTN_IMPLS = ("auto", "eager", "sdpa", "triton", "mps")
 
 
 class ConfigError(ValueError):
@@ -61,7 +61,9 @@ class GPTConfig:
         act_fn: MLP activation; "gelu_new" (GPT-2's tanh approximation) or "gelu".
         dropout: dropout on attention probabilities and on each sublayer output (0 disables).
         init_std: standard deviation of the normal initialisation (GPT-2: 0.02).
-        attn_impl: "auto" (SDPA unless a hook needs the pattern), "eager" or "sdpa".
+        attn_impl: "auto" (fastest fused path, eager when a hook needs the pattern), "eager", "sdpa",
+            "triton" (our Triton flash-attention kernel) or "mps" (SDPA on Apple's Metal); see
+            `tinygpt.arch.backends`. A runtime choice: it does not change the weights.
         device: where the model lives; kept up to date by the model, not saved.
     """
 
@@ -127,6 +129,10 @@ class GPTConfig:
             raise ConfigError(f"mod_every must be a positive integer, got {self.mod_every!r}")
         if self.moe_experts < 0 or (self.moe_experts and not 1 <= self.moe_topk <= self.moe_experts):
             raise ConfigError(f"moe_topk must be between 1 and moe_experts={self.moe_experts}, got {self.moe_topk!r}")
+        if self.diff_attn and self.d_head % 2:
+            raise ConfigError(
+                f"diff_attn splits each head's queries/keys into two halves: d_head must be even, got {self.d_head}"
+            )
         if self.yoco and (self.n_layers < 2 or self.yoco_window < 1):
             raise ConfigError("yoco needs n_layers >= 2 (self- and cross-decoder halves) and yoco_window >= 1")
 

@@ -1,11 +1,29 @@
 """The errors a user can cause; the CLI prints them as one clear line instead of a traceback."""
 
+from tinygpt.arch.backends import BackendUnavailable
 from tinygpt.checkpoint import CheckpointError
 from tinygpt.config import ConfigError
 from tinygpt.data import CorpusError
 from tinygpt.tokenizer import TokenizerError
 from tinygpt.train import TrainingDiverged
 
-USER_ERRORS = (CheckpointError, ConfigError, CorpusError, TokenizerError, TrainingDiverged, ValueError, OSError)
+USER_ERRORS = (
+    BackendUnavailable,
+    CheckpointError,
+    ConfigError,
+    CorpusError,
+    TokenizerError,
+    TrainingDiverged,
+    ValueError,
+    OSError,
+)
 
-__all__ = ["USER_ERRORS", "CheckpointError", "ConfigError", "CorpusError", "TokenizerError", "TrainingDiverged"]
+__all__ = [
+    "USER_ERRORS",
+    "BackendUnavailable",
+    "CheckpointError",
+    "ConfigError",
+    "CorpusError",
+    "TokenizerError",
+    "TrainingDiverged",
+]

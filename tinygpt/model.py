@@ -29,6 +29,7 @@ from torch import Tensor
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from tinygpt.arch import backends
 from tinygpt.config import GPTConfig
 
 if TYPE_CHECKING:
@@ -129,13 +130,7 @@ class Attention(nn.Module):
             past = cache.length
             k, v = cache.update(self.layer, k, v)
         p_drop = cfg.dropout if self.training else 0.0
-        eager = cfg.attn_impl == "eager" or self.needs_eager()
-        if eager and cfg.attn_impl == "sdpa":
-            raise RuntimeError(
-                "attn_impl='sdpa' cannot expose attention scores/pattern to hooks; "
-                "use attn_impl='auto' (falls back to eager when a hook needs the pattern) or 'eager'"
-            )
-        if eager:
+        if backends.use_eager(cfg.attn_impl, self.needs_eager(), x.device):
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(cfg.d_head)  # [b, H, t, past + t]
             src = torch.arange(past + t, device=x.device)
             mask = src[None, :] <= (past + torch.arange(t, device=x.device))[:, None]
@@ -145,15 +140,8 @@ class Attention(nn.Module):
                 scores.softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
             )
             z = F.dropout(pattern, p_drop) @ v if p_drop else pattern @ v
-        else:
-            if past == 0:
-                z = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, is_causal=True)
-            elif t == 1:
-                z = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop)
-            else:
-                src = torch.arange(past + t, device=x.device)
-                mask = src[None, :] <= (past + torch.arange(t, device=x.device))[:, None]
-                z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
+        else:  # fused: SDPA or our Triton kernel (tinygpt.arch.backends)
+            z = backends.attend(q, k, v, past, p_drop, cfg.attn_impl)
         z = self.hook_z(z.transpose(1, 2))  # [b, t, H, d_head]
         out = self.o_proj(z.reshape(b, t, cfg.n_heads * cfg.d_head))
         return F.dropout(out, p_drop) if p_drop else out

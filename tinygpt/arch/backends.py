@@ -1,0 +1,183 @@
+"""Attention backends: which kernel computes `softmax(q k^T / sqrt(d) + causal mask) v`.
+
+`GPTConfig.attn_impl` chooses:
+
+- `"auto"` (default): the fastest path available: our Triton kernel on CUDA when triton is installed and
+  the call suits it (no dropout, head dims <= 128, a prefill or training-sized query block: at least
+  `TRITON_MIN_QUERIES` queries), else `torch.nn.functional.scaled_dot_product_attention` (SDPA; on CPU,
+  MPS or CUDA). Whenever a hook needs the attention pattern, the eager path instead (see `use_eager`).
+- `"eager"`: always the explicit `scores -> mask -> softmax -> pattern @ v` (every hook point called).
+- `"sdpa"`: always SDPA; a hook on the pattern is an error.
+- `"triton"`: always our Triton kernel (`tinygpt.arch.triton_attn`); a hook on the pattern is an error, and
+  so is a machine or call it cannot serve (no CUDA device, triton missing, dropout, head dim > 128): the
+  error names the backend and the reason. Under `TRITON_INTERPRET=1` it runs on CPU in Triton's interpreter
+  (for tests: slow).
+- `"mps"`: SDPA on Apple's Metal (`mps` device): an error unless the model is on `mps`. Like `"auto"`, it
+  runs eager (still on the `mps` device) when a hook needs the pattern.
+
+`attend` is the non-eager path of every attention module (plain and differential); `use_eager` is the
+fast/eager rule. Neither imports triton unless the Triton kernel is used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["IMPLS", "BackendUnavailable", "attend", "backend_for", "check_backend", "use_eager"]
+
+IMPLS = ("auto", "eager", "sdpa", "triton", "mps")
+FUSED_ONLY = ("sdpa", "triton")  # backends that never materialise the pattern
+TRITON_MIN_QUERIES = 16  # `auto` leaves shorter query blocks (token-by-token decoding) to SDPA
+# Whether `auto` on CUDA prefers our Triton kernel over SDPA. Off until benchmarks/attention_gpu.py has been run
+# on a GPU (the kernel is verified under TRITON_INTERPRET=1 only); `attn_impl="triton"` selects it explicitly.
+AUTO_PREFERS_TRITON = False
+
+_triton_ok: bool | None = None  # cached: is triton importable (checked once, without importing it)
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested attention backend cannot run here (the message says which and why)."""
+
+
+def use_eager(impl: str, pattern_observed: bool, device: torch.device | None = None) -> bool:
+    """The fast/eager rule: True if attention must materialise the pattern.
+
+    Args:
+        impl: `cfg.attn_impl`.
+        pattern_observed: something observes the module's attention scores or pattern hooks.
+        device: where the attention runs (checked for "mps").
+
+    Raises:
+        RuntimeError: a hook needs the pattern but `impl` is a fused-only backend ("sdpa", "triton").
+        BackendUnavailable: `impl` is "mps" and `device` is not an mps device.
+    """
+    if impl == "eager":
+        return True
+    if impl == "mps" and device is not None and device.type != "mps":
+        raise BackendUnavailable(f"attn_impl='mps' is not available: {_mps_reason(device)}")
+    if pattern_observed:
+        if impl in FUSED_ONLY:
+            raise RuntimeError(
+                f"attn_impl={impl!r} cannot expose attention scores/pattern to hooks; "
+                "use attn_impl='auto' (falls back to eager when a hook needs the pattern) or 'eager'"
+            )
+        return True
+    return False
+
+
+def _triton_installed() -> bool:
+    global _triton_ok
+    if _triton_ok is None:
+        import importlib.util
+
+        _triton_ok = importlib.util.find_spec("triton") is not None
+    return _triton_ok
+
+
+def _mps_reason(device: torch.device) -> str | None:
+    if device.type == "mps":
+        return None
+    mps = getattr(torch.backends, "mps", None)
+    if mps is None or not mps.is_available():
+        return "MPS is not available on this machine (it needs Apple silicon and a macOS build of PyTorch)"
+    return f"the model is on {device.type!r}; move it with model.to('mps')"
+
+
+def _triton_reason(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> str | None:
+    from tinygpt.arch import triton_attn
+
+    reason = triton_attn.unavailable_reason(q.device)
+    if reason is not None:
+        return reason
+    if dropout_p:
+        return f"the Triton kernel has no attention dropout (dropout={dropout_p}); set dropout=0 or use 'sdpa'"
+    if q.dtype not in triton_attn.DTYPES:
+        return f"the Triton kernel supports float32, bfloat16 and float16, not {q.dtype}"
+    d = max(q.shape[-1], v.shape[-1])
+    if d > triton_attn.MAX_HEAD_DIM:
+        return f"the Triton kernel supports head dims up to {triton_attn.MAX_HEAD_DIM}, got {d}"
+    return None
+
+
+def backend_for(impl: str, q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> str:
+    """The kernel the non-eager path uses for this call: "sdpa" or "triton".
+
+    Raises:
+        BackendUnavailable: `impl` is "triton" or "mps" and cannot run here.
+    """
+    if impl == "triton":
+        reason = _triton_reason(q, k, v, dropout_p)
+        if reason is not None:
+            raise BackendUnavailable(f"attn_impl='triton' is not available: {reason}")
+        return "triton"
+    if impl == "mps":
+        reason = _mps_reason(q.device)
+        if reason is not None:
+            raise BackendUnavailable(f"attn_impl='mps' is not available: {reason}")
+        return "sdpa"
+    if (
+        impl == "auto"
+        and AUTO_PREFERS_TRITON
+        and q.is_cuda
+        and q.shape[-2] >= TRITON_MIN_QUERIES
+        and _triton_installed()
+        and _triton_reason(q, k, v, dropout_p) is None
+    ):
+        return "triton"
+    return "sdpa"
+
+
+def check_backend(impl: str, device: torch.device | str) -> None:
+    """Raise `BackendUnavailable` now if `impl` cannot run on `device` at all (e.g. before training)."""
+    device = torch.device(device)
+    if impl == "triton":
+        from tinygpt.arch import triton_attn
+
+        reason = triton_attn.unavailable_reason(device)
+        if reason is not None:
+            raise BackendUnavailable(f"attn_impl='triton' is not available: {reason}")
+    elif impl == "mps":
+        reason = _mps_reason(device)
+        if reason is not None:
+            raise BackendUnavailable(f"attn_impl='mps' is not available: {reason}")
+
+
+def causal_mask(t: int, past: int, device: torch.device) -> Tensor:
+    """[t, past + t] bool, True where query `i` (at position past + i) may attend to key `j`."""
+    src = torch.arange(past + t, device=device)
+    return src[None, :] <= (past + torch.arange(t, device=device))[:, None]
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, past: int = 0, dropout_p: float = 0.0) -> Tensor:
+    """Causal SDPA for `t` new queries after `past` cached positions: [b, H, t, d] -> [b, H, t, d_v]."""
+    if past == 0:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    t = q.shape[-2]
+    if t == 1:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t, past, q.device), dropout_p=dropout_p)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, past: int = 0, dropout_p: float = 0.0, impl: str = "auto") -> Tensor:
+    """Causal attention without materialising the pattern, by the backend `impl` selects.
+
+    Args:
+        q: queries [batch, n_heads, t, d_qk] of the `t` new positions.
+        k: keys [batch, n_heads, past + t, d_qk] (cached positions first).
+        v: values [batch, n_heads, past + t, d_v].
+        past: number of cached positions before the new ones.
+        dropout_p: attention-probability dropout (training only; SDPA only).
+        impl: `cfg.attn_impl` ("eager" is treated as "auto": the caller handles the eager path).
+
+    Returns:
+        [batch, n_heads, t, d_v].
+    """
+    if impl == "sdpa" or (impl == "auto" and not q.is_cuda):  # the common CPU case, kept cheap
+        return sdpa(q, k, v, past, dropout_p)
+    if backend_for(impl, q, k, v, dropout_p) == "triton":
+        from tinygpt.arch.triton_attn import flash_attention
+
+        return flash_attention(q, k, v, causal=True)
+    return sdpa(q, k, v, past, dropout_p)

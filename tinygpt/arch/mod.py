@@ -1,0 +1,369 @@
+"""Mixture-of-Depths (`--mod`, `--mod-capacity 0.125`, `--mod-every 2`), after Raposo et al. 2024.
+
+Routed blocks are the layers `i` with `i % mod_every == mod_every - 1`: with the default `mod_every=2`,
+blocks 1, 3, 5, ... (every other block, the first block always dense); `mod_every=1` routes every block.
+A routed block is a `MoDBlock`: the usual `Block` (same module names `ln1`, `attn`, `ln2`, `mlp`/`moe`, same
+block hooks) plus a router `blocks.{i}.router` = `nn.Linear(d_model, 1)` scoring each token from the
+block's input (the residual stream `resid_pre`, router math in fp32):
+
+    r = router(resid_pre)                                 [batch, pos]   (hook_router_scores)
+    routed = topk(r, k = ceil(mod_capacity * pos))        per sequence   (hook_routing_mask, bool)
+
+Only routed tokens are computed: they are gathered, **in their original causal order**, into a
+sub-sequence [batch, k, d_model], and attention and the feed-forward run on that sub-sequence only
+(causal attention among the routed tokens; positions are the learned absolute embeddings already in the
+residual stream). Skipped tokens pass unchanged (`resid_post == resid_pre` bit for bit).
+
+Router weight. The paper multiplies the block's output by the router weight so the router gets a
+gradient from the language-modelling loss. We use the gate `g = sigmoid(r)` and apply it to each
+sub-layer's output (both with the same `g`), so that the block's hooks keep their exact meaning:
+
+    attn_out  = g * attn(ln1(x))                  (scattered back, 0 for skipped tokens)
+    resid_mid = resid_pre + attn_out              (the MLP's input, as in a dense block)
+    mlp_out   = g * ffn(ln2(resid_mid))
+    resid_post = resid_mid + mlp_out
+
+The paper's `x + r * f(x)` would feed the MLP `x + attn(x)` while only `r * attn(x)` reaches the residual
+stream, so `resid_mid` would no longer be the MLP's input. The sigmoid keeps the gate in (0, 1), monotone in
+`r`, so the top-k by `r` are also the tokens with the largest gates.
+
+Causal routing. Top-k over a sequence is not causal (a token's routing depends on later tokens' scores).
+We use the paper's method 1: the router itself is trained with an auxiliary binary cross-entropy loss
+`MOD_AUX_COEF * BCE(sigmoid(r), routed_by_topk)` (in `aux_loss`, added to the training loss), so its own
+score predicts top-k membership; causal routing sends a token through the block iff `r > 0`
+(`sigmoid(r) > 0.5`). The routing rule of each routed block is its `routing` attribute (`set_routing`):
+
+- `"auto"` (default): top-k in training mode on a full sequence, the causal predictor in eval mode and
+  whenever a KV cache is given (generation). Eval losses, hooks and `generate` therefore see exactly the
+  routing a deployed model uses, and the cached and uncached paths agree.
+- `"topk"`: always the training-time top-k (eval-time analysis of training routing; no KV cache).
+- `"predictor"`: always the causal predictor (`r > 0`), also in training.
+
+`metrics()` reports, for the last training batch, `mod/l{i}/agreement` (fraction of tokens where `r > 0`
+equals the top-k decision), `mod/l{i}/predicted` (fraction the predictor would route; the top-k routes
+`mod_capacity`) and `mod/l{i}/bce`. `routing_agreement(model, tokens)` computes the agreement on any tokens.
+
+KV cache. Only routed tokens enter a routed block's attention cache, so each routed layer keeps its own
+length per batch row: `RoutedKV` (a `KVCache` kind) holds them, created lazily and kept on the model's
+cache object under `cache.routed_layers[layer]`; the plain `KVCache` from `GPT.make_cache` serves the dense
+layers. Resetting `cache.length = 0` (as `generate` does to re-encode a cropped context) also resets
+the routed layers. Incremental decoding equals the full forward under predictor routing (tested).
+
+Hook points (see docs/hooks.md, section "Mixture-of-Depths"):
+
+    blocks.{i}.hook_router_scores       [batch, pos]   router score r (fp32)
+    blocks.{i}.hook_routing_mask        [batch, pos]   True where the token goes through the block
+
+A hook on `hook_routing_mask` may return another mask (bool, or float > 0.5 means routed): that routing runs.
+Inside a routed block, `ln1`, `attn`, `ln2` and the feed-forward hooks see only the routed sub-sequence:
+their `pos` axis has `k` entries (the routed count; with predictor routing the longest row's count, shorter
+rows padded at the end with skipped tokens whose results are discarded). The block-level hooks
+`hook_resid_pre/_attn_out/_resid_mid/_mlp_out/_resid_post` keep the full `[batch, pos, d_model]` shape
+(`attn_out` and `mlp_out` are 0 at skipped tokens, gate included at routed ones), so residual-stream tools
+(logit lens, `decompose_resid`, patching) work unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+from tinygpt.config import GPTConfig
+from tinygpt.model import Block, KVCache, observed
+
+__all__ = [
+    "MOD_AUX_COEF",
+    "ROUTING_MODES",
+    "MoDBlock",
+    "RoutedKV",
+    "capacity_k",
+    "routing",
+    "routing_agreement",
+    "set_routing",
+]
+
+MOD_AUX_COEF = 0.1
+"""Weight of the router's auxiliary BCE loss (predict top-k membership from the router's own score)."""
+ROUTING_MODES = ("auto", "topk", "predictor")
+
+
+def capacity_k(capacity: float, pos: int) -> int:
+    """Tokens a routed block takes from a sequence of `pos`: ceil(capacity * pos), at least 1."""
+    return min(pos, max(1, math.ceil(capacity * pos - 1e-9)))
+
+
+class RoutedKV(KVCache):
+    """KV cache of ONE routed layer: each batch row has its own length (only routed tokens are stored).
+
+    `k`, `v`: [batch, heads, max_len, d_head] (allocated on the first update, with the shapes the attention
+    module passes, so attention variants with other head layouts work too); `lengths[row]` are filled.
+    `seen` is the number of positions of the whole sequence processed so far (to detect a reset).
+    """
+
+    def __init__(self, batch: int, max_len: int):  # no super().__init__: storage is allocated lazily
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+        self.batch, self.max_len = batch, max_len
+        self.lengths = [0] * batch
+        self.seen = 0
+        self.length = 0  # unused for a routed layer (rows differ); see `lengths`
+
+    def row(self, r: int) -> _RowKV:
+        """A single-row view with the `KVCache` interface the attention modules use."""
+        return _RowKV(self, r)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        raise RuntimeError("RoutedKV rows have different lengths: update through RoutedKV.row(r)")
+
+
+class _RowKV(KVCache):
+    """Row `r` of a `RoutedKV`, as a batch-1 `KVCache` (`length` = that row's cached routed tokens)."""
+
+    def __init__(self, store: RoutedKV, r: int):  # no super().__init__: a view
+        self.store, self.r = store, r
+        self.length = store.lengths[r]
+        self.max_len = store.max_len
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append k, v [1, heads, t, d_head] to this row; return the row's keys and values so far."""
+        st, s, t = self.store, self.length, k.shape[2]
+        if st.k is None:
+            st.k = k.new_zeros(st.batch, k.shape[1], st.max_len, k.shape[3])
+            st.v = v.new_zeros(st.batch, v.shape[1], st.max_len, v.shape[3])
+        if s + t > st.max_len:
+            raise ValueError(f"routed KV cache full: {s} + {t} tokens exceed max_len={st.max_len}")
+        st.k[self.r, :, s : s + t] = k[0]
+        st.v[self.r, :, s : s + t] = v[0]
+        return st.k[self.r : self.r + 1, :, : s + t], st.v[self.r : self.r + 1, :, : s + t]
+
+
+def _routed_cache(cache: KVCache, layer: int, batch: int) -> RoutedKV:
+    """The `RoutedKV` of `layer`, kept on the model's cache object; a fresh one after `cache.length = 0`."""
+    layers = cache.__dict__.setdefault("routed_layers", {})
+    st = layers.get(layer)
+    start = cache.length
+    if st is None or (start == 0 and st.seen != 0):
+        st = layers[layer] = RoutedKV(batch, cache.max_len)
+    elif st.seen != start:
+        raise RuntimeError(
+            f"the routed KV cache of layer {layer} holds {st.seen} positions but the cache says {start}; "
+            "use a fresh cache (model.make_cache) or reset it with cache.length = 0"
+        )
+    if st.batch != batch:
+        raise ValueError(f"the KV cache was built for batch {st.batch}, got a batch of {batch}")
+    return st
+
+
+class MoDBlock(Block):
+    """A routed Mixture-of-Depths block: a `Block` plus `router` (see the module docstring).
+
+    Args:
+        cfg: the model config (`mod_capacity`; attention and feed-forward from `tinygpt.arch`).
+        layer: block index.
+    """
+
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__(cfg, layer)
+        self.cfg, self.layer = cfg, layer
+        self.capacity = cfg.mod_capacity
+        self.router = nn.Linear(cfg.d_model, 1)
+        self.hook_router_scores = HookPoint()
+        self.hook_routing_mask = HookPoint()
+        self.routing = "auto"
+        self.aux_loss: Tensor | None = None
+        self._stats: Tensor | None = None  # [agreement, predicted, bce] of the last training batch
+
+    def reset_variant_parameters(self) -> None:
+        """Router weight ~ N(0, init_std), bias 0: scores near 0, so about half the tokens pass the predictor."""
+        nn.init.normal_(self.router.weight, 0.0, self.cfg.init_std)
+        nn.init.zeros_(self.router.bias)
+
+    def _mode(self, cache: KVCache | None) -> str:
+        if self.routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
+        if cache is not None:
+            if self.routing == "topk":
+                raise ValueError(
+                    "top-k routing is not causal and cannot decode with a KV cache; "
+                    "use routing 'auto' or 'predictor' (tinygpt.arch.mod.set_routing)"
+                )
+            return "predictor"
+        if self.routing == "auto":
+            return "topk" if self.training else "predictor"
+        return self.routing
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        """x: [batch, pos, d_model] -> [batch, pos, d_model]; only routed tokens go through attn and ffn."""
+        b, t, d = x.shape
+        resid_pre = self.hook_resid_pre(x)
+        w, bias = self.router.weight, self.router.bias
+        with torch.autocast(x.device.type, enabled=False):  # router math in fp32, also under autocast
+            r = F.linear(resid_pre.float(), w.float(), bias.float()).squeeze(-1)
+        r = self.hook_router_scores(r)  # [b, t]
+        mode = self._mode(cache)
+        k = capacity_k(self.capacity, t)
+        topk_mask = None
+        if mode == "topk" or self.training:
+            top_i = r.topk(k, dim=-1).indices
+            topk_mask = torch.zeros_like(r, dtype=torch.bool).scatter_(1, top_i, True)
+        mask = topk_mask if mode == "topk" else r > 0
+
+        if self.training:
+            bce = F.binary_cross_entropy_with_logits(r, topk_mask.float())
+            self.aux_loss = MOD_AUX_COEF * bce
+            with torch.no_grad():
+                pred = r > 0
+                self._stats = torch.stack([(pred == topk_mask).float().mean(), pred.float().mean(), bce.detach()])
+        else:
+            self.aux_loss = None
+
+        if mode == "topk" and not observed(self.hook_routing_mask):
+            idx = top_i.sort(dim=1).values  # [b, k]: routed positions in causal order
+            valid = None
+        else:
+            mask = self.hook_routing_mask(mask)
+            if mask.dtype != torch.bool:
+                mask = mask > 0.5
+            counts = mask.sum(1)
+            kmax = int(counts.max()) if b else 0
+            # Routed positions first, in causal order (stable sort), then skipped ones as padding.
+            idx = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :kmax]
+            valid = torch.arange(kmax, device=x.device)[None] < counts[:, None]  # [b, kmax]
+            if bool(valid.all()):
+                valid = None
+
+        zeros = torch.zeros_like(resid_pre)
+        if idx.shape[1] == 0:  # nothing routed anywhere: the block is the identity
+            attn_out = self.hook_attn_out(zeros)
+            resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+            mlp_out = self.hook_mlp_out(zeros)
+            self._advance(cache, b, t, None)
+            return self.hook_resid_post(resid_mid + mlp_out)
+
+        gidx = idx[..., None].expand(-1, -1, d)
+        gate = torch.sigmoid(r.gather(1, idx)).to(x.dtype)[..., None]  # [b, k, 1]
+        if valid is not None:
+            gate = gate * valid[..., None]  # padding contributes exactly 0
+        h = self.ln1(resid_pre.gather(1, gidx))
+        if cache is None:
+            a = self.attn(h, None)
+        else:
+            a = self._cached_attn(h, cache, b, valid)
+        attn_out = self.hook_attn_out(zeros.scatter(1, gidx, (gate * a).to(zeros.dtype)))
+        resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+        m = getattr(self, self._ffn_name)(self.ln2(resid_mid.gather(1, gidx)))
+        mlp_out = self.hook_mlp_out(zeros.scatter(1, gidx, (gate * m).to(zeros.dtype)))
+        self._advance(cache, b, t, valid if valid is not None else idx.shape[1])
+        return self.hook_resid_post(resid_mid + mlp_out)
+
+    def _cached_attn(self, h: Tensor, cache: KVCache, b: int, valid: Tensor | None) -> Tensor:
+        """Attention of routed tokens h [b, k, d] against each row's own routed-token cache."""
+        st = _routed_cache(cache, self.layer, b)
+        if b == 1:  # no padding with one row
+            return self.attn(h, st.row(0))
+        counts = [h.shape[1]] * b if valid is None else valid.sum(1).tolist()
+        parts = []
+        for row, c in enumerate(counts):
+            out = torch.zeros_like(h[row : row + 1])
+            if c:
+                out[:, :c] = self.attn(h[row : row + 1, :c], st.row(row))
+            parts.append(out)
+        return torch.cat(parts)
+
+    def _advance(self, cache: KVCache | None, b: int, t: int, valid: Tensor | int | None) -> None:
+        """Record the routed tokens appended to each row of this layer's cache."""
+        if cache is None:
+            return
+        st = _routed_cache(cache, self.layer, b)
+        if valid is not None:
+            counts = [valid] * b if isinstance(valid, int) else valid.sum(1).tolist()
+            st.lengths = [n + c for n, c in zip(st.lengths, counts, strict=True)]
+        st.seen = cache.length + t
+
+    def metrics(self) -> dict[str, float]:
+        """Routing agreement of the last training batch (see the module docstring); {} before training."""
+        if self._stats is None:
+            return {}
+        agree, pred, bce = self._stats.tolist()
+        key = f"mod/l{self.layer}"
+        return {f"{key}/agreement": agree, f"{key}/predicted": pred, f"{key}/bce": bce}
+
+
+def mod_blocks(model: nn.Module) -> list[MoDBlock]:
+    """The routed blocks of a model."""
+    return [m for m in model.modules() if isinstance(m, MoDBlock)]
+
+
+def set_routing(model: nn.Module, mode: str) -> dict[int, str]:
+    """Set every routed block's routing rule ("auto", "topk" or "predictor"); returns the previous ones."""
+    if mode not in ROUTING_MODES:
+        raise ValueError(f"routing must be one of {ROUTING_MODES}, got {mode!r}")
+    before = {}
+    for blk in mod_blocks(model):
+        before[blk.layer] = blk.routing
+        blk.routing = mode
+    return before
+
+
+@contextlib.contextmanager
+def routing(model: nn.Module, mode: str) -> Iterator[None]:
+    """Context manager: run the model's routed blocks with `mode`, then restore their rules."""
+    before = set_routing(model, mode)
+    try:
+        yield
+    finally:
+        for blk in mod_blocks(model):
+            blk.routing = before[blk.layer]
+
+
+@torch.no_grad()
+def routing_agreement(model: nn.Module, tokens: Tensor) -> dict[str, float]:
+    """How often causal (generation-time) routing agrees with training-time top-k routing.
+
+    Runs the model once in eval mode with top-k routing (the training-time computation) and compares, in
+    each routed block, the predictor's decision `r > 0` with top-k membership of the same scores.
+
+    Args:
+        model: a model with `mod=True`.
+        tokens: [batch, pos] token ids.
+
+    Returns:
+        {"mod/l{i}/agreement": fraction of tokens where both decide alike, "mod/l{i}/recall": fraction of
+        top-k tokens the predictor routes, ..., "mod/agreement": mean agreement over routed layers}.
+    """
+    blocks = mod_blocks(model)
+    if not blocks:
+        raise ValueError("the model has no Mixture-of-Depths blocks (build it with mod=True)")
+    out: dict[str, float] = {}
+    seen: dict[int, Tensor] = {}
+
+    def grab(scores: Tensor, hook: HookPoint) -> None:
+        seen[int(hook.name.split(".")[1])] = scores.detach()
+
+    was_training = model.training
+    model.eval()
+    try:
+        with routing(model, "topk"):
+            model.run_with_hooks(
+                tokens,
+                return_type=None,
+                fwd_hooks=[(f"blocks.{blk.layer}.hook_router_scores", grab) for blk in blocks],
+            )
+    finally:
+        model.train(was_training)
+    for blk in blocks:
+        r = seen[blk.layer]
+        top_i = r.topk(capacity_k(blk.capacity, r.shape[1]), dim=-1).indices
+        topk_mask = torch.zeros_like(r, dtype=torch.bool).scatter_(1, top_i, True)
+        pred = r > 0
+        out[f"mod/l{blk.layer}/agreement"] = (pred == topk_mask).float().mean().item()
+        out[f"mod/l{blk.layer}/recall"] = pred[topk_mask].float().mean().item()
+    out["mod/agreement"] = sum(out[f"mod/l{b.layer}/agreement"] for b in blocks) / len(blocks)
+    return out

@@ -1,0 +1,542 @@
+"""`distill()`: knowledge distillation from a teacher (a `.tinygpt` file or a local Hugging Face causal LM).
+
+The student minimises, on each micro-batch of tokens both models see,
+
+    loss = α · T² · KL(teacher_T ‖ student_T) + (1 − α) · NLL(student)
+
+where `p_T = softmax(logits / T)` (Hinton et al. 2015; the T² keeps gradient scales comparable across
+temperatures), KL and NLL are means over the unmasked positions (targets of -100 are masked), and the teacher
+runs in eval mode under `torch.no_grad()`. Options:
+
+- `reverse_kl=True`: KL(student_T ‖ teacher_T), mode-seeking (as in MiniLLM, Gu et al. 2024).
+- `on_policy=λ`: each micro-batch is, with probability λ, replaced by sequences the student samples itself
+  (the first half of a real window as prompt, the rest generated at temperature 1) which the teacher then
+  labels, as in GKD (Agarwal et al. 2024). On such a batch the KL covers the positions that predict generated
+  tokens and the NLL only the positions whose context and target are still real text.
+
+The student can be any tinygpt model (dense, MoE, differential attention, MoD, ...): distillation only needs
+its forward logits (plus `model.aux_loss()`, e.g. router balancing, while training, when the model has one).
+Both models must share a tokenizer, compared by vocabulary content (`tinygpt.interop.hf.vocab_mismatch`).
+
+Training is `tinygpt.train.fit`, the loop `train()` uses: schedule, accumulation, clipping, progress bar,
+atomic checkpoints, exact resume and callbacks. The reported `val_loss` is the student's plain next-token
+loss, comparable with `train()`'s. The checkpoint records the teacher (path and weight fingerprint) and the
+distillation settings, so `resume=True` continues the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tinygpt.checkpoint import CheckpointError, content_hash, load
+from tinygpt.config import PRESETS, GPTConfig
+from tinygpt.data import load_corpus, tokenize_corpus
+from tinygpt.interop.hf import describe_tokenizer, vocab_mismatch
+from tinygpt.model import GPT
+from tinygpt.tokenizer import ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer
+from tinygpt.train import (
+    TokenBatches,
+    TrainConfig,
+    TrainResult,
+    _corpus_from_record,
+    _corpus_record,
+    default_device,
+    fit,
+    next_token_loss,
+    resume_run,
+)
+
+
+class TokenizerMismatch(TokenizerError):
+    """Student and teacher do not share a tokenizer."""
+
+
+@dataclass
+class DistillSettings:
+    """The distillation objective (saved in the checkpoint; `resume` reuses it).
+
+    Attributes:
+        temperature: T > 0; both distributions are softened by it.
+        alpha: weight of the distillation term in [0, 1]; 1 - alpha weighs the plain NLL.
+        reverse_kl: use KL(student || teacher) instead of KL(teacher || student).
+        on_policy: fraction in [0, 1] of micro-batches made of student-generated sequences.
+    """
+
+    temperature: float = 2.0
+    alpha: float = 0.5
+    reverse_kl: bool = False
+    on_policy: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
+        if not 0.0 <= self.on_policy <= 1.0:
+            raise ValueError(f"on_policy must be in [0, 1], got {self.on_policy!r}")
+        self.reverse_kl = bool(self.reverse_kl)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DistillSettings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(d) - known):
+            raise ValueError(f"unknown distillation setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------- the loss
+def distill_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    reverse: bool = False,
+    kl_mask: Tensor | None = None,
+    vocab_size: int | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """`α·T²·KL + (1 − α)·NLL`, each a mean over its unmasked positions.
+
+    Args:
+        student_logits, teacher_logits: [batch, pos, vocab] (the teacher's carry no gradient).
+        targets: [batch, pos] next-token ids; -100 masks a position out of the NLL (and of the KL unless
+            `kl_mask` is given).
+        temperature: T; the KL compares softmax(logits / T).
+        alpha: weight of the KL term.
+        reverse: KL(student_T || teacher_T) instead of KL(teacher_T || student_T).
+        kl_mask: [batch, pos] bool, positions the KL covers (default `targets != -100`).
+        vocab_size: compare only the first `vocab_size` logits (when the two models' output sizes differ,
+            e.g. a padded embedding; ids beyond the tokenizer never occur).
+    Returns:
+        (scalar loss, {"kl": ..., "nll": ...} as floats).
+    """
+    s, t = student_logits.float(), teacher_logits.float()
+    if vocab_size is not None:
+        s_kl, t_kl = s[..., :vocab_size], t[..., :vocab_size]
+    else:
+        if s.shape[-1] != t.shape[-1]:
+            raise ValueError(
+                f"student and teacher logits have different sizes ({s.shape[-1]} vs {t.shape[-1]}); pass vocab_size="
+            )
+        s_kl, t_kl = s, t
+    log_ps = F.log_softmax(s_kl / temperature, dim=-1)
+    log_pt = F.log_softmax(t_kl / temperature, dim=-1)
+    if reverse:  # KL(s || t) = sum p_s (log p_s - log p_t)
+        kl = F.kl_div(log_pt, log_ps, log_target=True, reduction="none").sum(-1)
+    else:  # KL(t || s) = sum p_t (log p_t - log p_s)
+        kl = F.kl_div(log_ps, log_pt, log_target=True, reduction="none").sum(-1)
+    valid = targets != -100
+    mask = valid if kl_mask is None else kl_mask.to(torch.bool)
+    kl_mean = (kl * mask).sum() / mask.sum().clamp_min(1)
+    nll_tok = F.cross_entropy(s.reshape(-1, s.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none")
+    nll = nll_tok.sum() / valid.sum().clamp_min(1)
+    loss = alpha * temperature**2 * kl_mean + (1.0 - alpha) * nll
+    return loss, {"kl": kl_mean.item(), "nll": nll.item()}
+
+
+# --------------------------------------------------------------------------------------------- teachers
+class Teacher:
+    """A frozen model that labels tokens with next-token logits.
+
+    Attributes:
+        kind: "tinygpt" or "hf".
+        source: the file or directory it came from (None for an in-memory model).
+        tokenizer: its tokenizer (a tinygpt `Tokenizer`, or a Hugging Face tokenizer for "hf").
+        n_ctx: the longest sequence it accepts (None if unknown).
+        d_vocab: the size of its logits.
+    """
+
+    kind: str = "?"
+    source: str | None = None
+    tokenizer: Any = None
+    n_ctx: int | None = None
+    d_vocab: int = 0
+    model: torch.nn.Module
+
+    def logits(self, tokens: Tensor) -> Tensor:
+        """tokens [batch, pos] -> logits [batch, pos, d_vocab], without gradients."""
+        raise NotImplementedError
+
+    def to(self, device: str | torch.device) -> Teacher:
+        self.model.to(device)
+        return self
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the weights (names, dtypes, shapes and bytes)."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = content_hash(self.model.state_dict())
+        return self._fingerprint
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint stores to find and verify the teacher again."""
+        return {"kind": self.kind, "path": self.source, "fingerprint": self.fingerprint}
+
+    def student_tokenizer(self) -> Tokenizer:
+        """The teacher's tokenizer as a tinygpt tokenizer (for a fresh student)."""
+        return self.tokenizer
+
+    def tokenizer_hint(self) -> str:
+        """How to give a student this teacher's tokenizer."""
+        return "pass a preset name (e.g. 'nano') as the student to start a fresh one with the teacher's tokenizer"
+
+
+class GPTTeacher(Teacher):
+    """A tinygpt model as teacher."""
+
+    kind = "tinygpt"
+
+    def __init__(self, model: GPT, source: str | None = None):
+        if model.tokenizer is None:
+            raise TokenizerError("the teacher model has no tokenizer attached; set teacher.tokenizer")
+        self.model = model.eval()
+        self.source = source
+        self.tokenizer = model.tokenizer
+        self.n_ctx = model.cfg.n_ctx
+        self.d_vocab = model.cfg.d_vocab
+
+    @torch.no_grad()
+    def logits(self, tokens: Tensor) -> Tensor:
+        self.model.eval()
+        return self.model(tokens)
+
+    def tokenizer_hint(self) -> str:
+        if isinstance(self.tokenizer, ByteTokenizer):
+            how = "`tinygpt train --tokenizer byte`"
+        else:
+            src = self.source or "TEACHER.tinygpt"
+            how = f"`tinygpt.load('{src}').tokenizer.save(DIR)`, then `tinygpt train --tokenizer DIR`"
+        return f"train the student with the teacher's tokenizer ({how}), or " + super().tokenizer_hint()
+
+
+class HFTeacher(Teacher):
+    """A Hugging Face `AutoModelForCausalLM` (from a local directory) as teacher."""
+
+    kind = "hf"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, source: str | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.source = source
+        c = model.config
+        self.n_ctx = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+        out = model.get_output_embeddings()
+        self.d_vocab = int(out.weight.shape[0]) if out is not None else int(c.vocab_size)
+        self._student_tok: Tokenizer | None = None
+
+    @torch.no_grad()
+    def logits(self, tokens: Tensor) -> Tensor:
+        self.model.eval()
+        return self.model(input_ids=tokens).logits
+
+    def student_tokenizer(self) -> Tokenizer:
+        if self._student_tok is None:
+            if self.source is None:
+                raise TokenizerError("an in-memory Hugging Face teacher has no tokenizer files; pass tokenizer=")
+            from tinygpt.interop.hf import tokenizer_from_hf_dir
+
+            self._student_tok = tokenizer_from_hf_dir(self.source)
+        return self._student_tok
+
+    def tokenizer_hint(self) -> str:
+        src = self.source or "TEACHER_DIR"
+        return f"train the student with `tinygpt train --tokenizer {src}`, or " + super().tokenizer_hint()
+
+
+def load_teacher(spec: GPT | Teacher | str | os.PathLike, device: str | None = None) -> Teacher:
+    """A teacher from a tinygpt `GPT`, a `.tinygpt` file or a local Hugging Face causal-LM directory."""
+    if isinstance(spec, Teacher):
+        teacher = spec
+    elif isinstance(spec, GPT):
+        teacher = GPTTeacher(spec, getattr(spec, "source_path", None))
+    elif isinstance(spec, (str, os.PathLike)):
+        p = Path(spec)
+        if p.is_dir():
+            from tinygpt.interop.hf import load_hf_causal_lm
+
+            model, tok = load_hf_causal_lm(p)
+            teacher = HFTeacher(model, tok, str(p))
+        elif p.exists():
+            teacher = GPTTeacher(load(p), str(p))
+        else:
+            raise CheckpointError(
+                f"teacher {spec} does not exist; pass a .tinygpt file or a Hugging Face model directory"
+            )
+    else:
+        raise TypeError(f"cannot use a {type(spec).__name__} as teacher; pass a GPT, a .tinygpt path or a directory")
+    return teacher.to(device) if device else teacher
+
+
+def check_tokenizers(student: Any, teacher: Teacher, what: str = "the student's tokenizer") -> None:
+    """Raise `TokenizerMismatch` unless `student` (a tokenizer) has the teacher's vocabulary content."""
+    why = vocab_mismatch(student, teacher.tokenizer)
+    if why is not None:
+        raise TokenizerMismatch(
+            f"{what} ({describe_tokenizer(student)}) does not match the teacher's "
+            f"({describe_tokenizer(teacher.tokenizer)}): {why}. Distillation compares both models' "
+            f"distributions over the same token ids: {teacher.tokenizer_hint()}."
+        )
+
+
+# --------------------------------------------------------------------------------------------- batches
+class DistillBatches:
+    """`TokenBatches` whose micro-batches carry an on-policy seed (or None): `(x, y, seed)`.
+
+    Whether a micro-batch is on-policy is a pure function of (seed, step, micro-batch index), so a resumed
+    run makes the same choices.
+    """
+
+    def __init__(self, inner: TokenBatches, on_policy: float, seed: int):
+        self.inner, self.on_policy, self.seed = inner, on_policy, seed
+        self.has_val = inner.has_val
+        self.tokens_per_step = inner.tokens_per_step
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    @device.setter
+    def device(self, value) -> None:
+        self.inner.device = value
+
+    def train(self, step: int) -> list[tuple[Tensor, Tensor, int | None]]:
+        out = []
+        for m, (x, y) in enumerate(self.inner.train(step)):
+            gen = None
+            if self.on_policy > 0:
+                r = random.Random(f"distill:{self.seed}:{step}:{m}")
+                if r.random() < self.on_policy:
+                    gen = r.randrange(2**62)
+            out.append((x, y, gen))
+        return out
+
+    def val(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.inner.val()
+
+
+class DistillObjective:
+    """`(student, micro_batch) -> loss` for `fit`; also logs the KL and NLL parts into each step's record."""
+
+    def __init__(self, teacher: Teacher, settings: DistillSettings, vocab_size: int | None = None):
+        self.teacher, self.settings, self.vocab_size = teacher, settings, vocab_size
+        self._parts: list[dict[str, float]] = []
+        self.last: dict[str, float] = {}
+
+    def __call__(self, model: GPT, batch: tuple) -> Tensor:
+        x, y = batch[0], batch[1]
+        gen = batch[2] if len(batch) > 2 else None
+        kl_mask = None
+        if gen is not None:
+            x, y, kl_mask = self.on_policy_batch(model, x, y, gen)
+        teacher_logits = self.teacher.logits(x)
+        student_logits = model(x)
+        st = self.settings
+        loss, parts = distill_loss(
+            student_logits,
+            teacher_logits,
+            y,
+            temperature=st.temperature,
+            alpha=st.alpha,
+            reverse=st.reverse_kl,
+            kl_mask=kl_mask,
+            vocab_size=self.vocab_size,
+        )
+        if model.training and callable(getattr(model, "aux_loss", None)):
+            loss = loss + model.aux_loss()  # e.g. MoE router balance; zero for dense models
+        parts["on_policy"] = float(gen is not None)
+        self.last = parts
+        self._parts.append(parts)
+        return loss
+
+    @staticmethod
+    def on_policy_batch(model: GPT, x: Tensor, y: Tensor, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Student-generated sequences: the first half of each window as prompt, the rest sampled (T=1).
+
+        Returns:
+            (tokens [b, ctx], NLL targets [b, ctx] with -100 where the context is no longer real text,
+            KL mask [b, ctx]: the positions that predict generated tokens).
+        """
+        from tinygpt.sampling import generate_tokens
+
+        ctx = x.shape[1]
+        p = max(1, ctx // 2)
+        new = list(generate_tokens(model, x[:, :p], ctx - p, temperature=1.0, seed=seed)) if ctx > p else []
+        seq = torch.cat([x[:, :p], *(t[:, None] for t in new)], dim=1)
+        nll_targets = y.clone()
+        nll_targets[:, p:] = -100
+        kl_mask = (torch.arange(ctx, device=x.device) >= p - 1)[None].expand_as(seq)
+        return seq, nll_targets, kl_mask
+
+    def log(self, rec: dict[str, float]) -> None:
+        """A `fit` callback: adds the step's mean `kl`, `nll` and `on_policy` fraction to its record."""
+        if self._parts:
+            for k in self._parts[0]:
+                rec[k] = sum(p[k] for p in self._parts) / len(self._parts)
+        self._parts = []
+
+
+# --------------------------------------------------------------------------------------------- distill()
+def distill(
+    student: GPT | str | os.PathLike | None,
+    teacher: GPT | Teacher | str | os.PathLike | None,
+    corpus: Any = None,
+    *,
+    temperature: float | None = None,
+    alpha: float | None = None,
+    reverse_kl: bool | None = None,
+    on_policy: float | None = None,
+    tokenizer: Any = None,
+    config: TrainConfig | None = None,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Callable[[dict[str, float]], Any]] = (),
+    device: str | None = None,
+    progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    **settings: Any,
+) -> TrainResult:
+    """Distil a teacher into a student on a corpus.
+
+    Args:
+        student: a tinygpt `GPT` (any architecture), a `.tinygpt` path, or a preset name ("nano", "tiny", ...)
+            for a fresh student with the teacher's tokenizer and output size. Ignored with `resume=True`.
+        teacher: a tinygpt `GPT`, a `.tinygpt` path, or a local Hugging Face causal-LM directory. With
+            `resume=True`, None reloads the teacher the checkpoint records (its fingerprint is checked).
+        corpus: a path (text file, directory, .jsonl) or None for the built-in Shakespeare.
+        temperature, alpha, reverse_kl, on_policy: see `DistillSettings` (defaults 2.0, 0.5, False, 0.0;
+            on resume, the saved values unless given).
+        tokenizer: optional; must match the teacher's (checked), e.g. the teacher's tokenizer directory.
+        config, **settings: `TrainConfig` and its fields (`steps=200, max_lr=1e-3, ...`), as for `train()`.
+        out, resume, callbacks, device, progress, cache_dir: as for `train()`. Each step's record also holds
+            `kl`, `nll` and `on_policy` (the fraction of on-policy micro-batches).
+    Returns:
+        `TrainResult`; `val_loss` is the student's plain next-token loss (comparable with `train()`).
+    Raises:
+        TokenizerMismatch: the student's (or `tokenizer`'s) vocabulary differs from the teacher's.
+    """
+    device = device or default_device()
+    out = Path(out) if out is not None else None
+    given = {
+        k: v
+        for k, v in dict(temperature=temperature, alpha=alpha, reverse_kl=reverse_kl, on_policy=on_policy).items()
+        if v is not None
+    }
+    run = resume_run(out, config, settings) if resume else None
+    if run is not None:
+        rec = run.train_state.get("distill")
+        if not isinstance(rec, dict):
+            raise CheckpointError(f"cannot resume distillation from {out}: it is not a distillation checkpoint")
+        dset = DistillSettings.from_dict({**rec["settings"], **given})
+        if changed := sorted(k for k, v in given.items() if rec["settings"].get(k) != v):
+            warnings.warn(
+                f"resuming with changed distillation settings {changed}: the run will not reproduce an "
+                "uninterrupted one",
+                stacklevel=2,
+            )
+        saved_teacher = rec["teacher"]
+        if teacher is None:
+            if not saved_teacher.get("path"):
+                raise ValueError("the run's teacher was an in-memory model; pass teacher= to resume")
+            teacher = saved_teacher["path"]
+        cfg, model = run.config, run.model
+        corpus = corpus if corpus is not None else _corpus_from_record(run.train_state.get("corpus"))
+    else:
+        if teacher is None:
+            raise ValueError("distill needs a teacher: a .tinygpt file, a Hugging Face directory or a GPT")
+        cfg = dataclasses.replace(config, **settings) if config else TrainConfig(**settings)
+        dset = DistillSettings(**given)
+    t = load_teacher(teacher)
+    if run is not None and t.fingerprint != saved_teacher.get("fingerprint"):
+        raise ValueError(
+            f"the teacher {t.source or '(in-memory)'} is not the one this run was distilled from (weight "
+            f"fingerprint {t.fingerprint[:12]} vs saved {str(saved_teacher.get('fingerprint'))[:12]} from "
+            f"{saved_teacher.get('path')}); pass the original teacher, or start a new run without resume"
+        )
+    tok_given = load_tokenizer(tokenizer) if tokenizer is not None else None
+    if tok_given is not None:
+        check_tokenizers(tok_given, t, "the tokenizer given")
+    if run is None:
+        torch.manual_seed(cfg.seed)  # after loading the teacher: the same student init as train(seed=...)
+        model = make_student(student, t, tok_given, cfg.ctx)
+    tok = model._require_tokenizer()
+    check_tokenizers(tok, t)
+    vocab_size = _shared_vocab(model, t, tok)
+    if cfg.ctx is None and t.n_ctx is not None:
+        cfg.ctx = min(model.cfg.n_ctx, t.n_ctx)
+    if t.n_ctx is not None and cfg.ctx is not None and cfg.ctx > t.n_ctx:
+        raise ValueError(f"ctx={cfg.ctx} exceeds the teacher's context of {t.n_ctx} tokens; lower --ctx")
+    corpus_obj = load_corpus(corpus)
+    data = tokenize_corpus(corpus_obj, tok, cache_dir=cache_dir, progress=progress)
+    batches = DistillBatches(TokenBatches(data, cfg, model.cfg.n_ctx), dset.on_policy, cfg.seed)
+    t.to(device)
+    objective = DistillObjective(t, dset, vocab_size)
+    state = {
+        "corpus": _corpus_record(corpus, corpus_obj),
+        "distill": {"teacher": t.record(), "settings": dset.to_dict()},
+    }
+    result = fit(
+        model,
+        cfg,
+        batches,
+        loss_fn=objective,
+        val_loss_fn=next_token_loss,
+        out=out,
+        run=run,
+        callbacks=[objective.log, *callbacks],
+        device=device,
+        progress=progress,
+        state=state,
+        desc="distill",
+    )
+    result.model.train_state["distill"] = state["distill"]
+    return result
+
+
+def make_student(
+    student: GPT | str | os.PathLike, teacher: Teacher, tokenizer: Tokenizer | None = None, ctx: int | None = None
+) -> GPT:
+    """The student: a given model, a `.tinygpt` file, or a fresh preset with the teacher's tokenizer and vocab."""
+    if isinstance(student, GPT):
+        return student
+    if student is None:
+        raise ValueError("distill needs a student: a GPT, a .tinygpt file or a preset name such as 'nano'")
+    p = Path(student)
+    if p.exists():
+        return load(p)
+    if isinstance(student, str) and student in PRESETS:
+        tok = tokenizer if tokenizer is not None else teacher.student_tokenizer()
+        overrides: dict[str, Any] = {"d_vocab": max(teacher.d_vocab, tok.vocab_size)}
+        if ctx and ctx > GPTConfig.preset(student).n_ctx:
+            overrides["n_ctx"] = ctx
+        return GPT(GPTConfig.preset(student, **overrides), tokenizer=tok)
+    raise CheckpointError(
+        f"student {student!s} is neither an existing .tinygpt file nor a preset ({', '.join(PRESETS)})"
+    )
+
+
+def _shared_vocab(model: GPT, teacher: Teacher, tok: Tokenizer) -> int | None:
+    """None when both output the same number of logits; else the tokenizer's size, which both must cover."""
+    if model.cfg.d_vocab == teacher.d_vocab:
+        return None
+    v = tok.vocab_size
+    if model.cfg.d_vocab < v or teacher.d_vocab < v:
+        raise ValueError(
+            f"the student outputs {model.cfg.d_vocab} logits and the teacher {teacher.d_vocab}, but the tokenizer "
+            f"has {v} tokens; both must cover it"
+        )
+    return v

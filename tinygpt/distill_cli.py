@@ -1,0 +1,112 @@
+"""`tinygpt distill`: knowledge distillation from a .tinygpt or Hugging Face teacher into a student.
+
+    tinygpt distill nano --teacher tiny.tinygpt --steps 200 --temperature 4 --alpha 0.7 --out nano-kd.tinygpt
+    tinygpt distill student.tinygpt --teacher hf-dir/ --corpus FILE --tokenizer hf-dir/ --out student-kd.tinygpt
+    tinygpt distill nano --out nano-kd.tinygpt --steps 400 --resume      # continue (teacher from the file)
+
+STUDENT is an existing .tinygpt file, or a preset name (nano, tiny, ...) for a fresh student with the
+teacher's tokenizer. Options left out keep `TrainConfig`'s defaults (or, with --resume, the saved run's).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+# flag -> TrainConfig field, for the training options distill shares with `train`
+_TRAIN_FLAGS = {
+    "batch": "batch_size",
+    "accum": "accum",
+    "ctx": "ctx",
+    "steps": "steps",
+    "lr_schedule": "lr_schedule",
+    "warmup": "warmup",
+    "max_lr": "max_lr",
+    "min_lr": "min_lr",
+    "weight_decay": "weight_decay",
+    "grad_clip": "grad_clip",
+    "dtype": "dtype",
+    "save_every": "save_every",
+    "val_split": "val_split",
+    "val_every": "val_every",
+    "sample_every": "sample_every",
+    "sample_prompt": "sample_prompt",
+    "seed": "seed",
+}
+
+
+def add_parsers(sub) -> None:
+    """Register the `distill` subcommand on an argparse subparsers object."""
+    p = sub.add_parser("distill", help="distil a teacher (.tinygpt or Hugging Face directory) into a student")
+    p.add_argument("student", help="a .tinygpt file, or a preset name (nano, tiny, ...) for a fresh student")
+    p.add_argument("--teacher", default=None, help=".tinygpt file or Hugging Face causal-LM directory")
+    p.add_argument("--corpus", default=None, help="text file, directory or .jsonl (default: built-in Shakespeare)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--tokenizer", default=None, help="optional; checked against the teacher's tokenizer")
+    p.add_argument("--temperature", type=float, default=None, help="softmax temperature T (default 2)")
+    p.add_argument("--alpha", type=float, default=None, help="weight of the KL term; 1-alpha weighs NLL (default 0.5)")
+    p.add_argument("--reverse-kl", action="store_true", default=None, help="KL(student || teacher) (MiniLLM)")
+    p.add_argument("--on-policy", type=float, default=None, help="fraction of student-generated batches (GKD)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="autocast dtype")
+    p.add_argument("--batch", type=int, default=None, help="sequences per micro-batch (default 8)")
+    p.add_argument("--accum", type=int, default=None, help="gradient accumulation steps")
+    p.add_argument("--ctx", type=int, default=None, help="sequence length (default: the shorter model context)")
+    p.add_argument("--steps", type=int, default=None, help="default 500")
+    p.add_argument("--lr-schedule", default=None, choices=["cosine", "constant"])
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--max-lr", type=float, default=None)
+    p.add_argument("--min-lr", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--grad-clip", type=float, default=None)
+    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--val-split", type=float, default=None)
+    p.add_argument("--val-every", type=int, default=None)
+    p.add_argument("--sample-every", type=int, default=None)
+    p.add_argument("--sample-prompt", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue the distillation saved in --out")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", required=True, help="student checkpoint to write (.tinygpt)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_distill(a: argparse.Namespace) -> int:
+    from tinygpt.distill import distill
+
+    if a.teacher is None and not a.resume:
+        raise ValueError("--teacher is required (a .tinygpt file or a Hugging Face model directory)")
+    settings = {field: getattr(a, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(a, flag) is not None}
+    corpus = a.corpus
+    if corpus is not None and a.text_field != "text":
+        from tinygpt.data import load_corpus
+
+        corpus = load_corpus(corpus, text_field=a.text_field)
+    res = distill(
+        None if a.resume else a.student,
+        a.teacher,
+        corpus,
+        temperature=a.temperature,
+        alpha=a.alpha,
+        reverse_kl=a.reverse_kl,
+        on_policy=a.on_policy,
+        tokenizer=a.tokenizer,
+        out=a.out,
+        resume=a.resume,
+        device=a.device,
+        progress=not a.no_progress,
+        **settings,
+    )
+    last = res.history[-1] if res.history else {}
+    parts = [f"step {res.step}"]
+    for key in ("loss", "kl", "nll"):
+        if key in last:
+            parts.append(f"{key} {last[key]:.3f}")
+    if res.final_val_loss is not None:
+        parts.append(f"val loss {res.final_val_loss:.3f}")
+    parts.append(f"{res.elapsed:.1f}s")
+    parts.append(f"saved {res.path}")
+    print(("interrupted: " if res.interrupted else "done: ") + " | ".join(parts))
+    return 130 if res.interrupted else 0
+
+
+COMMANDS = {"distill": cmd_distill}
