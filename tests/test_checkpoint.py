@@ -292,6 +292,19 @@ def test_legacy_pickle_file_is_rejected(tmp_path, no_unpickling):
     check_error(p, "pickle", "never unpickles")
 
 
+def test_header_length_that_starts_like_a_pickle_is_still_read(tmp_path):
+    """A safetensors header of 0x..0280 bytes begins with 0x80 0x02, a pickle's magic: still a checkpoint."""
+    path = tmp_path / "m.tinygpt"
+    model, pad, n = tiny_model(), 0, 0
+    while n % 65536 != 0x0280:  # the manifest grows one byte per padding character (header padded to 8 bytes)
+        pad += (0x0280 - n) % 65536
+        save(model, path, train_state={"note": "x" * pad})
+        (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+    assert path.read_bytes()[:2] == b"\x80\x02"
+    assert read_checkpoint(path).train_state["note"] == "x" * pad
+    load(path)
+
+
 def test_json_file(tmp_path, no_unpickling):
     p = tmp_path / "config.json"
     p.write_text(json.dumps({"n_layers": 2, "d_model": 32, "n_heads": 2, "n_ctx": 64}))

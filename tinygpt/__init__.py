@@ -10,6 +10,9 @@ logits, cache = model.run_with_cache("To be, or not to be")          # a Transfo
 from tinygpt.checkpoint import CheckpointError, describe, load, read_checkpoint, save
 from tinygpt.config import PRESETS, ConfigError, GPTConfig
 from tinygpt.data import Corpus, CorpusError, load_corpus, tokenize_corpus
+from tinygpt.distill import distill
+from tinygpt.evaluate import evaluate, leaderboard, memorization_test
+from tinygpt.lora import add_lora, load_lora, lora_finetune, merge_lora, save_lora
 from tinygpt.model import GPT, KVCache
 from tinygpt.sampling import generate, stream
 from tinygpt.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer, train_bpe
@@ -35,6 +38,15 @@ __all__ = [
     "describe",
     "read_checkpoint",
     "train",
+    "distill",
+    "evaluate",
+    "leaderboard",
+    "memorization_test",
+    "add_lora",
+    "load_lora",
+    "save_lora",
+    "merge_lora",
+    "lora_finetune",
     "generate",
     "sample",
     "stream",

@@ -59,6 +59,8 @@ def save(
     optimizer: torch.optim.Optimizer | None = None,
     train_state: dict[str, Any] | None = None,
     include_rng: bool = False,
+    weights: dict[str, Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write `model` (with its tokenizer) to a `.tinygpt` file atomically.
 
@@ -68,13 +70,17 @@ def save(
         optimizer: if given, its state is stored for exact resumption.
         train_state: JSON-serialisable training state (defaults to `model.train_state`).
         include_rng: also store torch's CPU RNG state.
+        weights: tensors to write instead of `model.state_dict()` (e.g. gathered from a sharded model).
+        optimizer_state: an `optimizer.state_dict()`-layout dict to write instead of `optimizer`'s own
+            (e.g. gathered from a sharded optimizer); `optimizer` still names the class.
     Returns:
         The path written.
     """
     path = Path(path)
     if model.tokenizer is None:
         raise CheckpointError("the model has no tokenizer attached; set model.tokenizer before saving")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    sd = weights if weights is not None else model.state_dict()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     if model.cfg.tie_embeddings:
         tensors.pop("unembed.weight", None)
     manifest: dict[str, Any] = {
@@ -88,7 +94,7 @@ def save(
     if surgery is not None:
         manifest["surgery"] = surgery
     if optimizer is not None:
-        groups, state = _flatten_optimizer(optimizer)
+        groups, state = _flatten_optimizer(optimizer, optimizer_state)
         manifest["optimizer"] = {"class": type(optimizer).__name__, "param_groups": groups}
         tensors.update({OPTIM_PREFIX + k: v for k, v in state.items()})
     if include_rng:
@@ -114,8 +120,8 @@ def content_hash(tensors: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[list[dict], dict[str, Tensor]]:
-    sd = opt.state_dict()
+def _flatten_optimizer(opt: torch.optim.Optimizer, sd: dict | None = None) -> tuple[list[dict], dict[str, Tensor]]:
+    sd = sd if sd is not None else opt.state_dict()
     tensors = {}
     for idx, st in sd["state"].items():
         for k, v in st.items():
@@ -135,14 +141,19 @@ def _json_default(o):
 
 def load_optimizer_state(opt: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
     """Restore an optimizer saved with `save(..., optimizer=opt)`."""
+    opt.load_state_dict(optimizer_state_dict(ckpt, type(opt).__name__))
+
+
+def optimizer_state_dict(ckpt: Checkpoint, class_name: str) -> dict[str, Any]:
+    """The saved optimizer state in `optimizer.state_dict()` layout (checked to be `class_name`'s)."""
     if "optimizer" not in ckpt.manifest:
         raise CheckpointError(
             f"{ckpt.path} has no optimizer state (it was saved for inference, not as a training "
             "checkpoint); start a new run instead of resuming"
         )
     rec = ckpt.manifest["optimizer"]
-    if rec["class"] != type(opt).__name__:
-        raise CheckpointError(f"{ckpt.path} holds {rec['class']} state, not {type(opt).__name__}")
+    if rec["class"] != class_name:
+        raise CheckpointError(f"{ckpt.path} holds {rec['class']} state, not {class_name}")
     state: dict[int, dict[str, Tensor]] = {}
     for name, t in ckpt.optimizer.items():
         _, idx, key = name.split(".", 2)
@@ -151,7 +162,7 @@ def load_optimizer_state(opt: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
     for g in groups:
         if isinstance(g.get("betas"), list):
             g["betas"] = tuple(g["betas"])
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
 # ------------------------------------------------------------------------------------- reading
@@ -178,18 +189,20 @@ def read_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path} is not a .tinygpt file: only {size} bytes (empty or truncated)")
+        (n,) = struct.unpack("<Q", head)
+        raw = f.read(n) if n <= size - 8 and n <= 100_000_000 else b""
+        # a safetensors header length can begin with a pickle's magic bytes (e.g. 0x80 0x05): name other
+        # formats only when the file is not a plausible safetensors file
         for magic, what in _MAGIC_HINTS.items():
-            if head.startswith(magic):
+            if head.startswith(magic) and not raw.startswith(b"{"):
                 raise CheckpointError(
                     f"{path} is {what}, not a .tinygpt (safetensors) file; tinygpt never unpickles files"
                 )
-        (n,) = struct.unpack("<Q", head)
         if n > size - 8 or n > 100_000_000:
             raise CheckpointError(
                 f"{path} is not a .tinygpt file: header length {n} does not fit a {size}-byte file "
                 "(truncated, corrupt or not safetensors)"
             )
-        raw = f.read(n)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -7,6 +7,12 @@
     tinygpt laser tiny.tinygpt --target mlp.fc_out --layers 2-3 --rank-fraction 0.2 --out tiny-laser.tinygpt
     tinygpt hqq tiny.tinygpt --bits 4 --group-size 64 --packed --out tiny-4bit.tinygpt
     tinygpt tuned-lens tiny.tinygpt --steps 300 --lr 1e-3 --out tiny.lenses
+    tinygpt export tiny.tinygpt --hf tiny-hf/
+    tinygpt import gpt2-dir/ --out gpt2.tinygpt
+    tinygpt distill nano --teacher tiny.tinygpt --steps 200 --temperature 4 --alpha 0.7 --out nano-kd.tinygpt
+    tinygpt eval tiny.tinygpt --corpus heldout.txt
+    tinygpt leaderboard runs/ --corpus heldout.txt --out report.md
+    tinygpt lora tiny.tinygpt --corpus FILE --targets mlp.fc_in,attn.q_proj --rank 8 --alpha 16 --steps 300 --out a.lora
 
 `python -m tinygpt` is the same command. Nothing here reads `sys.argv` at import time.
 """
@@ -17,7 +23,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from tinygpt import distill_cli, evaluate_cli, lora_cli
 from tinygpt.config import PRESETS
+from tinygpt.interop import cli as interop_cli
 from tinygpt.interp import cli as interp_cli
 from tinygpt.surgery import cli as surgery_cli
 
@@ -49,8 +57,11 @@ def _train_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="checkpoint path (default: PRESET.tinygpt)")
+    p.add_argument(
+        "--strategy", default="ddp", choices=["ddp", "fsdp"], help="under torchrun: data parallel or fully sharded"
+    )
     arch = p.add_argument_group("architecture (GPTConfig knobs of a new model)")
-    arch.add_argument("--attn-impl", default=None, help="auto, eager, sdpa (and backends that are installed)")
+    arch.add_argument("--attn-impl", default=None, help="auto, eager, sdpa, triton (our kernel; CUDA) or mps (Apple)")
     arch.add_argument("--tie-embeddings", action="store_true")
     arch.add_argument("--dropout", type=float, default=None)
     arch.add_argument("--diff-attn", action="store_true", help="differential attention (Ye et al. 2024)")
@@ -105,8 +116,13 @@ def _cmd_train(a: argparse.Namespace) -> int:
         resume=a.resume,
         device=a.device,
         progress=not a.no_progress,
+        strategy=a.strategy,
         **settings,
     )
+    from tinygpt import distributed
+
+    if not distributed.is_main():  # under torchrun, rank 0 reports
+        return 130 if res.interrupted else 0
     last = res.history[-1] if res.history else {}
     parts = [f"step {res.step}"]
     if "loss" in last:
@@ -213,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     surgery_cli.add_parsers(sub)  # laser, hqq
     interp_cli.add_parsers(sub)  # tuned-lens
+    interop_cli.add_parsers(sub)  # export, import (Hugging Face)
+    distill_cli.add_parsers(sub)  # distill
+    evaluate_cli.add_parsers(sub)  # eval, leaderboard, memorization
+    lora_cli.add_parsers(sub)  # lora, lora-merge
     return parser
 
 
@@ -223,6 +243,10 @@ COMMANDS = {
     "tokenizer": _cmd_tokenizer,
     **surgery_cli.COMMANDS,
     **interp_cli.COMMANDS,
+    **interop_cli.COMMANDS,
+    **distill_cli.COMMANDS,
+    **evaluate_cli.COMMANDS,
+    **lora_cli.COMMANDS,
 }
 
 
@@ -233,13 +257,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from tinygpt.distributed import record_error  # under torchrun: the rank's error in its failure summary
     from tinygpt.errors import USER_ERRORS
 
     try:
         return COMMANDS[args.command](args)
     except USER_ERRORS as e:
+        record_error(e)
         print(f"tinygpt {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        record_error(e)
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -223,8 +223,24 @@ def tokenize_corpus(
 ) -> TokenData:
     """Tokenize a corpus (streaming, with a progress bar) into a cached safetensors file.
 
-    Documents are separated by the tokenizer's EOS token when it has one, else by a blank line.
+    Documents are separated by the tokenizer's EOS token when it has one, else by a blank line. Under
+    torchrun, the first process of each machine builds the cache while the others wait, then read it.
     """
+    from tinygpt import distributed
+
+    with distributed.local_main_first() as first:
+        show = progress and first and distributed.is_main()
+        return _tokenize_corpus(corpus, tokenizer, cache_dir=cache_dir, use_cache=use_cache or not first, progress=show)
+
+
+def _tokenize_corpus(
+    corpus: Corpus | str | os.PathLike | None,
+    tokenizer: Tokenizer,
+    *,
+    cache_dir: str | os.PathLike | None,
+    use_cache: bool,
+    progress: bool,
+) -> TokenData:
     from tqdm.auto import tqdm
 
     corpus = load_corpus(corpus)

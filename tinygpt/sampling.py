@@ -7,6 +7,7 @@ re-encodes them; the cached and uncached paths apply the same rule, so they prod
 from __future__ import annotations
 
 import codecs
+import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -62,9 +63,11 @@ def generate_tokens(
     seed: int | None = None,
     use_cache: bool = True,
     stop_tokens: set[int] | None = None,
+    ablate=None,
 ) -> Iterator[Tensor]:
     """Yield the next token [batch] for each step. tokens: [batch, pos] prompt (pos >= 1)."""
     _check_args(max_new_tokens, temperature, top_k, top_p)
+    ablation = _ablation_context(model, ablate)
     if tokens.ndim == 1:
         tokens = tokens[None]
     if tokens.shape[1] == 0:
@@ -89,14 +92,16 @@ def generate_tokens(
             if logits is None or not use_cache:
                 if cache is not None:
                     cache.length = 0
-                logits = model(seq[:, start:], past_kv_cache=cache)[:, -1]
+                with ablation:
+                    logits = model(seq[:, start:], past_kv_cache=cache)[:, -1]
             nxt = sample_next(logits, temperature, top_k, top_p, gen)
             yield nxt
             if stop_tokens and all(int(t) in stop_tokens for t in nxt):
                 return
             seq = torch.cat([seq, nxt[:, None]], dim=1)
             if use_cache and i + 1 < max_new_tokens and seq.shape[1] - start <= n_ctx:
-                logits = model(nxt[:, None], past_kv_cache=cache)[:, -1]
+                with ablation:
+                    logits = model(nxt[:, None], past_kv_cache=cache)[:, -1]
             else:
                 logits = None
     finally:
@@ -114,6 +119,7 @@ def generate(
     seed: int | None = None,
     use_cache: bool = True,
     stop_at_eos: bool = False,
+    ablate=None,
 ) -> str | Tensor:
     """Continue a prompt.
 
@@ -125,6 +131,8 @@ def generate(
         seed: the same seed gives the same text.
         use_cache: use the KV cache (same tokens as without, much faster).
         stop_at_eos: stop once the tokenizer's EOS token is produced.
+        ablate: generate with components ablated: specs such as "1.attn" or "0.head3, 1.mlp", or a context
+            from `tinygpt.interp.ablate(model, specs, reference_tokens=...)` (needed for mean / resample).
     Returns:
         For a text prompt, the prompt followed by the generated text (as TransformerLens does);
         for tokens, the tokens [batch, pos + new].
@@ -143,6 +151,7 @@ def generate(
         seed=seed,
         use_cache=use_cache,
         stop_tokens=stop,
+        ablate=ablate,
     ):
         out.append(nxt[:, None].to(tokens.device))
     result = torch.cat(out, dim=1)
@@ -181,6 +190,15 @@ def stream(
     text = tok.decode(ids)
     if len(text) > len(shown):
         yield text[len(shown) :]
+
+
+def _ablation_context(model: GPT, ablate):
+    """A context manager applying `ablate` (None: nothing) around each forward."""
+    if ablate is None:
+        return contextlib.nullcontext()
+    from tinygpt.interp.ablation import as_ablation_context
+
+    return as_ablation_context(model, ablate)
 
 
 def _prompt_tokens(model: GPT, prompt) -> Tensor:

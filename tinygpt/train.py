@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tinygpt.checkpoint import CheckpointError, load, load_optimizer_state, read_checkpoint, save
+from tinygpt import distributed
+from tinygpt.checkpoint import CheckpointError, load, optimizer_state_dict, read_checkpoint, save
 from tinygpt.config import GPTConfig
 from tinygpt.data import (
     Corpus,
@@ -49,7 +50,9 @@ class TrainConfig:
     Attributes:
         steps: total optimizer steps of the run.
         batch_size: sequences per micro-batch.
-        accum: micro-batches per optimizer step (gradient accumulation).
+        accum: micro-batches per optimizer step (gradient accumulation). The global batch is
+            `batch_size × accum` sequences whatever the number of processes: under torchrun each of W
+            processes takes `batch_size × accum / W` of them (see docs/distributed.md).
         ctx: sequence length (default: the model's n_ctx).
         max_lr, min_lr: peak and final learning rate (min_lr defaults to max_lr / 10).
         lr_schedule: "cosine" (warmup, then cosine decay to min_lr) or "constant" (warmup, then max_lr).
@@ -226,6 +229,7 @@ def train(
     device: str | None = None,
     progress: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    strategy: str = "ddp",
     **settings: Any,
 ) -> TrainResult:
     """Train a GPT on a corpus.
@@ -244,6 +248,7 @@ def train(
             tokens_per_sec, tokens_seen, elapsed`, plus `val_loss` when validated).
         device: "cuda", "mps" or "cpu" (default: the best available).
         progress: show a progress bar.
+        strategy: under torchrun, "ddp" (default) or "fsdp" (fully sharded); see `fit`.
     Returns:
         TrainResult with the model, the history and the checkpoint path.
     Raises:
@@ -282,6 +287,7 @@ def train(
         device=device,
         progress=progress,
         state={"corpus": _corpus_record(corpus, corpus_obj)},
+        strategy=strategy,
     )
 
 
@@ -294,8 +300,9 @@ def next_token_loss(model: GPT, batch: tuple[Tensor, ...]) -> Tensor:
 class TokenBatches:
     """Micro-batches of random windows of a token array, a pure function of (seed, step).
 
-    Other objectives (distillation, SFT, data-parallel shards) supply their own object with the same two
-    methods: `train(step) -> list of micro-batches` and `val() -> iterable of batches`.
+    Other objectives (distillation, SFT) supply their own object with the same two methods:
+    `train(step) -> list of micro-batches` and `val() -> iterable of batches`; `train_shard(step, rank,
+    world)` is optional (without it, data-parallel processes split `train(step)`'s micro-batches).
     """
 
     def __init__(self, data: TokenData, cfg: TrainConfig, n_ctx: int):
@@ -317,12 +324,25 @@ class TokenBatches:
         self.tokens_per_step = cfg.batch_size * cfg.accum * ctx
 
     def train(self, step: int) -> list[tuple[Tensor, Tensor]]:
+        """The `accum` micro-batches (x, y) [batch_size, ctx] of optimizer step `step`."""
+        return self.train_shard(step, 0, 1)
+
+    def train_shard(self, step: int, rank: int, world: int) -> list[tuple[Tensor, Tensor]]:
+        """Process `rank`'s share of step `step`'s global batch of `batch_size × accum` windows.
+
+        The global batch's window starts are a pure function of (seed, step); process r takes the r-th of
+        `world` contiguous slices and cuts it into micro-batches of at most `batch_size` windows.
+        """
         b = self.cfg.batch_size
-        starts = batch_starts(len(self.train_tokens), self.ctx, b * self.cfg.accum, self.cfg.seed, step)
-        return [
-            windows(self.train_tokens, starts[m * b : (m + 1) * b], self.ctx, self.device)
-            for m in range(self.cfg.accum)
-        ]
+        total = b * self.cfg.accum
+        if total % world:
+            raise ValueError(
+                f"the global batch of {total} sequences (batch {b} x accum {self.cfg.accum}) cannot be split "
+                f"evenly across {world} processes; choose --batch and --accum with a product divisible by {world}"
+            )
+        n = total // world
+        starts = batch_starts(len(self.train_tokens), self.ctx, total, self.cfg.seed, step)[rank * n : (rank + 1) * n]
+        return [windows(self.train_tokens, starts[i : i + b], self.ctx, self.device) for i in range(0, n, b)]
 
     def val(self) -> Iterator[tuple[Tensor, Tensor]]:
         b = self.cfg.batch_size
@@ -375,40 +395,57 @@ def fit(
     progress: bool = True,
     state: dict[str, Any] | None = None,
     desc: str = "train",
+    strategy: str = "ddp",
 ) -> TrainResult:
     """The training loop shared by `train`, distillation and fine-tuning.
 
+    Under torchrun (WORLD_SIZE > 1) the same loop runs data-parallel on `torch.distributed` (see
+    `tinygpt.distributed` and docs/distributed.md): every process takes its share of each step's global
+    batch, gradients are averaged by DDP or FSDP, the logged loss and the validation loss are averaged over
+    all processes (they equal a single-process run's up to floating-point reduction order), and rank 0 alone
+    shows progress, prints samples, calls `callbacks` and writes the checkpoint.
+
     Args:
-        model: the model to optimise (moved to `device`).
+        model: the model to optimise (moved to `device`; sharded in place under FSDP).
         cfg: schedule, accumulation, clipping, validation, saving and sampling settings.
         batches: an object with `train(step) -> list of micro-batches`, `val() -> iterable of batches`,
-            `has_val`, `tokens_per_step` and a settable `device` (see `TokenBatches`).
-        loss_fn: `(model, micro_batch) -> scalar loss` to minimise.
+            `has_val`, `tokens_per_step` and a settable `device` (see `TokenBatches`); optionally
+            `train_shard(step, rank, world)` for this process's share of the global batch.
+        loss_fn: `(model, micro_batch) -> scalar loss` to minimise (a mean over the micro-batch).
         val_loss_fn: the loss reported as `val_loss`.
         out: checkpoint path (atomic saves every `cfg.save_every` steps and at the end).
         run: a `ResumedRun` to continue (optimizer, RNG, step and history are restored).
         state: extra JSON-serialisable entries for the checkpoint's training state.
+        strategy: under torchrun, "ddp" or "fsdp" (ignored in a single process).
     """
     from tqdm.auto import tqdm
 
-    model.to(device)
+    par = distributed.wrap_model(model, strategy, device=device, mixed_precision=cfg.dtype)
+    device, main, rank, world = par.device, par.is_main, par.rank, par.world
+    progress = progress and main
     batches.device = device
     history = list(run.history) if run else []
     start_step = run.step if run else 0
     opt = make_optimizer(model, cfg)
     if run is not None:
-        load_optimizer_state(opt, run.checkpoint)
+        par.load_optimizer(opt, optimizer_state_dict(run.checkpoint, type(opt).__name__))
         if "torch" in run.checkpoint.rng:
             torch.set_rng_state(run.checkpoint.rng["torch"])
+    if rank:  # dropout differs across processes; rank 0 keeps the single-process stream
+        torch.manual_seed((cfg.seed * 1_000_003 + rank * 7919 + start_step) % 2**63)
     autocast = (
         torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
         if cfg.dtype == "bfloat16"
         else contextlib.nullcontext()
     )
     tokens_per_step = batches.tokens_per_step
+    train_model = par.train_model
 
     def checkpoint(step: int) -> None:
         if out is None:
+            return
+        weights, opt_state = par.full_state(opt)  # under FSDP every process gathers; rank 0 writes
+        if not main:
             return
         last = history[-1] if history else {}
         train_state = {
@@ -420,16 +457,38 @@ def fit(
             "tokens_seen": step * tokens_per_step,
             "history": history,
         }
-        save(model, out, optimizer=opt, train_state=train_state, include_rng=True)
+        if world > 1:
+            train_state["world_size"], train_state["strategy"] = world, par.strategy
+        save(
+            model,
+            out,
+            optimizer=opt,
+            train_state=train_state,
+            include_rng=True,
+            weights=weights,
+            optimizer_state=opt_state,
+        )
 
     def evaluate() -> float:
-        model.eval()
+        # each process evaluates every world-th batch; under FSDP all run the same number of forwards
+        # (a process short of batches repeats one with weight 0), since each forward all-gathers
+        par.train(False)
+        total, count, first, slots = 0.0, 0, None, 0
         with torch.no_grad(), autocast:
-            losses = [val_loss_fn(model, b).item() for b in batches.val()]
-        model.train()
-        return sum(losses) / len(losses)
+            for i, b in enumerate(batches.val()):
+                first = b if first is None else first
+                if i % world == rank:
+                    total += val_loss_fn(model, b).item()
+                    count += 1
+                slots = i // world + 1
+            if par.sharded:
+                for _ in range(slots - count):
+                    val_loss_fn(model, first)
+        par.train(True)
+        total, count = distributed.all_reduce_sum([total, count], device)
+        return total / count
 
-    model.train()
+    par.train(True)
     bar = tqdm(total=cfg.steps, initial=start_step, desc=desc, disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     tps_ema = None
@@ -438,23 +497,25 @@ def fit(
     in_update = False
     try:
         while step < cfg.steps:
+            distributed.fault_injection(step + 1)
             t_step = time.perf_counter()
             lr = cfg.lr_at(step)
             for g in opt.param_groups:
                 g["lr"] = lr
-            micro = batches.train(step)
+            micro = distributed.shard_micro_batches(batches, step, rank, world)
+            share = _micro_shares(micro)  # None: equal micro-batches, each weighs 1 / len(micro)
             loss_sum = 0.0
-            for b in micro:
-                with autocast:
-                    loss = loss_fn(model, b)
-                (loss / len(micro)).backward()
-                loss_sum += loss.item()
-            loss_val = loss_sum / len(micro)
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-                if cfg.grad_clip > 0
-                else _grad_norm(model)
-            )
+            for i, b in enumerate(micro):
+                with par.sync_gradients(last=i == len(micro) - 1):
+                    with autocast:
+                        loss = loss_fn(train_model, b)
+                    (loss / len(micro) if share is None else loss * share[i]).backward()
+                loss_sum += loss.item() if share is None else loss.item() * share[i]
+            loss_val = loss_sum / len(micro) if share is None else loss_sum
+            if world > 1:
+                loss_val = distributed.all_reduce_mean(loss_val, device)
+            par.drop_unused_grads()  # FSDP: parameters no process used get no gradient, as in one process
+            grad_norm = par.grad_norm(cfg.grad_clip)
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
                 where = (
                     f"; the last good checkpoint {out} (step {_saved_step(out)}) was kept"
@@ -482,7 +543,7 @@ def fit(
                 "tokens_seen": step * tokens_per_step,
                 "elapsed": time.perf_counter() - t0,
             }
-            rec.update(model.arch_metrics())  # e.g. expert load entropy of MoE layers
+            rec.update(model.arch_metrics())  # e.g. expert load entropy of MoE layers (rank 0's micro-batches)
             if batches.has_val and (step % cfg.val_every == 0 or step == cfg.steps):
                 rec["val_loss"] = evaluate()
             history.append(rec)
@@ -491,14 +552,27 @@ def fit(
             bar.update(1)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 checkpoint(step)
-            if cfg.sample_every and step % cfg.sample_every == 0:
+            if cfg.sample_every and step % cfg.sample_every == 0 and (main or par.sharded):
                 from tinygpt.sampling import generate
 
+                # under FSDP every process samples (each forward all-gathers); rank 0 prints
                 text = generate(model, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed)
-                bar.write(f"--- sample at step {step} ---\n{text}\n---")
-                model.train()
-            for cb in callbacks:
-                cb(rec)
+                if main:
+                    bar.write(f"--- sample at step {step} ---\n{text}\n---")
+                par.train(True)
+            if world == 1:
+                for cb in callbacks:
+                    cb(rec)
+            else:  # callbacks run on rank 0; a KeyboardInterrupt there stops every process at this step
+                stop = False
+                if main:
+                    try:
+                        for cb in callbacks:
+                            cb(rec)
+                    except KeyboardInterrupt:
+                        stop = True
+                if distributed.any_process(stop, device):
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         interrupted = True
         if in_update:  # weights may be half-updated: keep the previous checkpoint
@@ -509,9 +583,19 @@ def fit(
     finally:
         bar.close()
     checkpoint(step)
+    distributed.barrier()  # the file is complete before any process returns
     model.train_state = {"step": step, "train_config": cfg.to_dict(), "loss": history[-1]["loss"] if history else None}
     model.eval()
     return TrainResult(model, cfg, history, out, time.perf_counter() - t0, interrupted=interrupted)
+
+
+def _micro_shares(micro: list) -> list[float] | None:
+    """Each micro-batch's fraction of this step's sequences, or None when they all hold as many (the loss
+    of a step is the mean over its sequences; a micro-batch's loss is the mean over its own)."""
+    sizes = [b[0].shape[0] if isinstance(b, (tuple, list)) and isinstance(b[0], Tensor) else 1 for b in micro]
+    if len(set(sizes)) <= 1:
+        return None
+    return [n / sum(sizes) for n in sizes]
 
 
 def _corpus_record(corpus: Any, corpus_obj: Corpus) -> str | dict[str, Any] | None:
@@ -533,11 +617,6 @@ def _corpus_from_record(rec: Any) -> Any:
     if missing := [str(f) for f in files if not f.exists()]:
         raise CorpusError(f"cannot resume: corpus file(s) {missing[:3]} no longer exist; pass corpus= / --corpus")
     return Corpus(name=rec["name"], files=files, kind=rec["kind"], text_field=rec["text_field"])
-
-
-def _grad_norm(model: torch.nn.Module) -> float:
-    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
-    return torch.stack(norms).norm().item() if norms else 0.0
 
 
 def _last_val(history: list[dict[str, float]]) -> float | None:

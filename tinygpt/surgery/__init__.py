@@ -11,14 +11,18 @@ Targets are named relative to a block: mlp.fc_in, mlp.fc_out, attn.q_proj, attn.
 attn.o_proj (groups: mlp, attn, all). Layers: an int, a list, "8-11", "0,2,5" or None (all).
 """
 
-from tinygpt.surgery.common import TARGET_GROUPS, TARGETS, resolve_layers, resolve_targets
+from tinygpt.surgery.common import TARGET_GROUPS, TARGETS, resolve_layers, resolve_targets, validation_loss
 from tinygpt.surgery.hqq import (
+    HqqGridResult,
+    HqqLossCurve,
     HQQReport,
     PackedQuantLinear,
     QuantEntry,
     QuantizedTensor,
     hqq,
     hqq_,
+    hqq_error_grid,
+    hqq_loss_curve,
     hqq_quantize,
     pack_codes,
     quantize_rtn,
@@ -27,17 +31,21 @@ from tinygpt.surgery.hqq import (
 from tinygpt.surgery.laser import (
     PAPER_GRID,
     Intervention,
+    LaserComparison,
     LaserEntry,
     LaserGreedyResult,
     LaserReport,
     LaserSweepResult,
     LowRankLinear,
+    SpectrumResult,
     kept_rank,
     laser,
     laser_,
+    laser_compare,
     laser_greedy,
     laser_sweep,
     low_rank,
+    singular_values,
 )
 
 __all__ = [
@@ -45,6 +53,7 @@ __all__ = [
     "TARGET_GROUPS",
     "resolve_layers",
     "resolve_targets",
+    "validation_loss",
     "PAPER_GRID",
     "Intervention",
     "LaserEntry",
@@ -58,6 +67,10 @@ __all__ = [
     "laser_greedy",
     "laser_sweep",
     "low_rank",
+    "SpectrumResult",
+    "singular_values",
+    "LaserComparison",
+    "laser_compare",
     "HQQReport",
     "PackedQuantLinear",
     "QuantEntry",
@@ -68,4 +81,8 @@ __all__ = [
     "pack_codes",
     "quantize_rtn",
     "unpack_codes",
+    "HqqGridResult",
+    "hqq_error_grid",
+    "HqqLossCurve",
+    "hqq_loss_curve",
 ]

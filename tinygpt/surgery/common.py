@@ -237,10 +237,11 @@ def surgery_record(model: nn.Module) -> dict[str, Any] | None:
 
 def apply_surgery_record(model: nn.Module, rec: dict[str, Any]) -> None:
     """Rebuild factored / packed modules described by `rec` (before `load_state_dict`)."""
+    from tinygpt.lora import LoRALinear
     from tinygpt.surgery.hqq import PackedQuantLinear
     from tinygpt.surgery.laser import LowRankLinear
 
-    kinds = {LowRankLinear.kind: LowRankLinear, PackedQuantLinear.kind: PackedQuantLinear}
+    kinds = {LowRankLinear.kind: LowRankLinear, PackedQuantLinear.kind: PackedQuantLinear, LoRALinear.kind: LoRALinear}
     if not isinstance(rec, dict) or not isinstance(rec.get("modules", {}), dict):
         raise ValueError("malformed 'surgery' record in the manifest")
     for name, spec in rec.get("modules", {}).items():
@@ -339,3 +340,19 @@ def eval_loss(model: nn.Module, data: EvalData) -> float:
     finally:
         model.train(was_training)
     return total / count
+
+
+def validation_loss(
+    model: nn.Module,
+    data: Any = None,
+    *,
+    ctx: int | None = None,
+    n_windows: int = 16,
+    batch_size: int = 8,
+) -> float:
+    """Mean next-token loss on the validation windows every surgery function uses (see `eval_data`).
+
+    Works on any model, including ones with factored or packed layers, so a surgically changed model can be
+    compared with the numbers a sweep reported. `data=None` is the held-out end of the built-in Shakespeare.
+    """
+    return eval_loss(model, eval_data(model, data, ctx=ctx, n_windows=n_windows, batch_size=batch_size))

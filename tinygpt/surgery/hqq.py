@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tinygpt.surgery.common import (
+    TARGETS,
     LayerSpec,
     Restorer,
     TargetSpec,
@@ -554,6 +555,417 @@ def hqq(
         restorer.restore()
 
 
+# ------------------------------------------------------------------------------------- error grids
+_METHODS = ("rtn", "hqq")
+
+
+def _check_method(method: str) -> str:
+    if method not in _METHODS:
+        raise ValueError(f"method must be 'rtn' or 'hqq', got {method!r}")
+    return method
+
+
+def _nanmean(values: list[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+@dataclass
+class HqqGridResult:
+    """Relative Frobenius error ||W − Ŵ||_F / ||W||_F of every selected matrix, for RTN and HQQ, over a grid.
+
+    `rtn[target][i][j][k]` (and `hqq[...]`) is the error of `blocks.{layers[i]}.{target}` at `bits[j]` and
+    `group_sizes[k]`; NaN where that group size does not divide the matrix's in_features. The weights are
+    kept (fp32 copies on the CPU, `weights[(layer, target)]`) so residuals can be recomputed for histograms.
+    """
+
+    targets: list[str]
+    layers: list[int]
+    bits: list[int]
+    group_sizes: list[int | None]
+    rtn: dict[str, list[list[list[float]]]]
+    hqq: dict[str, list[list[list[float]]]]
+    hqq_params: dict[str, Any] = field(default_factory=dict)
+    weights: dict[tuple[int, str], Tensor] = field(default_factory=dict, repr=False)
+
+    def _values(self, method: str) -> dict[str, list[list[list[float]]]]:
+        return self.rtn if _check_method(method) == "rtn" else self.hqq
+
+    def error(self, method: str, layer: int, target: str, bits: int, group_size: int | None) -> float:
+        """The relative error of one matrix at one grid point."""
+        return self._values(method)[target][self.layers.index(layer)][self.bits.index(bits)][
+            self.group_sizes.index(group_size)
+        ]
+
+    def table(self, method: str = "hqq", layer: int | None = None, target: str | None = None) -> list[list[float]]:
+        """[bits][group_size] errors of one matrix, or the mean over the matrices matching `layer` / `target`
+        (None = all layers / all targets; NaN cells are left out of the mean)."""
+        vals = self._values(method)
+        tgts = self.targets if target is None else [target]
+        lays = self.layers if layer is None else [layer]
+        for t in tgts:
+            if t not in self.targets:
+                raise ValueError(f"target {t!r} is not in this grid ({', '.join(self.targets)})")
+        for ly in lays:
+            if ly not in self.layers:
+                raise ValueError(f"layer {ly!r} is not in this grid ({self.layers})")
+        return [
+            [
+                _nanmean([vals[t][self.layers.index(ly)][j][k] for t in tgts for ly in lays])
+                for k in range(len(self.group_sizes))
+            ]
+            for j in range(len(self.bits))
+        ]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per (layer, target, bits, group_size): rtn_error, hqq_error."""
+        return [
+            {
+                "layer": ly,
+                "target": t,
+                "bits": b,
+                "group_size": g,
+                "rtn_error": self.rtn[t][i][j][k],
+                "hqq_error": self.hqq[t][i][j][k],
+            }
+            for t in self.targets
+            for i, ly in enumerate(self.layers)
+            for j, b in enumerate(self.bits)
+            for k, g in enumerate(self.group_sizes)
+        ]
+
+    def quantized(
+        self, layer: int, target: str, bits: int, group_size: int | None, method: str = "hqq"
+    ) -> QuantizedTensor:
+        """Quantize the stored copy of one matrix again (the same result as during the sweep)."""
+        W = self._weight(layer, target)
+        if _check_method(method) == "rtn":
+            return quantize_rtn(W, bits, group_size)
+        return hqq_quantize(W, bits, group_size, **self.hqq_params)
+
+    def residual(self, layer: int, target: str, bits: int, group_size: int | None, method: str = "hqq") -> Tensor:
+        """W − Ŵ [out, in] of one matrix."""
+        return self._weight(layer, target) - self.quantized(layer, target, bits, group_size, method).dequantize()
+
+    def residual_histogram(
+        self, layer: int, target: str, bits: int, group_size: int | None, n_bins: int = 81
+    ) -> dict[str, Any]:
+        """Histogram counts of W − Ŵ for RTN and HQQ over shared bins.
+
+        Returns:
+            {"edges": [n_bins + 1], "centers": [n_bins], "rtn": counts [n_bins], "hqq": counts [n_bins],
+             "rtn_error": float, "hqq_error": float}
+        """
+        with _one_thread():
+            res = {m: self.residual(layer, target, bits, group_size, m).flatten() for m in _METHODS}
+        big = max(float(r.abs().max()) for r in res.values()) or 1e-12
+        edges = torch.linspace(-big, big, n_bins + 1, dtype=torch.float64)
+        out: dict[str, Any] = {"edges": edges.tolist(), "centers": ((edges[1:] + edges[:-1]) / 2).tolist()}
+        for m, r in res.items():
+            out[m] = torch.histc(r.double(), bins=n_bins, min=-big, max=big).long().tolist()
+            out[f"{m}_error"] = self.error(m, layer, target, bits, group_size)
+        return out
+
+    def _weight(self, layer: int, target: str) -> Tensor:
+        if (layer, target) not in self.weights:
+            raise ValueError(
+                f"no stored weight for layer {layer} {target}; this grid holds layers {self.layers} and "
+                f"targets {self.targets}"
+            )
+        return self.weights[(layer, target)]
+
+    def figure(self, layer: int | None = None, target: str | None = None):
+        """Two heatmaps, RTN and HQQ, of the error over bits × group size (one matrix, or the mean)."""
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        tables = {m: self.table(m, layer, target) for m in _METHODS}
+        zmax = max((v for t in tables.values() for row in t for v in row if not math.isnan(v)), default=1.0)
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("round-to-nearest", "HQQ"), horizontal_spacing=0.08)
+        for c, m in enumerate(_METHODS, start=1):
+            fig.add_trace(
+                go.Heatmap(
+                    z=_json_safe(tables[m]),
+                    x=[_group_label(g) for g in self.group_sizes],
+                    y=[f"{b}-bit" for b in self.bits],
+                    zmin=0,
+                    zmax=zmax,
+                    colorscale="Viridis",
+                    texttemplate="%{z:.3f}",
+                    showscale=c == 2,
+                    colorbar={"title": "rel. error"},
+                    hovertemplate=f"{m.upper()} %{{y}}, group %{{x}}: %{{z:.4f}}<extra></extra>",
+                ),
+                1,
+                c,
+            )
+            fig.update_xaxes(title_text="group size", type="category", row=1, col=c)
+            fig.update_yaxes(type="category", row=1, col=c)
+        fig.update_layout(
+            title=f"relative weight error ‖W − Ŵ‖/‖W‖: {_selection_label(layer, target)}",
+            template="plotly_white",
+            height=380,
+        )
+        return fig
+
+    def layer_figure(self, bits: int, group_size: int | None, method: str = "hqq"):
+        """Heatmap of the error of every matrix (layers × targets) at one (bits, group size)."""
+        import plotly.graph_objects as go
+
+        j, k = self.bits.index(bits), self.group_sizes.index(group_size)
+        vals = self._values(method)
+        z = [[vals[t][i][j][k] for t in self.targets] for i in range(len(self.layers))]
+        fig = go.Figure(
+            go.Heatmap(
+                z=_json_safe(z),
+                x=self.targets,
+                y=[f"layer {ly}" for ly in self.layers],
+                colorscale="Viridis",
+                texttemplate="%{z:.3f}",
+                colorbar={"title": "rel. error"},
+            )
+        )
+        fig.update_yaxes(autorange="reversed", type="category")
+        fig.update_layout(
+            title=f"{method.upper()} {bits}-bit, group {_group_label(group_size)}: relative error per matrix",
+            template="plotly_white",
+            height=max(300, 40 * len(self.layers) + 150),
+        )
+        return fig
+
+    def histogram(self, layer: int, target: str, bits: int, group_size: int | None, n_bins: int = 81):
+        """Histogram of W − Ŵ for RTN and HQQ of one matrix (shared bins, overlaid)."""
+        import plotly.graph_objects as go
+
+        h = self.residual_histogram(layer, target, bits, group_size, n_bins)
+        fig = go.Figure()
+        for m, name in (("rtn", "round-to-nearest"), ("hqq", "HQQ")):
+            fig.add_trace(
+                go.Bar(x=h["centers"], y=h[m], name=f"{name} (rel. error {h[f'{m}_error']:.4f})", opacity=0.6)
+            )
+        fig.update_layout(
+            barmode="overlay",
+            bargap=0,
+            title=f"W − Ŵ, layer {layer} {target}, {bits}-bit, group {_group_label(group_size)}",
+            xaxis_title="W − Ŵ",
+            yaxis_title="weights",
+            template="plotly_white",
+            height=380,
+        )
+        return fig
+
+    def __repr__(self) -> str:
+        return (
+            f"HqqGridResult({len(self.layers)} layers x {len(self.targets)} targets, bits {self.bits}, "
+            f"group sizes {self.group_sizes})"
+        )
+
+
+def _group_label(g: int | None) -> str:
+    return "row" if g is None else str(g)
+
+
+def _selection_label(layer: int | None, target: str | None) -> str:
+    if layer is not None and target is not None:
+        return f"layer {layer} {target}"
+    if layer is None and target is None:
+        return "mean over all matrices"
+    return f"mean over {'all layers' if layer is None else f'layer {layer}'}, {target or 'all targets'}"
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run many small CPU tensor ops on one thread: intra-op threading of matrices this size is slower, and
+    10-100x slower when the cores are shared with other processes (measured: 512x128 HQQ 18 ms vs 110 ms)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _json_safe(table: list[list[float]]) -> list[list[float | None]]:
+    """NaN -> None (JSON has no NaN; plotly leaves such cells empty)."""
+    return [[None if math.isnan(v) else v for v in row] for row in table]
+
+
+def hqq_error_grid(
+    model,
+    bits: tuple[int, ...] | list[int] = (2, 3, 4, 8),
+    group_sizes: tuple[int | None, ...] | list[int | None] = (32, 64, 128),
+    targets: TargetSpec = "all",
+    layers: LayerSpec = None,
+    *,
+    p: float = 0.7,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+    iters: int = 20,
+    progress: bool = True,
+) -> HqqGridResult:
+    """Relative reconstruction error of RTN and HQQ for every selected matrix and every (bits, group size).
+
+    The model is not modified.
+
+    Args:
+        model: a `tinygpt.GPT`.
+        bits: bit widths to try (each 1..8).
+        group_sizes: group sizes to try (None = whole rows); a group size that does not divide a matrix's
+            in_features gives NaN for that matrix (it must divide at least one selected matrix).
+        targets, layers: which matrices (see `hqq_`).
+        p, beta, kappa, iters: HQQ hyperparameters (see `hqq_quantize`).
+        progress: show a tqdm progress bar.
+    """
+    from tqdm.auto import tqdm
+
+    bits_l = list(dict.fromkeys(check_bits(b) for b in bits))
+    groups = list(dict.fromkeys(group_sizes))
+    if not bits_l or not groups:
+        raise ValueError("bits and group_sizes must each hold at least one value, e.g. bits=(2, 3, 4, 8)")
+    check_hqq_params(p, beta, kappa, iters)
+    chosen = select_linears(model, targets, layers)
+    in_features = sorted({lin.in_features for _, _, lin in chosen})
+    for g in groups:
+        if g is None:
+            continue
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ValueError(f"group sizes must be positive ints (or None for whole rows), got {g!r}")
+        if not any(n % g == 0 for n in in_features):
+            raise ValueError(
+                f"group size {g} divides none of the selected matrices (in_features {in_features}); "
+                "choose divisors of those"
+            )
+    tgts = sorted({t for _, t, _ in chosen}, key=list(TARGETS).index)
+    lays = sorted({ly for ly, _, _ in chosen})
+    params = {"p": p, "beta": beta, "kappa": kappa, "iters": iters}
+    shape = lambda: [[[math.nan] * len(groups) for _ in bits_l] for _ in lays]  # noqa: E731
+    rtn = {t: shape() for t in tgts}
+    hq = {t: shape() for t in tgts}
+    weights: dict[tuple[int, str], Tensor] = {}
+    bar = tqdm(total=len(chosen) * len(bits_l) * len(groups), desc="HQQ error grid", disable=not progress)
+    try:
+        with torch.no_grad(), _one_thread():
+            for layer, target, lin in chosen:
+                W = lin.weight.detach().float().cpu().clone()
+                weights[(layer, target)] = W
+                i = lays.index(layer)
+                for j, b in enumerate(bits_l):
+                    for k, g in enumerate(groups):
+                        if g is None or W.shape[1] % g == 0:
+                            rtn[target][i][j][k] = quantize_rtn(W, b, g).rel_error(W)
+                            hq[target][i][j][k] = hqq_quantize(W, b, g, **params).rel_error(W)
+                        bar.update()
+    finally:
+        bar.close()
+    return HqqGridResult(tgts, lays, bits_l, groups, rtn, hq, params, weights)
+
+
+@dataclass
+class HqqLossCurve:
+    """Validation loss with every selected matrix quantized, per bit width, for RTN and HQQ.
+
+    `rtn[j]` / `hqq[j]` is the loss at `bits[j]`; `rtn_error[j]` / `hqq_error[j]` the mean relative weight
+    error over the quantized matrices.
+    """
+
+    base_loss: float
+    bits: list[int]
+    group_size: int | None
+    rtn: list[float]
+    hqq: list[float]
+    rtn_error: list[float]
+    hqq_error: list[float]
+    targets: list[str]
+    layers: list[int]
+    n_tokens: int
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [
+            {"bits": b, "rtn_loss": r, "hqq_loss": h, "rtn_error": re, "hqq_error": he}
+            for b, r, h, re, he in zip(self.bits, self.rtn, self.hqq, self.rtn_error, self.hqq_error)
+        ]
+
+    def figure(self):
+        """Validation loss vs bits (RTN and HQQ) with the unquantized loss as a dashed line."""
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        for name, ys in (("round-to-nearest", self.rtn), ("HQQ", self.hqq)):
+            fig.add_trace(go.Scatter(x=self.bits, y=ys, mode="lines+markers", name=name))
+        fig.add_hline(y=self.base_loss, line_dash="dash", annotation_text=f"fp32 {self.base_loss:.4f}")
+        fig.update_xaxes(title_text="bits", tickvals=self.bits)
+        fig.update_yaxes(title_text="validation loss")
+        fig.update_layout(
+            title=f"validation loss vs bits (group {_group_label(self.group_size)}, {self.n_tokens:,} tokens)",
+            template="plotly_white",
+            height=380,
+        )
+        return fig
+
+    def __repr__(self) -> str:
+        pts = ", ".join(f"{b}b {r:.3f}/{h:.3f}" for b, r, h in zip(self.bits, self.rtn, self.hqq))
+        return f"HqqLossCurve(base {self.base_loss:.4f}; RTN/HQQ: {pts})"
+
+
+def hqq_loss_curve(
+    model,
+    tokens_or_corpus: Any = None,
+    bits: tuple[int, ...] | list[int] = (2, 3, 4, 8),
+    group_size: int | None = 64,
+    targets: TargetSpec = "all",
+    layers: LayerSpec = None,
+    *,
+    p: float = 0.7,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+    iters: int = 20,
+    ctx: int | None = None,
+    n_windows: int = 16,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> HqqLossCurve:
+    """Validation loss vs bits with all selected matrices quantized (RTN and HQQ); the model is restored.
+
+    Args:
+        model: a `tinygpt.GPT`.
+        tokens_or_corpus: validation data (see `tinygpt.surgery.laser_sweep`).
+        bits: bit widths (each 1..8).
+        group_size: one group size for every matrix (must divide their in_features; None = rows).
+        targets, layers: which matrices (see `hqq_`).
+        p, beta, kappa, iters: HQQ hyperparameters.
+        ctx, n_windows, batch_size: how validation windows are cut from a stream.
+        progress: show a tqdm progress bar.
+    """
+    from tqdm.auto import tqdm
+
+    from tinygpt.surgery.common import eval_data, eval_loss
+
+    bits_l = [check_bits(b) for b in bits]
+    if not bits_l:
+        raise ValueError("bits must hold at least one value, e.g. bits=(2, 3, 4, 8)")
+    chosen = _validate(model, bits_l[0], group_size, targets, layers, p, beta, kappa, iters)
+    data = eval_data(model, tokens_or_corpus, ctx=ctx, n_windows=n_windows, batch_size=batch_size)
+    base = eval_loss(model, data)
+    losses: dict[str, list[float]] = {m: [] for m in _METHODS}
+    errors: dict[str, list[float]] = {m: [] for m in _METHODS}
+    kw = {"p": p, "beta": beta, "kappa": kappa, "iters": iters}
+    bar = tqdm(total=2 * len(bits_l), desc="HQQ loss vs bits", disable=not progress)
+    try:
+        for b in bits_l:
+            for m in _METHODS:
+                with hqq(model, b, group_size, targets, layers, optimize=m == "hqq", **kw) as report:
+                    losses[m].append(eval_loss(model, data))
+                    errors[m].append(report.mean_error)
+                bar.update()
+    finally:
+        bar.close()
+    tgts = sorted({t for _, t, _ in chosen}, key=list(TARGETS).index)
+    lays = sorted({ly for ly, _, _ in chosen})
+    return HqqLossCurve(
+        base, bits_l, group_size, losses["rtn"], losses["hqq"], errors["rtn"], errors["hqq"], tgts, lays, data.n_tokens
+    )
+
+
 __all__ = [
     "QuantizedTensor",
     "PackedQuantLinear",
@@ -566,4 +978,8 @@ __all__ = [
     "pack_codes",
     "unpack_codes",
     "packed_nbytes",
+    "HqqGridResult",
+    "hqq_error_grid",
+    "HqqLossCurve",
+    "hqq_loss_curve",
 ]

@@ -426,7 +426,16 @@ class LaserSweepResult:
                 zmid=0,
                 zmin=-big,
                 zmax=big,
-                colorbar={"title": "Δloss", "x": 1.02},
+                colorbar={  # horizontal, under the heatmap: a vertical one collides with the legend
+                    "title": {"text": "Δloss", "side": "top"},
+                    "orientation": "h",
+                    "x": 0.785,
+                    "xanchor": "center",
+                    "y": -0.28,
+                    "yanchor": "top",
+                    "len": 0.4,
+                    "thickness": 12,
+                },
                 hovertemplate="%{y} ρ=%{x}<br>Δloss=%{z:.4f}<extra></extra>",
             ),
             1,
@@ -436,7 +445,8 @@ class LaserSweepResult:
         fig.update_yaxes(autorange="reversed", row=1, col=2)
         fig.update_layout(
             title=f"LASER sweep (base loss {self.base_loss:.4f}, {self.n_tokens:,} tokens)",
-            height=max(400, 18 * len(labels) + 150),
+            height=max(450, 18 * len(labels) + 200),
+            margin={"b": 140},
         )
         return fig
 
@@ -606,6 +616,238 @@ def laser_greedy(
     return LaserGreedyResult(base, current, kept, steps)
 
 
+# ------------------------------------------------------------------------------------- spectra
+@dataclass
+class SpectrumResult:
+    """Singular values of the selected matrices, largest first.
+
+    `spectra[target][i]` holds the σ of `blocks.{layers[i]}.{target}` (min(out, in) values); `shapes[target]`
+    is that matrix's [out, in]. Keeping the first r = floor(ρ · min(out, in)) values is what LASER at
+    fraction ρ does, so the figures put ρ-like x coordinates (i + 1) / min(out, in) on the x axis.
+    """
+
+    targets: list[str]
+    layers: list[int]
+    spectra: dict[str, list[list[float]]]
+    shapes: dict[str, tuple[int, int]]
+
+    def spectrum(self, target: str, layer: int) -> list[float]:
+        """σ of one matrix, descending."""
+        return self.spectra[target][self.layers.index(layer)]
+
+    def rank_fractions(self, target: str) -> list[float]:
+        """x coordinates of the spectrum of `target`: (i + 1) / min(out, in) for i = 0 .. min(out, in) − 1."""
+        k = min(self.shapes[target])
+        return [(i + 1) / k for i in range(k)]
+
+    def energy_kept(self, target: str, layer: int, rank_fraction: float) -> float:
+        """Σ_{i<r} σ_i² / Σ σ_i² at LASER fraction ρ (= 1 − relative Frobenius error²)."""
+        s = torch.tensor(self.spectrum(target, layer), dtype=torch.float64)
+        total = float((s**2).sum())
+        if total == 0.0:
+            return 1.0
+        r = kept_rank(self.shapes[target], rank_fraction)
+        return float((s[:r] ** 2).sum()) / total
+
+    def traces(self, layer: int | None = None, target: str | None = None, normalize: bool = False) -> list[dict]:
+        """Line data for plotting: one dict (name, x, y) per target of `layer`, or per layer of `target`."""
+        if (layer is None) == (target is None):
+            raise ValueError("give exactly one of layer (one line per target) and target (one line per layer)")
+        pairs = [(t, layer) for t in self.targets] if layer is not None else [(target, ly) for ly in self.layers]
+        out = []
+        for t, ly in pairs:
+            s = self.spectrum(t, ly)
+            top = s[0] if s and s[0] > 0 else 1.0
+            y = [v / top for v in s] if normalize else list(s)
+            out.append({"name": t if layer is not None else f"layer {ly}", "x": self.rank_fractions(t), "y": y})
+        return out
+
+    def figure(self, layer: int | None = None, normalize: bool = False):
+        """Plotly figure of the spectra (log–log).
+
+        Args:
+            layer: one panel with a line per target for this layer; None: one panel per target with a line
+                per layer.
+            normalize: divide each spectrum by its largest singular value.
+        """
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        ylabel = "σ / σ_max" if normalize else "singular value σ"
+        if layer is not None:
+            fig = go.Figure()
+            for tr in self.traces(layer=layer, normalize=normalize):
+                fig.add_trace(go.Scatter(x=tr["x"], y=tr["y"], mode="lines", name=tr["name"]))
+            fig.update_layout(title=f"singular values, layer {layer}")
+            fig.update_xaxes(type="log", title_text="(i + 1) / min(out, in)  (ρ keeping σ_i)")
+            fig.update_yaxes(type="log", title_text=ylabel)
+        else:
+            n = len(self.targets)
+            cols = min(n, 3)
+            rows = -(-n // cols)
+            fig = make_subplots(rows=rows, cols=cols, subplot_titles=self.targets)
+            for k, t in enumerate(self.targets):
+                r, c = k // cols + 1, k % cols + 1
+                for j, tr in enumerate(self.traces(target=t, normalize=normalize)):
+                    fig.add_trace(
+                        go.Scatter(
+                            x=tr["x"],
+                            y=tr["y"],
+                            mode="lines",
+                            name=tr["name"],
+                            legendgroup=tr["name"],
+                            showlegend=k == 0,
+                            line={"color": _palette(j)},
+                        ),
+                        r,
+                        c,
+                    )
+                fig.update_xaxes(type="log", row=r, col=c)
+                fig.update_yaxes(type="log", row=r, col=c)
+            fig.update_yaxes(title_text=ylabel, col=1)
+            fig.update_layout(title="singular values per layer", height=320 * rows + 80)
+        fig.update_layout(template="plotly_white", hovermode="x unified")
+        return fig
+
+    def __repr__(self) -> str:
+        return f"SpectrumResult({len(self.targets)} targets x {len(self.layers)} layers: {self.targets})"
+
+
+def _palette(i: int) -> str:
+    import plotly.colors
+
+    colors = plotly.colors.qualitative.Plotly
+    return colors[i % len(colors)]
+
+
+def singular_values(
+    model,
+    targets: TargetSpec = "all",
+    layers: LayerSpec = None,
+    *,
+    progress: bool = False,
+) -> SpectrumResult:
+    """Singular values (exact SVD in fp32) of every selected weight matrix.
+
+    Works on dense layers and on layers already factored (`LowRankLinear`) or packed
+    (`PackedQuantLinear`): their effective `weight` is decomposed.
+
+    Args:
+        model: a `tinygpt.GPT`.
+        targets, layers: which matrices (see `laser_`).
+        progress: show a tqdm progress bar.
+    Returns:
+        A `SpectrumResult`; `.figure()` plots it.
+    """
+    from tqdm.auto import tqdm
+
+    from tinygpt.surgery.common import check_model, get_module
+
+    tgts = resolve_targets(targets)
+    lays = resolve_layers(layers, check_model(model))
+    spectra: dict[str, list[list[float]]] = {t: [] for t in tgts}
+    shapes: dict[str, tuple[int, int]] = {}
+    with torch.no_grad():
+        for layer in tqdm(lays, desc="singular values", disable=not progress):
+            for t in tgts:
+                W = get_module(model, layer, t).weight
+                shapes[t] = (int(W.shape[0]), int(W.shape[1]))
+                spectra[t].append(torch.linalg.svdvals(W.detach().float().cpu()).tolist())
+    return SpectrumResult(tgts, lays, spectra, shapes)
+
+
+# ------------------------------------------------------------------------------------- before / after
+@dataclass
+class LaserComparison:
+    """One intervention previewed: validation loss and a seeded sample, before and after."""
+
+    intervention: Intervention
+    loss_before: float
+    loss_after: float
+    prompt: str
+    sample_before: str
+    sample_after: str
+    report: LaserReport
+    n_tokens: int
+
+    @property
+    def delta(self) -> float:
+        """loss_after − loss_before (negative: the intervention helps)."""
+        return self.loss_after - self.loss_before
+
+    def to_html(self) -> str:
+        """An HTML summary: the losses and the two samples side by side."""
+        import html
+
+        iv, e = self.intervention, self.report.entries[0]
+        pre = "white-space:pre-wrap;font-family:monospace;font-size:12px;margin:0"
+
+        def col(title: str, text: str) -> str:
+            return f"<div style='flex:1;min-width:0'><b>{title}</b><pre style='{pre}'>{html.escape(text)}</pre></div>"
+
+        return (
+            f"<div><b>layer {iv.layer} {iv.target}, ρ = {iv.rank_fraction}</b> (rank {e.rank_before} → "
+            f"{e.rank_kept}, relative error {e.rel_error:.4f})<br>validation loss {self.loss_before:.4f} → "
+            f"{self.loss_after:.4f} (Δ {self.delta:+.4f}, {self.n_tokens:,} tokens)</div>"
+            f"<div style='display:flex;gap:16px'>{col('before', self.sample_before)}"
+            f"{col('after', self.sample_after)}</div>"
+        )
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+    def __str__(self) -> str:
+        iv = self.intervention
+        return (
+            f"LASER layer {iv.layer} {iv.target} ρ={iv.rank_fraction}: loss {self.loss_before:.4f} -> "
+            f"{self.loss_after:.4f} ({self.delta:+.4f})\n"
+            f"--- before\n{self.sample_before}\n--- after\n{self.sample_after}"
+        )
+
+
+def laser_compare(
+    model,
+    target: str,
+    layer: int,
+    rank_fraction: float,
+    tokens_or_corpus: Any = None,
+    *,
+    prompt: str = "\n",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    seed: int = 0,
+    ctx: int | None = None,
+    n_windows: int = 16,
+    batch_size: int = 8,
+) -> LaserComparison:
+    """Validation loss and a seeded sample before and after one LASER intervention; the model is restored.
+
+    Args:
+        model: a `tinygpt.GPT` with a tokenizer.
+        target: one matrix name ("mlp.fc_in", ...); layer: one layer; rank_fraction: ρ.
+        tokens_or_corpus: validation data (see `laser_sweep`); an `EvalData` is used as it is.
+        prompt, max_new_tokens, temperature, seed: the sample (the same seed before and after).
+    """
+    from tinygpt.sampling import generate
+
+    tgts = resolve_targets(target)
+    if len(tgts) != 1:
+        raise ValueError(f"laser_compare takes one target, got {target!r} ({', '.join(tgts)})")
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ValueError(f"laser_compare takes one layer (an int), got {layer!r}")
+    _check_fraction(rank_fraction)
+    select_linears(model, tgts, [layer])  # validates before any work
+    data = eval_data(model, tokens_or_corpus, ctx=ctx, n_windows=n_windows, batch_size=batch_size)
+    kw = {"temperature": temperature, "seed": seed}
+    before = eval_loss(model, data)
+    sample_before = generate(model, prompt, max_new_tokens, **kw)
+    with laser(model, tgts, [layer], rank_fraction) as report:
+        after = eval_loss(model, data)
+        sample_after = generate(model, prompt, max_new_tokens, **kw)
+    iv = Intervention(resolve_layers(layer, len(model.blocks))[0], tgts[0], float(rank_fraction))
+    return LaserComparison(iv, before, after, prompt, sample_before, sample_after, report, data.n_tokens)
+
+
 __all__ = [
     "PAPER_GRID",
     "LowRankLinear",
@@ -621,5 +863,9 @@ __all__ = [
     "laser_",
     "laser_sweep",
     "laser_greedy",
+    "SpectrumResult",
+    "singular_values",
+    "LaserComparison",
+    "laser_compare",
     "EvalData",
 ]

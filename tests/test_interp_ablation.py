@@ -1,0 +1,263 @@
+"""Ablations: spec parsing and errors, zero / mean / resample semantics against hand-written hooks, hook
+cleanup, generation under an ablation (cached == uncached), and the sweep."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tinygpt
+from tinygpt import GPT, GPTConfig
+from tinygpt.interp import (
+    Ablation,
+    AblationError,
+    ablate,
+    ablated_loss,
+    ablation_sweep,
+    parse_ablations,
+)
+
+N_LAYERS, N_HEADS = 2, 3
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    # a larger init than GPT-2's so every component visibly moves the logits
+    return GPT(GPTConfig(n_layers=N_LAYERS, d_model=36, n_heads=N_HEADS, n_ctx=48, init_std=0.3)).eval()
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 256, (3, 11), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return torch.randint(0, 256, (6, 48), generator=torch.Generator().manual_seed(2))
+
+
+def _no_hooks_left(model) -> bool:
+    return not model._forward_pre_hooks and all(
+        not hp._forward_hooks and not hp.fwd_hooks for hp in model.hook_dict.values()
+    )
+
+
+# ------------------------------------------------------------------------------------------------ specs
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("3.attn", Ablation(3, "attn", None, "zero")),
+        ("2.head5", Ablation(2, "head", 5, "zero")),
+        ("1.mlp", Ablation(1, "mlp", None, "zero")),
+        ("0", Ablation(0, "layer", None, "zero")),
+        ("4.layer:mean", Ablation(4, "layer", None, "mean")),
+        ("2.head5:resample", Ablation(2, "head", 5, "resample")),
+        ("L2H5", Ablation(2, "head", 5, "zero")),
+        ("-1.attn", Ablation(-1, "attn", None, "zero")),
+    ],
+)
+def test_parse(text, expected):
+    assert Ablation.parse(text) == expected
+    assert Ablation.parse(str(expected)) == expected  # str() round-trips
+
+
+def test_parse_default_mode_and_lists():
+    specs = parse_ablations("0.head1, 1.mlp:zero", mode="mean")
+    assert specs == [Ablation(0, "head", 1, "mean"), Ablation(1, "mlp", None, "zero")]
+    assert parse_ablations([Ablation(1, "attn"), "0.mlp"]) == [Ablation(1, "attn"), Ablation(0, "mlp")]
+
+
+@pytest.mark.parametrize("bad", ["3.atn", "attn", "1.head", "1.mlp:foo", "1.2.3", ""])
+def test_malformed_specs_are_rejected(bad):
+    with pytest.raises(AblationError, match="ablation spec|ablation mode|no ablation"):
+        parse_ablations(bad)
+
+
+def test_out_of_range_layer_and_head(model, tokens):
+    with pytest.raises(AblationError, match=r"layer 5 is out of range; the model has 2 layers"):
+        ablated_loss(model, tokens, "5.attn")
+    with pytest.raises(AblationError, match=r"head 3 is out of range; layer 1 has 3 heads \(0..2\)"):
+        ablated_loss(model, tokens, "1.head3")
+    with pytest.raises(AblationError, match="head=2 only applies"):
+        Ablation(0, "attn", head=2)
+    assert Ablation.parse("-1.mlp").resolve(model.cfg) == Ablation(1, "mlp")
+
+
+# ------------------------------------------------------------------------------------------- semantics
+def test_zero_head_equals_zeroing_hook_z_slice(model, tokens):
+    def manual(z, hook):
+        z = z.clone()
+        z[:, :, 1] = 0
+        return z
+
+    expected = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_z", manual)])
+    with ablate(model, "1.head1"):
+        got = model(tokens)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.allclose(got, model(tokens), atol=1e-4)  # the ablation did something
+
+
+@pytest.mark.parametrize(
+    "component, hooks",
+    [
+        ("attn", ["blocks.0.hook_attn_out"]),
+        ("mlp", ["blocks.0.hook_mlp_out"]),
+        ("layer", ["blocks.0.hook_attn_out", "blocks.0.hook_mlp_out"]),
+    ],
+)
+def test_zero_component_equals_manual(model, tokens, component, hooks):
+    expected = model.run_with_hooks(tokens, fwd_hooks=[(h, lambda x, hook: torch.zeros_like(x)) for h in hooks])
+    with ablate(model, f"0.{component}"):
+        got = model(tokens)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_mean_ablation_uses_reference_mean(model, tokens, reference):
+    _, ref_cache = model.run_with_cache(reference, names_filter=["blocks.0.attn.hook_z", "blocks.1.hook_mlp_out"])
+    head_mean = ref_cache["blocks.0.attn.hook_z"][:, :, 2].mean(dim=(0, 1))  # [d_head]
+    mlp_mean = ref_cache["blocks.1.hook_mlp_out"].mean(dim=(0, 1))  # [d_model]
+    _, plain = model.run_with_cache(tokens, names_filter=["blocks.0.attn.hook_z"])
+    with ablate(model, "0.head2:mean, 1.mlp:mean", reference_tokens=reference):
+        _, cache = model.run_with_cache(tokens, names_filter=["blocks.0.attn.hook_z", "blocks.1.hook_mlp_out"])
+    z = cache["blocks.0.attn.hook_z"]
+    torch.testing.assert_close(z[:, :, 2], head_mean.expand_as(z[:, :, 2]))
+    torch.testing.assert_close(z[:, :, :2], plain["blocks.0.attn.hook_z"][:, :, :2])  # other heads untouched
+    torch.testing.assert_close(cache["blocks.1.hook_mlp_out"], mlp_mean.expand_as(cache["blocks.1.hook_mlp_out"]))
+
+
+def test_resample_draws_reference_rows_at_the_same_position_and_is_seeded(model, tokens, reference):
+    _, ref_cache = model.run_with_cache(reference, names_filter=["blocks.1.hook_attn_out"])
+    ref = ref_cache["blocks.1.hook_attn_out"]  # [6, 48, d]
+
+    def run(seed):
+        with ablate(model, "1.attn:resample", reference_tokens=reference, seed=seed):
+            logits, cache = model.run_with_cache(tokens, names_filter=["blocks.1.hook_attn_out"])
+        return logits, cache["blocks.1.hook_attn_out"]
+
+    logits0, act0 = run(0)
+    logits0b, act0b = run(0)
+    logits1, _ = run(1)
+    torch.testing.assert_close(logits0, logits0b, rtol=0, atol=0)
+    assert not torch.allclose(logits0, logits1)
+    rows = set()
+    for b in range(act0.shape[0]):
+        for p in range(act0.shape[1]):
+            match = [r for r in range(ref.shape[0]) if torch.equal(act0[b, p], ref[r, p])]
+            assert match, f"({b}, {p}) is not a reference activation at position {p}"
+            rows.add(match[0])
+    assert len(rows) > 1  # rows are drawn, not one fixed row
+
+
+def test_mean_and_resample_need_reference(model, tokens):
+    with pytest.raises(AblationError, match="reference_tokens"):
+        ablated_loss(model, tokens, "0.attn:mean")
+    short = torch.randint(0, 256, (2, 5))
+    with pytest.raises(AblationError, match="only 5 positions"):
+        ablated_loss(model, tokens, "0.attn:resample", reference_tokens=short)
+
+
+def test_hooks_removed_after_context_even_on_error(model, tokens, reference):
+    before = model(tokens)
+    ctx = ablate(model, "0.head0, 1.layer:resample", reference_tokens=reference)
+    with ctx:
+        assert not _no_hooks_left(model)
+    assert _no_hooks_left(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ctx:
+            raise RuntimeError("boom")
+    assert _no_hooks_left(model)
+    torch.testing.assert_close(model(tokens), before, rtol=0, atol=0)
+    with ctx:  # re-enterable, nested with another ablation
+        with ablate(model, "0.mlp"):
+            pass
+        assert not _no_hooks_left(model)
+    assert _no_hooks_left(model)
+
+
+def test_ablated_loss_matches_manual_loss(model, tokens):
+    expected = model.run_with_hooks(
+        tokens, return_type="loss", fwd_hooks=[("blocks.1.hook_mlp_out", lambda x, hook: torch.zeros_like(x))]
+    )
+    torch.testing.assert_close(ablated_loss(model, tokens, "1.mlp"), expected)
+    per_tok = ablated_loss(model, tokens, "1.mlp", per_token=True)
+    assert per_tok.shape == (3, 10)
+    torch.testing.assert_close(per_tok.mean(), expected)
+
+
+# ------------------------------------------------------------------------------------------ generation
+def test_generate_with_ablation_changes_output_and_cache_agrees(model, reference):
+    prompt = torch.tensor([[10, 20, 30, 40]])
+    plain = tinygpt.generate(model, prompt, 20, temperature=0)
+    for spec in [
+        "0.attn",
+        "1.head2, 0.mlp",
+        ablate(model, "0.head1:mean, 1.attn:resample", reference_tokens=reference, seed=5),
+    ]:
+        cached = tinygpt.generate(model, prompt, 20, temperature=0, ablate=spec)
+        uncached = tinygpt.generate(model, prompt, 20, temperature=0, ablate=spec, use_cache=False)
+        assert torch.equal(cached, uncached), spec
+        assert not torch.equal(cached, plain), spec
+        # the ablated continuation is what the ablated model predicts greedily, token by token
+        with spec if not isinstance(spec, str) else ablate(model, spec):
+            logits = model(cached[:, :-1])
+        assert torch.equal(logits[0, 3:].argmax(-1), cached[0, 4:])
+    assert _no_hooks_left(model)
+
+
+def test_cached_generation_past_the_context_under_resample(model, reference):
+    """Past n_ctx the window slides and the cache is rebuilt; positions restart at 0 in both paths."""
+    ctx = ablate(model, "1.head0:resample, 0.mlp:mean", reference_tokens=reference, seed=1)
+    prompt = torch.tensor([[1, 2, 3]])
+    cached = tinygpt.generate(model, prompt, 60, temperature=1.0, seed=4, ablate=ctx)
+    uncached = tinygpt.generate(model, prompt, 60, temperature=1.0, seed=4, ablate=ctx, use_cache=False)
+    assert cached.shape == (1, 63) and torch.equal(cached, uncached)
+
+
+def test_stream_and_sampling_under_ablation(model):
+    a = "".join(tinygpt.stream(model, "Hi", 15, seed=3, ablate="1.mlp"))
+    b = tinygpt.generate(model, "Hi", 15, seed=3, ablate="1.mlp")
+    assert "Hi" + a == b
+    assert b != tinygpt.generate(model, "Hi", 15, seed=3)
+    with pytest.raises(AblationError, match="out of range"):
+        tinygpt.generate(model, "Hi", 3, ablate="7.mlp")
+
+
+# ------------------------------------------------------------------------------------------------ sweep
+def test_ablation_sweep(model, tokens, reference):
+    sweep = ablation_sweep(
+        model,
+        tokens,
+        modes=("zero", "mean"),
+        components=("layer", "attn", "mlp"),
+        heads=True,
+        reference_tokens=reference,
+        progress=False,
+    )
+    per_mode = N_LAYERS * (3 + N_HEADS)
+    assert len(sweep.ablations) == 2 * per_mode
+    torch.testing.assert_close(torch.tensor(sweep.baseline_loss), model(tokens, return_type="loss"))
+    for spec, loss in zip(sweep.ablations, sweep.losses):
+        expected = ablated_loss(model, tokens, spec, reference_tokens=reference)
+        assert abs(float(loss) - float(expected)) < 1e-5, spec
+    heads = sweep.delta("head", "zero")
+    assert heads.shape == (N_LAYERS, N_HEADS) and not heads.isnan().any()
+    assert sweep.delta("attn", "mean").shape == (N_LAYERS,)
+    top = sweep.top(3)
+    assert [d for _, d in top] == sorted([d for _, d in top], reverse=True)
+    assert top[0][1] == pytest.approx(float(sweep.deltas.max()))
+    with pytest.raises(KeyError, match="no"):
+        sweep.delta("attn", "resample")
+    fig = sweep.figure("mean")
+    assert {t.type for t in fig.data} == {"bar", "heatmap"}
+    assert len(sweep.to_dataframe()) == 2 * per_mode
+
+
+def test_ablation_sweep_targets_restrict_positions(model, tokens):
+    targets = torch.full_like(tokens, -100)
+    targets[:, 5:-1] = tokens[:, 6:]
+    sweep = ablation_sweep(model, tokens, components=("attn",), targets=targets, progress=False)
+    expected = ablated_loss(model, tokens, "1.attn", targets=targets)
+    assert float(sweep.losses[1]) == pytest.approx(float(expected), abs=1e-6)
+    with pytest.raises(AblationError, match="unknown component"):
+        ablation_sweep(model, tokens, components=("atn",), progress=False)

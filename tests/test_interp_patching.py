@@ -1,0 +1,191 @@
+"""Activation patching: every batched sweep agrees with `transformer_lens.patching` on our model, runs as a
+few forwards (not one per cell), has the right semantics on text prompts, and fails clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformer_lens.patching as tlp
+
+from tinygpt import GPT, GPTConfig
+from tinygpt.interp import (
+    PatchingError,
+    PatchingResult,
+    logit_diff,
+    logit_diff_metric,
+    patch_attn_out,
+    patch_block_every,
+    patch_heads,
+    patch_heads_by_pos,
+    patch_mlp_out,
+    patch_resid,
+    patch_resid_pre,
+    patch_sweep,
+)
+
+N_LAYERS, N_HEADS, POS = 3, 3, 9
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layers=N_LAYERS, d_model=48, n_heads=N_HEADS, n_ctx=32, init_std=0.2)).eval()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    gen = torch.Generator().manual_seed(3)
+    clean = torch.randint(0, 256, (2, POS), generator=gen)
+    corrupted = clean.clone()
+    corrupted[:, 2] = torch.randint(0, 256, (2,), generator=gen)
+    corrupted[:, 5] = torch.randint(0, 256, (2,), generator=gen)
+    return clean, corrupted
+
+
+def metric(logits):
+    return logit_diff(logits, [5, 6], [7, 8])
+
+
+SWEEPS = [
+    (patch_resid_pre, tlp.get_act_patch_resid_pre, (N_LAYERS, POS)),
+    (patch_attn_out, tlp.get_act_patch_attn_out, (N_LAYERS, POS)),
+    (patch_mlp_out, tlp.get_act_patch_mlp_out, (N_LAYERS, POS)),
+    (patch_heads, tlp.get_act_patch_attn_head_out_all_pos, (N_LAYERS, N_HEADS)),
+    (patch_heads_by_pos, tlp.get_act_patch_attn_head_out_by_pos, (N_LAYERS, POS, N_HEADS)),
+]
+
+
+@pytest.mark.parametrize("ours, theirs, shape", SWEEPS, ids=lambda x: getattr(x, "__name__", ""))
+@pytest.mark.parametrize("batch_cells", [None, 4])  # 4 does not divide the cell count: ragged chunks
+def test_sweeps_match_transformer_lens(model, pair, ours, theirs, shape, batch_cells):
+    clean, corrupted = pair
+    _, clean_cache = model.run_with_cache(clean)
+    expected = theirs(model, corrupted, clean_cache, metric)
+    got = ours(model, clean, corrupted, metric, batch_cells=batch_cells)
+    assert got.values.shape == shape == expected.shape
+    torch.testing.assert_close(got.values, expected.float().cpu(), rtol=0, atol=1e-5)
+    assert expected.abs().max() > 0.05  # the patches matter, so the comparison is not vacuous
+    with torch.no_grad():
+        assert got.clean_metric == pytest.approx(float(metric(model(clean))), abs=1e-6)
+        assert got.corrupted_metric == pytest.approx(float(metric(model(corrupted))), abs=1e-6)
+
+
+def test_block_every_matches_transformer_lens(model, pair):
+    clean, corrupted = pair
+    _, clean_cache = model.run_with_cache(clean)
+    expected = tlp.get_act_patch_block_every(model, corrupted, clean_cache, metric)
+    got = patch_block_every(model, clean, corrupted, metric)
+    assert got.axes == ("site", "layer", "pos") and got.labels["site"] == ["resid_pre", "attn_out", "mlp_out"]
+    torch.testing.assert_close(got.values, expected.float().cpu(), rtol=0, atol=1e-5)
+
+
+def test_sweep_is_batched(model, pair):
+    """One forward per layer (plus the clean and corrupted caching runs), not one per cell."""
+    clean, corrupted = pair
+    calls = []
+    handle = model.blocks[-1].register_forward_hook(lambda mod, inp, out: calls.append(out.shape[0]))
+    try:
+        res = patch_heads_by_pos(model, clean, corrupted, metric)
+    finally:
+        handle.remove()
+    cells = N_LAYERS * POS * N_HEADS
+    assert len(calls) == N_LAYERS + 2 < cells
+    assert sum(calls) == 2 * 2 + cells * 2  # every cell still ran the whole corrupted batch of 2
+    assert res.values.shape == (N_LAYERS, POS, N_HEADS)
+
+
+def test_text_prompts_default_metric_and_normalisation(model):
+    clean, corrupted = "The cat sat on", "The dog sat on"  # bytes: same length, differ at positions 4..6
+    correct, incorrect = "x", "y"
+    res = patch_resid_pre(model, clean, corrupted, correct=correct, incorrect=incorrect, normalize=True)
+    assert res.normalized and res.values.shape == (N_LAYERS, len(clean))
+    # layer 0: patching a position the prompts share changes nothing; patching all differing positions at
+    # once would restore the clean run, and each alone restores part of it
+    same = [i for i in range(len(clean)) if clean[i] == corrupted[i]]
+    torch.testing.assert_close(res.values[0, same], torch.zeros(len(same)), rtol=0, atol=1e-5)
+    # the pos labels show the clean token, and both where the prompts differ
+    assert res.labels["pos"][0] == "0 'T'" and res.labels["pos"][4] == "4 'c'/'d'"
+    # patching the final residual stream at the last position restores the clean metric exactly
+    last = patch_resid(model, clean, corrupted, N_LAYERS, -1, correct=correct, incorrect=incorrect, normalize=True)
+    assert last == pytest.approx(1.0, abs=1e-5)
+    # the default answers are the clean and corrupted runs' own top predictions
+    c_tok = int(model(clean)[0, -1].argmax())
+    k_tok = int(model(corrupted)[0, -1].argmax())
+    if c_tok != k_tok:
+        auto = patch_resid_pre(model, clean, corrupted)
+        explicit = patch_resid_pre(model, clean, corrupted, correct=c_tok, incorrect=k_tok)
+        torch.testing.assert_close(auto.values, explicit.values)
+        assert auto.clean_metric > auto.corrupted_metric
+
+
+def test_patch_resid_matches_sweep_cell_and_normalized_metric(model, pair):
+    clean, corrupted = pair
+    sweep = patch_resid_pre(model, clean, corrupted, metric)
+    for layer, pos in [(0, 2), (1, 5), (2, 8)]:
+        assert patch_resid(model, clean, corrupted, layer, pos, metric) == pytest.approx(
+            float(sweep.values[layer, pos]), abs=1e-5
+        )
+    norm = sweep.normalize()
+    expected = (sweep.values - sweep.corrupted_metric) / (sweep.clean_metric - sweep.corrupted_metric)
+    torch.testing.assert_close(norm.values, expected)
+    # logit_diff_metric with baselines is the TransformerLens IOI-demo normalised metric
+    fn = logit_diff_metric([5, 6], [7, 8], clean=sweep.clean_metric, corrupted=sweep.corrupted_metric)
+    renorm = patch_resid_pre(model, clean, corrupted, fn)
+    torch.testing.assert_close(renorm.values, expected, rtol=0, atol=1e-5)
+    assert renorm.clean_metric == pytest.approx(1.0, abs=1e-5)
+    assert renorm.corrupted_metric == pytest.approx(0.0, abs=1e-5)
+
+
+def test_layers_subset_and_top(model, pair):
+    clean, corrupted = pair
+    full = patch_attn_out(model, clean, corrupted, metric)
+    part = patch_sweep(model, clean, corrupted, "attn_out", metric, layers=[2, 0])
+    torch.testing.assert_close(part.values, full.values[[2, 0]], rtol=0, atol=1e-5)
+    (cell, value), *_ = full.top(3)
+    assert value == pytest.approx(float(full.values.max()))
+    assert full.values[cell["layer"], cell["pos"]] == value
+
+
+def test_logit_diff():
+    logits = torch.zeros(2, 3, 10)
+    logits[0, -1, 4], logits[1, -1, 4], logits[1, -1, 1] = 3.0, 1.0, 2.0
+    assert float(logit_diff(logits, 4, 1)) == pytest.approx((3.0 + (1.0 - 2.0)) / 2)
+    torch.testing.assert_close(logit_diff(logits, [4, 1], [1, 4], per_prompt=True), torch.tensor([3.0, 1.0]))
+    with pytest.raises(PatchingError, match="one token id per prompt"):
+        logit_diff(logits, [1, 2, 3], 4)
+
+
+def test_errors(model, pair):
+    clean, corrupted = pair
+    with pytest.raises(PatchingError, match="same shape"):
+        patch_resid_pre(model, clean, corrupted[:, :-1], metric)
+    with pytest.raises(PatchingError, match="different lengths"):
+        patch_resid_pre(model, ["ab", "abc"], ["ab", "abd"], metric)
+    with pytest.raises(PatchingError, match="coincide"):
+        patch_resid_pre(model, clean, corrupted, correct=3, incorrect=3)
+    with pytest.raises(PatchingError, match="not both"):
+        patch_resid_pre(model, clean, corrupted, metric, correct=3)
+    with pytest.raises(PatchingError, match="unknown site"):
+        patch_sweep(model, clean, corrupted, "resid_post", metric)
+    with pytest.raises(PatchingError, match="out of range"):
+        patch_sweep(model, clean, corrupted, "resid_pre", metric, layers=[3])
+    with pytest.raises(PatchingError, match="out of range"):
+        patch_resid(model, clean, corrupted, 1, POS, metric)
+    with pytest.raises(PatchingError, match="scalar"):
+        patch_resid_pre(model, clean, corrupted, lambda logits: logits[:, -1, 0])
+    with pytest.raises(PatchingError, match="one token per prompt"):
+        patch_resid_pre(model, clean, corrupted, correct=[1, 2, 3], incorrect=4)
+    with pytest.raises(ValueError, match="not one"):
+        patch_resid_pre(model, "ab", "ac", correct="xy", incorrect="z")
+
+
+def test_figures(model, pair):
+    clean, corrupted = pair
+    res = patch_resid_pre(model, "The cat sat", "The dog sat", correct="x", incorrect="y")
+    fig = res.figure()
+    assert list(fig.data[0].x) == res.labels["pos"] and list(fig.data[0].y) == ["L0", "L1", "L2"]
+    by_pos = patch_heads_by_pos(model, clean, corrupted, metric).figure()
+    assert len(by_pos.data[0].y) == N_LAYERS * N_HEADS and by_pos.data[0].y[1] == "L0H1"
+    every = patch_block_every(model, clean, corrupted, metric).figure()
+    assert len(every.data) == 3
+    assert isinstance(patch_heads(model, clean, corrupted, metric), PatchingResult)

@@ -1,0 +1,252 @@
+"""Attention views: per-head patterns of a prompt, and induction / previous-token scores.
+
+    att = attention_patterns(model, "To be, or not to be")   # AttentionResult
+    att.patterns                                             # [n_layers, n_heads, dest, src]
+    att.figure(layer=1, head=3)                               # plotly heatmap with the prompt's tokens
+    att.grid()                                                # every head of every layer
+    induction_scores(model)                                   # [n_layers, n_heads]
+
+Which maps are read is data, not code: `attention_maps(model, layer)` lists the hook points
+`blocks.{layer}.attn.hook_pattern*` the model has, so an attention variant with more than one map
+(differential attention's `hook_pattern1` / `hook_pattern2` beside its combined, signed `hook_pattern`)
+shows up in `AttentionResult.maps` and in `figure(..., map="pattern1")` without changes here; signed maps
+are drawn on a diverging scale. Routing (mixture-of-experts, mixture-of-depths) is not attention: a routing
+view belongs beside this one, built the same way (a result holding the router hook points' tensors, read
+with one filtered `run_with_cache`, plus `figure`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tinygpt.interp.induction import repeated_tokens
+
+MAIN_MAP = "pattern"
+
+
+def attention_maps(model, layer: int) -> dict[str, str]:
+    """The attention maps a layer exposes: {map name: hook name}, e.g. {"pattern": "blocks.0.attn.hook_pattern"}.
+
+    A map is any hook point `blocks.{layer}.attn.hook_pattern{suffix}` shaped [batch, head, dest, src];
+    its name is "pattern" + suffix (without a leading underscore: "pattern_1" -> "pattern_1").
+    """
+    prefix = f"blocks.{layer}.attn.hook_"
+    rx = re.compile(re.escape(prefix) + r"(pattern\w*)$")
+    return {m[1]: name for name in model.hook_dict if (m := rx.match(name))}
+
+
+@dataclass
+class AttentionResult:
+    """Attention maps of one prompt.
+
+    Attributes:
+        maps: {map name: [n_selected_layers, n_heads, dest, src]}; "pattern" is the softmax attention.
+        layers: the model layers the first axis covers.
+        tokens: [pos] the prompt's tokens; str_tokens their strings.
+    """
+
+    maps: dict[str, Tensor]
+    layers: list[int]
+    tokens: Tensor
+    str_tokens: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def patterns(self) -> Tensor:
+        """[n_selected_layers, n_heads, dest, src]."""
+        return self.maps[MAIN_MAP]
+
+    def head(self, layer: int, head: int, map: str = MAIN_MAP) -> Tensor:
+        """One head's map [dest, src]; `layer` is the model's layer index."""
+        return self._map(map)[self._layer_index(layer), head]
+
+    def _map(self, map: str) -> Tensor:
+        if map not in self.maps:
+            raise KeyError(f"no attention map {map!r}; this model has {sorted(self.maps)}")
+        return self.maps[map]
+
+    def _layer_index(self, layer: int) -> int:
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer} was not collected; have layers {self.layers}")
+        return self.layers.index(layer)
+
+    def _ticks(self) -> list[str]:
+        return [f"{i} {s!r}" for i, s in enumerate(self.str_tokens)]
+
+    def __repr__(self) -> str:
+        L, H, T, _ = self.patterns.shape
+        return f"AttentionResult(layers={self.layers}, heads={H}, pos={T}, maps={sorted(self.maps)})"
+
+    def figure(self, layer: int, head: int, map: str = MAIN_MAP):
+        """Plotly heatmap of one head: rows = destination (query) tokens, columns = source (key) tokens."""
+        import plotly.graph_objects as go
+
+        z = self.head(layer, head, map).float().cpu()
+        ticks = self._ticks()
+        fig = go.Figure(
+            go.Heatmap(
+                z=z.tolist(),
+                x=ticks,
+                y=ticks,
+                **_color(z),
+                hovertemplate="dest %{y}<br>src %{x}<br>%{z:.3f}<extra></extra>",
+            )
+        )
+        size = min(900, 220 + 18 * len(ticks))
+        fig.update_layout(
+            title=f"L{layer}H{head} {map}",
+            width=size + 80,
+            height=size,
+            xaxis=dict(title="source", type="category", tickangle=-60),
+            yaxis=dict(title="destination", type="category", autorange="reversed"),
+        )
+        return fig
+
+    def grid(self, layers: list[int] | None = None, heads: list[int] | None = None, map: str = MAIN_MAP):
+        """Plotly grid of small heatmaps: one row per layer, one column per head."""
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        layers = self.layers if layers is None else list(layers)
+        heads = list(range(self.patterns.shape[1])) if heads is None else list(heads)
+        fig = make_subplots(
+            rows=len(layers),
+            cols=len(heads),
+            horizontal_spacing=0.01,
+            vertical_spacing=0.03,
+            subplot_titles=[f"L{layer}H{h}" for layer in layers for h in heads],
+        )
+        ticks = self._ticks()
+        for r, layer in enumerate(layers, start=1):
+            for c, h in enumerate(heads, start=1):
+                z = self.head(layer, h, map).float().cpu()
+                fig.add_trace(
+                    go.Heatmap(
+                        z=z.tolist(),
+                        x=ticks,
+                        y=ticks,
+                        coloraxis="coloraxis",
+                        hovertemplate=f"L{layer}H{h}<br>dest %{{y}}<br>src %{{x}}<br>%{{z:.3f}}<extra></extra>",
+                    ),
+                    row=r,
+                    col=c,
+                )
+                fig.update_xaxes(showticklabels=False, type="category", row=r, col=c)
+                fig.update_yaxes(showticklabels=False, type="category", autorange="reversed", row=r, col=c)
+        color = _color(self._map(map))
+        fig.update_layout(
+            title=f"Attention {map}: {len(layers)} layers x {len(heads)} heads",
+            coloraxis=dict(colorscale=color["colorscale"], cmin=color["zmin"], cmax=color["zmax"]),
+            height=170 * len(layers) + 80,
+            width=170 * len(heads) + 120,
+        )
+        return fig
+
+
+def _color(z: Tensor) -> dict[str, Any]:
+    """Blues on [0, max] for probabilities; a diverging scale around 0 for signed maps (e.g. A1 - λ A2)."""
+    lo, hi = float(z.min()), float(z.max())
+    if lo >= 0:
+        return dict(colorscale="Blues", zmin=0.0, zmax=max(hi, 1e-9))
+    lim = max(abs(lo), abs(hi))
+    return dict(colorscale="RdBu_r", zmin=-lim, zmax=lim)
+
+
+@torch.no_grad()
+def attention_patterns(model, prompt: Any, layers: list[int] | None = None, batch_index: int = 0) -> AttentionResult:
+    """Attention maps of a prompt for the given layers (default all), per head.
+
+    Args:
+        model: a tinygpt model.
+        prompt: text, or tokens [pos] / [batch, pos] (row `batch_index` is kept).
+        layers: model layer indices (negative counts from the end).
+    Returns:
+        An `AttentionResult`; `.patterns` is [n_layers, n_heads, dest, src].
+    """
+    n = model.cfg.n_layers
+    layer_list = list(range(n)) if layers is None else [int(x) for x in layers]
+    for x in layer_list:
+        if not -n <= x < n:
+            raise ValueError(f"layer {x} is out of range; the model has {n} layers (0..{n - 1})")
+    layer_list = [x % n for x in layer_list]
+    tokens = model.to_tokens(prompt) if isinstance(prompt, str) else torch.as_tensor(prompt)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    tokens = tokens[batch_index : batch_index + 1].to(model.embed.weight.device)
+    hooks = {layer: attention_maps(model, layer) for layer in layer_list}
+    names = [h for per in hooks.values() for h in per.values()]
+    if not names:
+        raise ValueError("this model exposes no attention-pattern hook points (blocks.{i}.attn.hook_pattern)")
+    was_training = model.training
+    model.eval()
+    try:
+        _, cache = model.run_with_cache(tokens, names_filter=names, return_type=None)
+    finally:
+        model.train(was_training)
+    map_names = sorted({m for per in hooks.values() for m in per}, key=lambda m: (m != MAIN_MAP, m))
+    t = tokens.shape[1]
+    maps = {
+        m: torch.stack([_full(cache[hooks[layer][m]], t, layer)[0] for layer in layer_list])
+        for m in map_names
+        if all(m in hooks[layer] for layer in layer_list)
+    }
+    try:
+        str_tokens = model.to_str_tokens(tokens[0])
+    except ValueError:  # no tokenizer attached
+        str_tokens = [str(int(t)) for t in tokens[0]]
+    return AttentionResult(maps, layer_list, tokens[0].cpu(), str_tokens)
+
+
+@torch.no_grad()
+def _patterns_on(model, tokens: Tensor) -> Tensor:
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        _, cache = model.run_with_cache(tokens.to(model.embed.weight.device), names_filter=names, return_type=None)
+    finally:
+        model.train(was_training)
+    return torch.stack([_full(cache[n], tokens.shape[1], i) for i, n in enumerate(names)])  # [L, batch, H, T, T]
+
+
+def _full(pattern: Tensor, t: int, layer: int) -> Tensor:
+    """`pattern` if it covers every position, else a clear error (a block that routes only some tokens)."""
+    if pattern.shape[-1] != t or pattern.shape[-2] != t:
+        raise ValueError(
+            f"layer {layer}'s attention map covers {pattern.shape[-2]} of {t} positions (the block routes only "
+            "some tokens, as mixture-of-depths does); pass layers= without it, or read its hook_pattern from "
+            "run_with_cache alongside the block's routing mask"
+        )
+    return pattern
+
+
+def induction_scores(model, seq_len: int = 20, batch: int = 8, seed: int = 0) -> Tensor:
+    """Induction score per head: [n_layers, n_heads].
+
+    On `batch` sequences of `seq_len` random tokens repeated twice, the mean attention from each token of the
+    second copy to the token right after that token's first occurrence (position i - seq_len + 1).
+    A perfect induction head scores 1.
+    """
+    if 2 * seq_len > model.cfg.n_ctx or seq_len < 2:
+        raise ValueError(f"seq_len must be in [2, n_ctx // 2 = {model.cfg.n_ctx // 2}], got {seq_len}")
+    tokens = repeated_tokens(batch, seq_len, model.cfg.d_vocab, seed=seed)
+    pat = _patterns_on(model, tokens)
+    dest = torch.arange(seq_len, 2 * seq_len)
+    return pat[:, :, :, dest, dest - seq_len + 1].mean(dim=(1, 3)).float().cpu()
+
+
+def previous_token_scores(model, seq_len: int = 40, batch: int = 8, seed: int = 0) -> Tensor:
+    """Mean attention from each position (after the first) to the position before it, on random tokens:
+    [n_layers, n_heads]."""
+    if not 2 <= seq_len <= model.cfg.n_ctx:
+        raise ValueError(f"seq_len must be in [2, n_ctx = {model.cfg.n_ctx}], got {seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, model.cfg.d_vocab, (batch, seq_len), generator=gen)
+    pat = _patterns_on(model, tokens)
+    dest = torch.arange(1, seq_len)
+    return pat[:, :, :, dest, dest - 1].mean(dim=(1, 3)).float().cpu()

@@ -1,0 +1,122 @@
+"""`tinygpt lora` and `tinygpt lora-merge`: LoRA fine-tuning of a .tinygpt model, and folding adapters in.
+
+    tinygpt lora tiny.tinygpt --corpus sonnets.txt --targets mlp.fc_in,attn.q_proj --rank 8 --alpha 16 \\
+        --steps 300 --out tiny-sonnets.lora [--merge-out tiny-sonnets.tinygpt]
+    tinygpt lora tiny.tinygpt --corpus sonnets.txt --steps 600 --out tiny-sonnets.lora --resume
+    tinygpt lora-merge tiny.tinygpt tiny-sonnets.lora --out tiny-sonnets.tinygpt
+
+The run's full checkpoint (for --resume) is kept beside the adapter as ADAPTER.run.tinygpt (--no-checkpoint:
+none). Training options left out keep `lora_finetune`'s defaults (or, with --resume, the saved run's).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from tinygpt.distill_cli import _TRAIN_FLAGS
+
+
+def add_parsers(sub) -> None:
+    """Register `lora` and `lora-merge` on an argparse subparsers object."""
+    p = sub.add_parser("lora", help="fine-tune LoRA adapters on a .tinygpt model (base weights frozen)")
+    p.add_argument("model", help="the base .tinygpt file")
+    p.add_argument("--corpus", default=None, help="text file, directory or .jsonl (default: built-in Shakespeare)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument(
+        "--targets",
+        default="attn.q_proj,attn.v_proj",
+        help="comma-separated: mlp.fc_in, mlp.fc_out, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, groups "
+        "mlp/attn/all, or block-relative paths with * (default attn.q_proj,attn.v_proj)",
+    )
+    p.add_argument("--layers", default=None, help="e.g. 0-3, 0,2 or all (default all)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=None, help="update scale numerator (default 2 x rank)")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="autocast dtype")
+    p.add_argument("--batch", type=int, default=None, help="sequences per micro-batch (default 8)")
+    p.add_argument("--accum", type=int, default=None)
+    p.add_argument("--ctx", type=int, default=None, help="sequence length (default: the model's n_ctx)")
+    p.add_argument("--steps", type=int, default=None, help="default 500")
+    p.add_argument("--lr-schedule", default=None, choices=["cosine", "constant"])
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--max-lr", type=float, default=None, help="default 1e-3")
+    p.add_argument("--min-lr", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None, help="default 0")
+    p.add_argument("--grad-clip", type=float, default=None)
+    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--val-split", type=float, default=None)
+    p.add_argument("--val-every", type=int, default=None)
+    p.add_argument("--sample-every", type=int, default=None)
+    p.add_argument("--sample-prompt", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", required=True, help="the adapter file to write (.lora)")
+    p.add_argument("--merge-out", default=None, help="also write the merged model as a plain .tinygpt")
+    p.add_argument("--resume", action="store_true", help="continue the run kept in OUT.run.tinygpt")
+    p.add_argument("--no-checkpoint", action="store_true", help="keep no run checkpoint (no --resume later)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("lora-merge", help="fold a LoRA adapter file into its base model (writes a .tinygpt)")
+    p.add_argument("model", help="the base .tinygpt file the adapter was trained on")
+    p.add_argument("adapter", help="the adapter file (.lora)")
+    p.add_argument("--out", required=True, help="the merged .tinygpt to write")
+    p.add_argument("--force", action="store_true", help="apply the adapter even if the base model does not match")
+
+
+def cmd_lora(a: argparse.Namespace) -> int:
+    from tinygpt.lora import lora_finetune
+
+    settings = {field: getattr(a, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(a, flag) is not None}
+    corpus = a.corpus
+    if corpus is not None and a.text_field != "text":
+        from tinygpt.data import load_corpus
+
+        corpus = load_corpus(corpus, text_field=a.text_field)
+    res = lora_finetune(
+        a.model,
+        corpus,
+        targets=a.targets,
+        rank=a.rank,
+        alpha=a.alpha,
+        dropout=a.dropout,
+        layers=a.layers,
+        out=a.out,
+        merge_out=a.merge_out,
+        checkpoint=not a.no_checkpoint,
+        resume=a.resume,
+        device=a.device,
+        progress=not a.no_progress,
+        **settings,
+    )
+    r = res.result
+    last = r.history[-1] if r.history else {}
+    parts = [f"step {r.step}"]
+    if "loss" in last:
+        parts.append(f"loss {last['loss']:.3f}")
+    if r.final_val_loss is not None:
+        parts.append(f"val loss {r.final_val_loss:.3f}")
+    parts.append(f"{res.n_trainable:,} of {res.n_total:,} parameters trained in {len(res.modules)} modules")
+    parts.append(f"{r.elapsed:.1f}s")
+    parts.append(f"saved {res.adapter_path}")
+    if res.merged_path:
+        parts.append(f"merged {res.merged_path}")
+    print(("interrupted: " if r.interrupted else "done: ") + " | ".join(parts))
+    return 130 if r.interrupted else 0
+
+
+def cmd_lora_merge(a: argparse.Namespace) -> int:
+    from tinygpt.checkpoint import load, save
+    from tinygpt.lora import load_lora, merge_lora, read_lora
+
+    model = load(a.model)
+    f = read_lora(a.adapter)
+    names = load_lora(model, f, check=not a.force)
+    merge_lora(model)
+    model.train_state = {"lora_merged": {"adapter": str(a.adapter), "base": f.base, "modules": f.modules}}
+    path = save(model, a.out)
+    print(f"merged {len(names)} adapters from {a.adapter} into {a.model}: saved {path}")
+    return 0
+
+
+COMMANDS = {"lora": cmd_lora, "lora-merge": cmd_lora_merge}
