@@ -5,7 +5,13 @@ Targets are named relative to a block, as `tinygpt inspect` shows them (`blocks.
     mlp.fc_in  mlp.fc_out  attn.q_proj  attn.k_proj  attn.v_proj  attn.o_proj
     groups: "mlp" (both MLP matrices), "attn" (all four attention projections), "all" (all six)
 
-Leaf names alone ("fc_out", "q_proj") are accepted too. Layers are an int, a list of ints, a `range`,
+Leaf names alone ("fc_out", "q_proj") are accepted too.
+
+Mixture-of-Experts blocks (`tinygpt.arch.moe`) have no `mlp`: there `mlp.fc_in` / `mlp.fc_out` (and so the
+"mlp" and "all" groups) stand for every expert's matrix of that block, `moe.experts.{j}.fc_in` /
+`moe.experts.{j}.fc_out`, and each expert matrix is operated on (and reported, e.g. "moe.experts.2.fc_out")
+on its own. Experts can be named explicitly: `moe.experts.fc_in` (every expert) or `moe.experts.2.fc_out`
+(expert 2 only); these names apply only to MoE blocks. Layers are an int, a list of ints, a `range`,
 a string such as "8-11", "0,2,5" or "0-3,7", or None (every layer); negative ints count from the end.
 Every function here validates all of its arguments before anything is modified.
 """
@@ -36,16 +42,32 @@ TargetSpec = str | Sequence[str] | None
 LayerSpec = int | str | Sequence[int] | range | None
 
 
+_MOE_TARGET = re.compile(r"^moe\.experts\.(?:(\d+)\.)?(fc_in|fc_out)$")
+
+
 def valid_target_names() -> str:
-    return ", ".join(TARGETS) + "; groups: " + ", ".join(TARGET_GROUPS)
+    return (
+        ", ".join(TARGETS)
+        + "; groups: "
+        + ", ".join(TARGET_GROUPS)
+        + "; MoE experts: moe.experts.fc_in, moe.experts.fc_out, moe.experts.{j}.fc_in, moe.experts.{j}.fc_out"
+    )
+
+
+def _moe_key(name: str) -> tuple[int, int]:
+    m = _MOE_TARGET.match(name)
+    assert m is not None
+    return (-1 if m.group(1) is None else int(m.group(1)), 0 if m.group(2) == "fc_in" else 1)
 
 
 def resolve_targets(spec: TargetSpec, default: TargetSpec = "all") -> list[str]:
     """Expand a target spec into canonical names, in `TARGETS` order, without duplicates.
 
     Args:
-        spec: a name ("mlp.fc_out" or "fc_out"), a group ("mlp", "attn", "all"), a comma-separated string
-            of those, a list of them, or None (= `default`).
+        spec: a name ("mlp.fc_out" or "fc_out"), a group ("mlp", "attn", "all"), a MoE expert name
+            ("moe.experts.fc_in", "moe.experts.2.fc_out"), a comma-separated string of those, a list of them,
+            or None (= `default`). MoE names come after the `TARGETS` ones; they are expanded per block by
+            `block_targets`.
     Raises:
         ValueError: an unknown name (the message lists the valid ones) or an empty spec.
     """
@@ -63,11 +85,51 @@ def resolve_targets(spec: TargetSpec, default: TargetSpec = "all") -> list[str]:
             chosen.add(name)
         elif name in _LEAF:
             chosen.add(_LEAF[name])
+        elif _MOE_TARGET.match(name):
+            chosen.add(name)
         else:
             raise ValueError(f"unknown target {raw!r}; valid targets: {valid_target_names()}")
     if not chosen:
         raise ValueError(f"no targets given; valid targets: {valid_target_names()}")
-    return [t for t in TARGETS if t in chosen]
+    return [t for t in TARGETS if t in chosen] + sorted(chosen.difference(TARGETS), key=_moe_key)
+
+
+def block_targets(model: nn.Module, layer: int, targets: Sequence[str]) -> list[str]:
+    """The concrete block-relative module paths that canonical `targets` name in block `layer`.
+
+    On a dense block the names are returned as they are. On a MoE block (one with `moe.experts` and no `mlp`)
+    `mlp.fc_in` / `mlp.fc_out` and `moe.experts.fc_in` / `moe.experts.fc_out` become every expert's matrix
+    (`moe.experts.{j}.fc_in`, ...) and `moe.experts.{j}.<leaf>` is checked against the number of experts.
+    Duplicates are dropped, first occurrence kept.
+
+    Raises:
+        ValueError: a MoE name on a block without experts, or an expert index out of range.
+    """
+    block = model.blocks[layer]
+    moe = getattr(block, "moe", None)
+    experts = getattr(moe, "experts", None) if not hasattr(block, "mlp") else None
+    out: list[str] = []
+    for t in targets:
+        m = _MOE_TARGET.match(t)
+        if m is None and not (experts is not None and t.startswith("mlp.")):
+            out.append(t)
+            continue
+        if experts is None:
+            raise ValueError(
+                f"target {t!r} names MoE experts, but block {layer} has no `moe.experts` (it is a dense block); "
+                "use mlp.fc_in / mlp.fc_out there"
+            )
+        leaf = m.group(2) if m else t.split(".", 1)[1]
+        if m and m.group(1) is not None:
+            j = int(m.group(1))
+            if j >= len(experts):
+                raise ValueError(
+                    f"target {t!r}: block {layer} has {len(experts)} experts (valid indices 0..{len(experts) - 1})"
+                )
+            out.append(f"moe.experts.{j}.{leaf}")
+        else:
+            out.extend(f"moe.experts.{j}.{leaf}" for j in range(len(experts)))
+    return list(dict.fromkeys(out))
 
 
 _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
@@ -155,6 +217,9 @@ def check_model(model: nn.Module) -> int:
 def select_linears(model: nn.Module, targets: TargetSpec, layers: LayerSpec) -> list[tuple[int, str, nn.Linear]]:
     """(layer, target, nn.Linear) for every selected matrix, layer-major; validates everything first.
 
+    `target` is the concrete block-relative path (on MoE blocks one entry per expert matrix, e.g.
+    "moe.experts.2.fc_out"; see `block_targets`), so `module_name(layer, target)` is unique per matrix.
+
     Raises:
         ValueError: bad targets or layers, or a selected module that is not a plain `nn.Linear` (for
             example one already replaced by `LowRankLinear` or `PackedQuantLinear`).
@@ -164,7 +229,7 @@ def select_linears(model: nn.Module, targets: TargetSpec, layers: LayerSpec) -> 
     lay = resolve_layers(layers, n)
     out = []
     for layer in lay:
-        for t in tgt:
+        for t in block_targets(model, layer, tgt):
             mod = get_module(model, layer, t)
             if type(mod) is not nn.Linear:
                 raise ValueError(
