@@ -1,4 +1,4 @@
-"""Shared test set-up: one torch thread per test process.
+"""Shared test set-up: one torch thread per test process, and fixtures the surgery tests share.
 
 The suite runs under pytest-xdist with one worker per core; a second torch thread per worker only adds
 contention (tiny ops get up to 100x slower on a loaded 2-core machine).
@@ -6,6 +6,68 @@ contention (tiny ops get up to 100x slower on a loaded 2-core machine).
 
 import os
 
+import pytest
 import torch
+import torch.nn as nn
 
 torch.set_num_threads(int(os.environ.get("TINYGPT_TEST_THREADS", "1")))
+
+
+# ------------------------------------------------------------------ shared by the surgery and dashboard tests
+@pytest.fixture(scope="module")
+def tokens() -> torch.Tensor:
+    """A fixed batch of byte tokens [4, 33]: inputs `[:, :-1]`, next-token targets `[:, 1:]`."""
+    return torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_bitwise_equal(model: nn.Module, snap: dict[str, torch.Tensor]) -> None:
+    now = model.state_dict()
+    assert set(now) == set(snap)
+    for k, v in snap.items():
+        assert now[k].dtype == v.dtype and torch.equal(now[k], v), k
+
+
+@torch.no_grad()
+def _loss_of(model, tokens: torch.Tensor) -> float:
+    return float(model(tokens[:, :-1], return_type="loss", targets=tokens[:, 1:]))
+
+
+@pytest.fixture(scope="session")
+def snapshot():
+    """`snapshot(model)`: a copy of the model's state dict (compare with `assert_bitwise_equal`)."""
+    return _snapshot
+
+
+@pytest.fixture(scope="session")
+def assert_bitwise_equal():
+    """`assert_bitwise_equal(model, snap)`: the model's state dict equals `snap` bit for bit (names, dtypes)."""
+    return _assert_bitwise_equal
+
+
+@pytest.fixture(scope="session")
+def loss_of():
+    """`loss_of(model, tokens)`: the mean next-token loss of a token batch [batch, pos], as a float."""
+    return _loss_of
+
+
+#: Tiny models of every architecture variant (GPTConfig knobs), for tests that must hold on all of them.
+ARCH_VARIANTS = {
+    "dense": {},
+    "moe": {"moe_experts": 3, "moe_topk": 2},
+    "mod": {"mod": True, "mod_every": 2},
+    "diff_attn": {"diff_attn": True},
+    "yoco": {"yoco": True, "yoco_window": 8},
+}
+
+
+@pytest.fixture(params=list(ARCH_VARIANTS))
+def arch_model(request):
+    """A fresh, seeded 2-layer model (d_model 32, n_ctx 64, byte vocabulary) in eval mode, once per variant."""
+    from tinygpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layers=2, d_model=32, n_heads=2, n_ctx=64, **ARCH_VARIANTS[request.param])).eval()

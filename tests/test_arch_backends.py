@@ -69,17 +69,55 @@ def test_attend_sdpa_paths_equal_the_masked_softmax(t, past):
     assert backends.backend_for("auto", q, k, v) == "sdpa"  # CPU: SDPA
 
 
-def test_auto_and_sdpa_and_eager_models_agree():
-    tokens = torch.randint(0, 256, (2, 10))
+def masked_reference(q, k, v, visible):
+    """Softmax attention with an explicit visibility rule: visible(b, i, j) for query i, key j of row b."""
+    b, t, n = q.shape[0], q.shape[2], k.shape[2]
+    mask = torch.tensor([[[visible(r, i, j) for j in range(n)] for i in range(t)] for r in range(b)])[:, None]
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return s.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize(("t", "n", "window"), [(9, 9, 4), (9, 9, 12), (1, 4, 4), (3, 7, 5), (6, 6, 6)])
+def test_sliding_window_attend_and_mask(t, n, window):
+    """Query i is key position i + n - t and sees the `window` keys ending there (YOCO's self-decoder)."""
+    g = torch.Generator().manual_seed(t + n)
+    q, k, v = torch.randn(2, 3, t, 8, generator=g), torch.randn(2, 3, n, 8, generator=g), torch.randn(2, 3, n, 8)
+    want = masked_reference(q, k, v, lambda r, i, j: i + n - t - window < j <= i + n - t)
+    mask = backends.attn_mask(t, n, q.device, window=window)
+    assert mask.shape == (t, n) and mask.sum(1).tolist() == [min(window, i + n - t + 1) for i in range(t)]
+    for impl in ("auto", "sdpa"):
+        got = backends.attend(q, k, v, n - t, 0.0, impl, window=window)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_scattered_query_positions_attend_and_mask():
+    """q_pos: each query sits at its own key index (MoD routed queries over YOCO's shared keys)."""
+    g = torch.Generator().manual_seed(0)
+    q_pos = torch.tensor([[0, 4, 5, 9], [2, 3, 8, 1]])  # row 1 ends with a padding query at an earlier position
+    q, k, v = torch.randn(2, 2, 4, 8, generator=g), torch.randn(2, 2, 10, 8, generator=g), torch.randn(2, 2, 10, 6)
+    want = masked_reference(q, k, v, lambda r, i, j: j <= int(q_pos[r, i]))
+    mask = backends.attn_mask(4, 10, q.device, q_pos=q_pos)
+    assert mask.shape == (2, 1, 4, 10) and mask[:, 0].sum(-1).tolist() == (q_pos + 1).tolist()
+    for impl in ("auto", "sdpa"):
+        torch.testing.assert_close(backends.attend(q, k, v, 6, 0.0, impl, q_pos=q_pos), want, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="past=2 but the keys hold 10 positions for 4 queries"):
+        backends.attend(q, k, v, 2)
+
+
+@pytest.mark.parametrize("yoco", [False, True])
+def test_auto_and_sdpa_and_eager_models_agree(yoco):
+    tokens = torch.randint(0, 256, (2, 20))
     with torch.no_grad():
-        outs = {impl: tiny(attn_impl=impl).eval()(tokens) for impl in ("auto", "sdpa", "eager")}
+        outs = {
+            impl: tiny(attn_impl=impl, yoco=yoco, yoco_window=6).eval()(tokens) for impl in ("auto", "sdpa", "eager")
+        }
     torch.testing.assert_close(outs["auto"], outs["eager"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs["sdpa"], outs["eager"], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("diff_attn", [False, True])
-def test_mps_backend_names_the_problem_on_this_machine(diff_attn):
-    m = tiny(attn_impl="mps", diff_attn=diff_attn).eval()
+@pytest.mark.parametrize(("diff_attn", "yoco"), [(False, False), (True, False), (False, True), (True, True)])
+def test_mps_backend_names_the_problem_on_this_machine(diff_attn, yoco):
+    m = tiny(attn_impl="mps", diff_attn=diff_attn, yoco=yoco).eval()
     tokens = torch.zeros(1, 4, dtype=torch.long)
     expected = "MPS is not available" if not torch.backends.mps.is_available() else "move it with model.to"
     with pytest.raises(BackendUnavailable, match=f"attn_impl='mps' is not available: .*{expected}"):
@@ -90,9 +128,9 @@ def test_mps_backend_names_the_problem_on_this_machine(diff_attn):
         backends.check_backend("mps", "cpu")
 
 
-@pytest.mark.parametrize("diff_attn", [False, True])
-def test_triton_backend_without_cuda_names_the_problem(no_interpreter, diff_attn):
-    m = tiny(attn_impl="triton", diff_attn=diff_attn).eval()
+@pytest.mark.parametrize(("diff_attn", "yoco"), [(False, False), (True, False), (False, True), (True, True)])
+def test_triton_backend_without_cuda_names_the_problem(no_interpreter, diff_attn, yoco):
+    m = tiny(attn_impl="triton", diff_attn=diff_attn, yoco=yoco).eval()
     with pytest.raises(BackendUnavailable, match="attn_impl='triton' is not available: the tensors are on 'cpu'.*CUDA"):
         m(torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(BackendUnavailable, match="needs a CUDA GPU"):

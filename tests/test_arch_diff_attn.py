@@ -171,7 +171,9 @@ def test_fast_path_is_two_fused_calls_per_layer(monkeypatch):
 
     calls = []
     real = backends.attend
-    monkeypatch.setattr(backends, "attend", lambda q, k, v, *a: calls.append((q.shape, v.shape)) or real(q, k, v, *a))
+    monkeypatch.setattr(
+        backends, "attend", lambda q, k, v, *a, **kw: calls.append((q.shape, v.shape)) or real(q, k, v, *a, **kw)
+    )
     m = model().eval()
     with torch.no_grad():
         m(torch.randint(0, 256, (2, 6)), return_type=None)

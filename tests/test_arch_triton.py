@@ -117,6 +117,13 @@ def test_unequal_query_and_key_blocks(blocks, monkeypatch):
         want = outputs_and_grads(lambda *t: reference(*t, dtype=torch.float32), (q, k, v), do)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+        # YOCO's mask options with unequal blocks too: a window, and scattered query positions
+        q_pos = torch.randperm(n, generator=torch.Generator().manual_seed(n))[:m].sort().values[None]
+        for opts in (dict(window=6), dict(q_pos=q_pos)):
+            got = outputs_and_grads(lambda *t, o=opts: flash_attention(*t, **o), (q, k, v), do)
+            want = outputs_and_grads(lambda *t, o=opts: masked_reference(*t, **o), (q, k, v), do)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
 @needs_interpreter
@@ -171,6 +178,58 @@ def test_differential_attention_and_its_gradients():
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=name)
 
 
+def masked_reference(q, k, v, window=None, q_pos=None):
+    """Eager attention with `backends.attn_mask` (the mask the eager and SDPA paths use), in fp32."""
+    from tinygpt.arch.backends import attn_mask
+
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return (
+        s.masked_fill(~attn_mask(q.shape[2], k.shape[2], q.device, window=window, q_pos=q_pos), -math.inf).softmax(-1)
+        @ v
+    )
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    ("m", "n", "window"),
+    [
+        (40, 40, 5),  # window shorter than a block: blocks before it are skipped, its edge cuts blocks
+        (40, 40, 20),  # window longer than a block
+        (7, 45, 9),  # a chunk after a window cache; padding rows past M see no key at all
+        (1, 6, 6),  # one decoding step
+    ],
+)
+def test_sliding_window_outputs_and_gradients_match_eager(m, n, window):
+    q, k, v = inputs(1, 2, m, n, 16, 16, seed=m + window)
+    do = torch.randn(1, 2, m, 16)
+    got = outputs_and_grads(lambda *t: flash_attention(*t, window=window), (q, k, v), do)
+    want = outputs_and_grads(lambda *t: masked_reference(*t, window=window), (q, k, v), do)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=name)
+    if n - m >= window:  # keys older than every query's window (skipped blocks included) get no gradient
+        first_seen = n - m - window + 1
+        assert got[2][..., :first_seen, :].abs().max() == 0 and got[3][..., :first_seen, :].abs().max() == 0
+        assert got[2][..., first_seen, :].abs().max() > 0
+
+
+@needs_interpreter
+@pytest.mark.parametrize("window", [None, 6])
+def test_scattered_query_positions_match_eager(window):
+    """q_pos: routed queries at scattered (and, in padding, unsorted) positions of the key sequence."""
+    q_pos = torch.tensor([[0, 3, 4, 9, 17, 30, 31, 2, 5], [1, 2, 3, 4, 5, 6, 7, 8, 39]])
+    q, k, v = inputs(2, 2, 9, 40, 16, 24, seed=3)
+    do = torch.randn(2, 2, 9, 24)
+    got = outputs_and_grads(lambda *t: flash_attention(*t, window=window, q_pos=q_pos), (q, k, v), do)
+    want = outputs_and_grads(lambda *t: masked_reference(*t, window=window, q_pos=q_pos), (q, k, v), do)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=name)
+    assert got[2][0, :, 32:].abs().max() == 0  # no query of row 0 sits past key 31
+    with pytest.raises(ValueError, match="q_pos must be an integer tensor"):
+        flash_attention(q, k, v, q_pos=q_pos[:, :4])
+    with pytest.raises(ValueError, match="need causal=True"):
+        flash_attention(q, k, v, causal=False, window=3)
+
+
 @needs_interpreter
 def test_unsupported_inputs_raise_clear_errors():
     q, k, v = inputs(1, 1, 8, 8, 160, 160)
@@ -212,6 +271,53 @@ def test_model_with_triton_backend_matches_eager(diff_attn):
         steps += [m(tokens[:, i : i + 1], past_kv_cache=cache) for i in range(9, 12)]
         inc = torch.cat(steps, 1)
     torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        dict(),
+        dict(diff_attn=True),
+        dict(mod=True, mod_capacity=0.5, mod_every=1),  # routed self-decoder (window) and cross-decoder (q_pos)
+    ],
+    ids=["yoco", "yoco+diff", "yoco+mod"],
+)
+def test_yoco_with_triton_backend_matches_eager(knobs, monkeypatch):
+    """YOCO's sliding-window and cross-decoder attention on the kernel (interpreted) == 'eager': logits, the
+    gradients of every parameter, and window + global cache decoding (prefill, then token by token)."""
+    calls = []
+    real = triton_attn.flash_attention
+
+    def spy(*a, **kw):
+        calls.append((kw.get("window"), kw.get("q_pos") is not None))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(triton_attn, "flash_attention", spy)
+    kw = dict(yoco=True, yoco_window=10, **knobs)  # window < sequence: the window cuts the 16-key blocks
+    tokens = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for impl in ("triton", "eager"):
+        m = tiny(attn_impl=impl, **kw)
+        logits, loss = m(tokens, return_type="both")
+        loss.backward()
+        runs[impl] = logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+    torch.testing.assert_close(runs["triton"][0], runs["eager"][0], atol=1e-5, rtol=1e-5)
+    for name, g in runs["eager"][1].items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(runs["triton"][1][name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+    m = tiny(attn_impl="triton", **kw).eval()
+    with torch.no_grad():
+        full = m(tokens)
+        cache = m.make_cache(1)
+        steps = [m(tokens[:, :13], past_kv_cache=cache)]  # prefill longer than the window, then one at a time
+        steps += [m(tokens[:, i : i + 1], past_kv_cache=cache) for i in range(13, 24)]
+        inc = torch.cat(steps, 1)
+    torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-5)
+    assert (10, False) in calls  # the self-decoder's window ran on the kernel
+    # the cross-decoder: every query in order, or (MoD routes every block here) routed queries at their positions
+    assert (None, bool(knobs.get("mod"))) in calls and (None, not knobs.get("mod")) not in calls
 
 
 @needs_interpreter
@@ -268,14 +374,20 @@ from tinygpt.arch.triton_attn import _GPU_CONFIGS
 
 assert not K.INTERPRET
 names = {"fwd": "attn_fwd", "dkdv": "attn_bwd_dkdv", "dq": "attn_bwd_dq", "pre": "attn_bwd_preprocess"}
-for dt, dqk, dv, precision in (("bf16", 64, 64, "ieee"), ("fp32", 32, 64, "tf32")):  # plain; differential halves
+# plain; differential halves; YOCO's sliding window; queries at scattered positions (MoD in YOCO's cross-decoder)
+variants = (("bf16", 64, 64, "ieee", False, False), ("fp32", 32, 64, "tf32", False, False),
+            ("bf16", 64, 64, "ieee", True, False), ("fp32", 32, 32, "tf32", False, True))
+for dt, dqk, dv, precision, windowed, has_qpos in variants:
     for kind, name in names.items():
+        if kind == "pre" and (windowed or has_qpos):
+            continue  # no mask in the preprocess kernel
         fn = getattr(K, name)
         bm, bn, warps, stages = _GPU_CONFIGS.get(kind, [(64, 0, 4, 1)])[0]
-        consts = dict(D_QK=dqk, D_V=dv, BLOCK_DQK=dqk, BLOCK_DV=dv, CAUSAL=True, PRECISION=precision, UPCAST=False,
-                      BLOCK_M=bm, BLOCK_N=bn)
+        consts = dict(D_QK=dqk, D_V=dv, BLOCK_DQK=dqk, BLOCK_DV=dv, CAUSAL=True, WINDOWED=windowed,
+                      HAS_QPOS=has_qpos, PRECISION=precision, UPCAST=False, BLOCK_M=bm, BLOCK_N=bn)
         consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-        ptrs = {**dict.fromkeys(("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"), dt), "LSE": "fp32", "DELTA": "fp32"}
+        ptrs = {**dict.fromkeys(("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"), dt), "LSE": "fp32", "DELTA": "fp32",
+                "QPOS": "i32"}
         sig = {a: "constexpr" if a in consts else "*" + ptrs[a] if a in ptrs else "fp32" if a == "sm_scale" else "i32"
                for a in fn.arg_names}
         src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
@@ -295,4 +407,4 @@ def test_kernels_compile_for_an_h100_without_a_gpu(tmp_path):
         [sys.executable, "-c", COMPILE_FOR_H100], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count(" ok") == 8, proc.stdout
+    assert proc.stdout.count(" ok") == 14, proc.stdout

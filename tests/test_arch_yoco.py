@@ -1,9 +1,11 @@
 """YOCO (You Only Cache Once): self-decoder with sliding-window attention, one shared K/V, cross-decoder;
-window + global cache decoding equal to the full forward; save/load, describe, CLI, generation."""
+window + global cache decoding equal to the full forward; save/load, describe, CLI, generation; and YOCO
+combined with differential attention, Mixture-of-Depths and Mixture-of-Experts (each alone and all three)."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -11,7 +13,17 @@ import torch.nn.functional as F
 
 import tinygpt
 from tinygpt import GPT, GPTConfig, KVCache
-from tinygpt.arch.yoco import CrossAttention, SlidingWindowAttention, YocoCache, YocoGPT
+from tinygpt.arch.diff_attn import DiffAttention
+from tinygpt.arch.mod import MoDBlock, RoutedKV, capacity_k, routing, routing_agreement
+from tinygpt.arch.moe import MoE
+from tinygpt.arch.yoco import (
+    CrossAttention,
+    DiffCrossAttention,
+    DiffSlidingWindowAttention,
+    SlidingWindowAttention,
+    YocoCache,
+    YocoGPT,
+)
 from tinygpt.config import ConfigError
 
 W = 6  # the window; sequences below are several windows long
@@ -38,7 +50,14 @@ def tokens(batch: int = 2, pos: int = 30, seed: int = 1) -> torch.Tensor:
 
 
 def reference_logits(model: YocoGPT, toks: torch.Tensor) -> torch.Tensor:
-    """YOCO written out position by position from the paper's equations, with the model's weights."""
+    """YOCO written out position by position from the papers' equations, with the model's weights.
+
+    Covers the combinations: differential attention (both maps, λ, per-head RMSNorm), Mixture-of-Experts (each
+    token through its top-k experts, one by one, weighted by the softmax over their logits) and Mixture-of-Depths
+    with top-k routing (a routed block runs on its routed tokens only: in the self-decoder a routed token sees
+    the last `yoco_window` routed tokens; in the cross-decoder the shared keys of every position up to its own;
+    both sub-layer outputs gated by sigmoid(router score)).
+    """
     cfg = model.cfg
     b, t = toks.shape
     H, dh, w, n_self = cfg.n_heads, cfg.d_head, cfg.yoco_window, cfg.n_layers // 2
@@ -47,30 +66,64 @@ def reference_logits(model: YocoGPT, toks: torch.Tensor) -> torch.Tensor:
         x = x - x.mean(-1, keepdim=True)
         return x / (x.pow(2).mean(-1, keepdim=True) + cfg.layer_norm_eps).sqrt() * mod.weight + mod.bias
 
-    def heads(lin, h):
-        return lin(h).view(b, t, H, dh)
+    def heads(lin, h):  # [n, d_model] -> [n, H, dh]
+        return lin(h).view(h.shape[0], H, dh)
 
-    def attend(q, k, v, visible):
-        out = torch.zeros_like(q)
-        for i in range(t):
-            js = [j for j in range(t) if visible(i, j)]
-            scores = torch.einsum("bhd,bjhd->bhj", q[:, i], k[:, js]) / math.sqrt(dh)
-            out[:, i] = torch.einsum("bhj,bjhd->bhd", scores.softmax(-1), v[:, js])
+    def softmax_attend(q, k, v, scale):  # one query [H, e], keys [j, H, e], values [j, H, dh] -> [H, dh]
+        return torch.einsum("hj,jhd->hd", (torch.einsum("he,jhe->hj", q, k) * scale).softmax(-1), v)
+
+    def attention(attn, q, k, v, visible):  # q [n, H, dh]; k, v [m, H, dh]; visible(a): key indices of query a
+        out = []
+        for a in range(q.shape[0]):
+            js = visible(a)
+            if isinstance(attn, DiffAttention):
+                e = dh // 2
+                lam_init = 0.8 - 0.6 * math.exp(-0.3 * attn.layer)
+                lam = (attn.lambda_q1 @ attn.lambda_k1).exp() - (attn.lambda_q2 @ attn.lambda_k2).exp() + lam_init
+                o1 = softmax_attend(q[a, :, :e], k[js, :, :e], v[js], 1 / math.sqrt(e))
+                o2 = softmax_attend(q[a, :, e:], k[js, :, e:], v[js], 1 / math.sqrt(e))
+                o = o1 - lam * o2
+                o = o / (o.pow(2).mean(-1, keepdim=True) + cfg.layer_norm_eps).sqrt() * attn.subln.weight
+                out.append(o * (1 - lam_init))
+            else:
+                out.append(softmax_attend(q[a], k[js], v[js], 1 / math.sqrt(dh)))
+        return attn.o_proj(torch.stack(out).reshape(q.shape[0], H * dh))
+
+    def ffn(blk, h):  # h [n, d_model]
+        if not cfg.moe_experts:
+            return blk.mlp.fc_out(F.gelu(blk.mlp.fc_in(h), approximate="tanh"))
+        top_v, top_i = (h @ blk.moe.router.weight.T).topk(cfg.moe_topk, -1)
+        weights = top_v.softmax(-1)
+        out = torch.zeros_like(h)
+        for n in range(h.shape[0]):
+            for j, wgt in zip(top_i[n].tolist(), weights[n]):
+                e = blk.moe.experts[j]
+                out[n] += wgt * e.fc_out(F.gelu(e.fc_in(h[n]), approximate="tanh"))
         return out
 
     x = model.W_E[toks] + model.W_pos[:t]
     for i, blk in enumerate(model.blocks):
-        h = ln(blk.ln1, x)
-        if i < n_self:
-            a = blk.attn
-            z = attend(heads(a.q_proj, h), heads(a.k_proj, h), heads(a.v_proj, h), lambda d, s: d - w < s <= d)
-        else:
-            if i == n_self:  # the shared K/V, once, from the self-decoder's output
-                kv_in = ln(model.yoco_kv.ln, x)
-                K, V = heads(model.yoco_kv.k_proj, kv_in), heads(model.yoco_kv.v_proj, kv_in)
-            z = attend(heads(blk.attn.q_proj, h), K, V, lambda d, s: s <= d)
-        x = x + blk.attn.o_proj(z.reshape(b, t, H * dh))
-        x = x + blk.mlp.fc_out(F.gelu(blk.mlp.fc_in(ln(blk.ln2, x)), approximate="tanh"))
+        if i == n_self:  # the shared K/V, once, from the self-decoder's output
+            kv_in = ln(model.yoco_kv.ln, x)
+            K = model.yoco_kv.k_proj(kv_in).view(b, t, H, dh)
+            V = model.yoco_kv.v_proj(kv_in).view(b, t, H, dh)
+        out = x.clone()
+        for r in range(b):
+            P, gate = torch.arange(t), torch.ones(t, 1)
+            if isinstance(blk, MoDBlock):  # top-k routing: the routed positions, in causal order
+                scores = blk.router(x[r]).squeeze(-1)
+                P = scores.topk(capacity_k(cfg.mod_capacity, t)).indices.sort().values
+                gate = torch.sigmoid(scores[P])[:, None]
+            xs = x[r, P]
+            h, a = ln(blk.ln1, xs), blk.attn
+            if i < n_self:  # the window runs over the (routed) sub-sequence
+                k_, v_ = heads(a.k_proj, h), heads(a.v_proj, h)
+                attn_out = attention(a, heads(a.q_proj, h), k_, v_, lambda c: list(range(max(0, c - w + 1), c + 1)))
+            else:  # every shared key up to the query's own position
+                attn_out = attention(a, heads(a.q_proj, h), K[r], V[r], lambda c, P=P: list(range(int(P[c]) + 1)))
+            mid = xs + gate * attn_out
+            out[r, P] = mid + gate * ffn(blk, ln(blk.ln2, mid))
+        x = out
     return model.unembed(ln(model.ln_final, x))
 
 
@@ -104,22 +157,14 @@ def test_parameter_count_formula():
     assert make_model().n_params() == CFG.n_params() == expected
 
 
-def test_unsupported_combinations_and_wrong_cache_are_clear_errors():
-    with pytest.raises(ConfigError, match="yoco cannot be combined with diff_attn"):
-        GPT(CFG.replace(diff_attn=True))
-    with pytest.raises(ConfigError, match="mod"):
-        GPT(CFG.replace(mod=True))
+def test_wrong_config_and_cache_are_clear_errors():
     with pytest.raises(ConfigError, match="yoco=True"):
         YocoGPT(CFG.replace(yoco=False))
-    with pytest.raises(ConfigError, match="attn_impl='triton' is not available with yoco"):
-        GPT(CFG.replace(attn_impl="triton"))
     model = make_model()
-    model.cfg.attn_impl = "triton"  # a runtime switch is refused too, never silently ignored
-    with pytest.raises(RuntimeError, match="attn_impl='triton' is not available with yoco"):
-        model(tokens(1, 3))
-    model.cfg.attn_impl = "auto"
     with pytest.raises(TypeError, match="YocoCache"):
         model(tokens(1, 3), past_kv_cache=KVCache(model.cfg, 1, 48, "cpu", torch.float32))
+    with pytest.raises(TypeError, match="shared K/V"):  # a cross-decoder block needs the model's SharedKV
+        model.blocks[3].attn(torch.zeros(1, 3, 24), None)
 
 
 # ------------------------------------------------------------------------------------------------ forward
@@ -330,21 +375,290 @@ def test_cli_train_yoco_end_to_end(tmp_path, monkeypatch, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ combinations
-def test_yoco_with_mixture_of_experts():
-    from tinygpt.arch.moe import MoE
+COMBOS = {
+    "diff": dict(diff_attn=True),
+    "moe": dict(moe_experts=4, moe_topk=2),
+    "mod": dict(mod=True, mod_capacity=0.5),  # routed: block 1 (self-decoder) and block 3 (cross-decoder)
+    "mod-every-block": dict(mod=True, mod_capacity=0.4, mod_every=1),
+    "diff+mod+moe": dict(diff_attn=True, mod=True, mod_capacity=0.5, moe_experts=3, moe_topk=2),
+}
 
-    model = make_model(moe_experts=4, moe_topk=2)
-    assert all(isinstance(blk.moe, MoE) and not hasattr(blk, "mlp") for blk in model.blocks)
-    assert type(model.blocks[3].attn) is CrossAttention
+
+def combo(name: str, **changes) -> YocoGPT:
+    """The combination's model, with routers large enough that MoD's causal predictor (score > 0) routes a mix."""
+    model = make_model(**COMBOS[name], **changes)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for blk in model.blocks:
+            if isinstance(blk, MoDBlock):
+                blk.router.weight.copy_(torch.randn(blk.router.weight.shape, generator=g))
+                blk.router.bias.zero_()
+    return model
+
+
+def routed_layers(model: YocoGPT) -> list[int]:
+    return [i for i, blk in enumerate(model.blocks) if isinstance(blk, MoDBlock)]
+
+
+@pytest.mark.parametrize("name", list(COMBOS))
+def test_combination_builds_the_variants_pieces_in_both_halves(name):
+    model = combo(name)
+    cfg = model.cfg
+    assert type(model) is YocoGPT
+    for i, blk in enumerate(model.blocks):
+        if cfg.diff_attn:
+            assert type(blk.attn) is (DiffSlidingWindowAttention if i < 2 else DiffCrossAttention)
+        else:
+            assert type(blk.attn) is (SlidingWindowAttention if i < 2 else CrossAttention)
+        assert isinstance(blk, MoDBlock) == (cfg.mod and i % cfg.mod_every == cfg.mod_every - 1)
+        assert isinstance(getattr(blk, "moe", None), MoE) == bool(cfg.moe_experts)
+    names = {n for n, _ in model.named_parameters()}
+    assert not [
+        n for n in names if n.startswith(("blocks.2.attn.", "blocks.3.attn.")) and ("k_proj" in n or "v_proj" in n)
+    ]
+    if cfg.diff_attn:  # the cross-decoder's differential attention has its own λ and RMSNorm
+        assert {"blocks.3.attn.lambda_q1", "blocks.3.attn.lambda_k2", "blocks.3.attn.subln.weight"} <= names
+        assert "blocks.3.attn.hook_pattern1" in model.hook_dict and "blocks.3.attn.hook_k" not in model.hook_dict
+        assert model.blocks[3].attn.W_K.data_ptr() == model.yoco_kv.k_proj.weight.data_ptr()
+    # YOCO changes only the attention's keys/values: the parameter count follows the same formula
+    d, L, hd = cfg.d_model, cfg.n_layers, cfg.n_heads * cfg.d_head
+    proj = d * hd + hd
+    expected = GPT(cfg.replace(yoco=False)).n_params() - (L - L // 2) * 2 * proj + 2 * proj + 2 * d
+    assert model.n_params() == cfg.n_params() == expected
+
+
+@pytest.mark.parametrize("impl", ["auto", "eager"])
+@pytest.mark.parametrize("name", list(COMBOS))
+def test_combination_forward_matches_the_reference(name, impl):
+    model = combo(name, attn_impl=impl)
+    toks = tokens(2, 20)  # > 3 windows
+    with torch.no_grad(), routing(model, "topk"):
+        got = model(toks)
+        want = reference_logits(model, toks)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("name", list(COMBOS))
+def test_combination_fast_and_eager_agree_on_logits_and_gradients(name):
+    toks = tokens(2, 20)
+    runs = {}
+    for impl in ("auto", "eager"):
+        model = combo(name, attn_impl=impl).train()  # training: MoD routes top-k, MoE adds its aux losses
+        logits, loss = model(toks, return_type="both")
+        loss.backward()
+        runs[impl] = logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+    torch.testing.assert_close(runs["auto"][0], runs["eager"][0], atol=1e-5, rtol=1e-5)
+    for n, g in runs["eager"][1].items():
+        assert g is not None and g.abs().sum() > 0, f"{n} gets no gradient"
+        torch.testing.assert_close(runs["auto"][1][n], g, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def _incremental(model: YocoGPT, toks: torch.Tensor, chunks: list[int]) -> tuple[torch.Tensor, YocoCache]:
+    cache = model.make_cache(toks.shape[0])
+    outs, s = [], 0
+    for n in chunks:
+        outs.append(model(toks[:, s : s + n], past_kv_cache=cache))
+        s += n
+    assert s == toks.shape[1] == cache.length
+    return torch.cat(outs, 1), cache
+
+
+@pytest.mark.parametrize("impl", ["auto", "eager"])
+@pytest.mark.parametrize("name", list(COMBOS))
+def test_combination_incremental_decoding_equals_the_full_forward(name, impl):
+    model = combo(name, attn_impl=impl)
+    toks = tokens(2, 40)  # more than six windows
+    with torch.no_grad():
+        full = model(toks)  # eval mode: MoD's causal predictor, the routing generation uses
+        steps, cache = _incremental(model, toks, [1] * 40)
+        chunked, _ = _incremental(model, toks, [3, 1, 9, 5, 6, 13, 1, 1, 1])  # chunks shorter and longer than W
+    # float rounding only (experts and projections run on different token counts): logits are O(1) here
+    torch.testing.assert_close(steps, full, atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(chunked, full, atol=5e-5, rtol=1e-4)
+    if not model.cfg.mod:
+        return
+    # the predictor routes a mix of tokens in every routed block (else the check above proves little) ...
+    names = [f"blocks.{i}.hook_routing_mask" for i in routed_layers(model)]
+    with torch.no_grad():
+        _, act = model.run_with_cache(toks, names_filter=names)
+    for i in routed_layers(model):
+        counts = act[f"blocks.{i}.hook_routing_mask"].sum(1)
+        assert 0 < counts.min() and counts.max() < 40 and counts[0] != counts[1], (i, counts)
+        # ... a routed self-decoder block caches only its routed tokens, in a ring of yoco_window per row;
+        # a routed cross-decoder block reads the shared K/V and keeps no cache of its own
+        st = cache.routed_layers.get(i)
+        if i < model.n_self:
+            assert isinstance(st, RoutedKV) and st.window == W and st.k.shape[2] == W
+            assert st.lengths == counts.tolist()
+        else:
+            assert st is None
+
+
+@pytest.mark.parametrize("name", list(COMBOS))
+def test_combination_generates_alike_with_and_without_cache(name):
+    model = combo(name, n_ctx=24, yoco_window=5)  # 40 new tokens: re-prefills after context overflow
+    prompt = tokens(2, 10)
+    a = tinygpt.generate(model, prompt, 40, seed=3, use_cache=True)
+    b = tinygpt.generate(model, prompt, 40, seed=3, use_cache=False)
+    assert a.shape == (2, 50) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", list(COMBOS))
+def test_combination_save_load_and_describe(name, tmp_path):
+    model = combo(name)
+    path = tmp_path / "m.tinygpt"
+    tinygpt.save(model, path)
+    loaded = tinygpt.load(path)
+    assert type(loaded) is YocoGPT and loaded.cfg == model.cfg
+    assert [type(b.attn) for b in loaded.blocks] == [type(b.attn) for b in model.blocks]
     toks = tokens(2, 20)
     with torch.no_grad():
-        full = model(toks)
-        cache = model.make_cache(2)
-        steps = torch.cat([model(toks[:, i : i + 1], past_kv_cache=cache) for i in range(20)], dim=1)
-    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
-    model.train()
-    loss = model(toks, return_type="loss")
-    assert model.aux_loss() > 0
-    loss.backward()
-    assert model.yoco_kv.k_proj.weight.grad is not None
-    assert model.blocks[3].moe.router.weight.grad is not None
+        assert torch.equal(loaded(toks), model(toks))
+    text = tinygpt.describe(path)
+    for key, value in COMBOS[name].items():
+        assert f"{key}={value}" in text
+    expect = {"yoco_kv.k_proj.weight", "blocks.3.attn.q_proj.weight"}
+    if model.cfg.diff_attn:
+        expect |= {"blocks.0.attn.lambda_q1", "blocks.3.attn.lambda_k2", "blocks.3.attn.subln.weight"}
+    if model.cfg.mod:
+        expect |= {f"blocks.{i}.router.weight" for i in routed_layers(model)}
+    if model.cfg.moe_experts:
+        expect |= {
+            "blocks.3.moe.router.weight",
+            "blocks.3.moe.experts.1.fc_in.weight",
+            "blocks.0.moe.experts.0.fc_out.bias",
+        }
+    for n in expect:
+        assert n in text, n
+    assert "blocks.3.attn.k_proj" not in text
+
+
+def test_yoco_diff_attn_hooks_mask_both_maps():
+    model = combo("diff")
+    toks = tokens(2, 15)
+    with torch.no_grad():
+        logits, act = model.run_with_cache(toks)
+        torch.testing.assert_close(logits, model(toks), atol=1e-5, rtol=1e-5)  # eager == fast
+    dest, src = torch.arange(15)[:, None], torch.arange(15)[None, :]
+    band = (src <= dest) & (src > dest - W)
+    for i in range(4):
+        a = f"blocks.{i}.attn."
+        visible = band if i < 2 else src <= dest
+        for m in ("1", "2"):
+            p = act[a + "hook_pattern" + m]
+            assert p.shape == (2, 3, 15, 15) and (p[..., ~visible] == 0).all() and (p[..., visible] > 0).all()
+            torch.testing.assert_close(p.sum(-1), torch.ones(2, 3, 15))
+            assert torch.isinf(act[a + "hook_attn_scores" + m][..., ~visible]).all()
+        lam = act[a + "hook_lambda"]
+        torch.testing.assert_close(act[a + "hook_pattern"], act[a + "hook_pattern1"] - lam * act[a + "hook_pattern2"])
+    # the cross-decoder's maps are built from its queries and the shared keys' halves
+    q, k = act["blocks.3.attn.hook_q"], act["yoco_kv.hook_k"]
+    s1 = torch.einsum("bqhd,bkhd->bhqk", q[..., :4], k[..., :4]) / 2.0
+    torch.testing.assert_close(act["blocks.3.attn.hook_attn_scores1"], s1.masked_fill(src > dest, float("-inf")))
+    # a hook on λ of a cross-decoder block changes the output on the fast path too
+    with torch.no_grad():
+        patched = model.run_with_hooks(toks, fwd_hooks=[("blocks.3.attn.hook_lambda", lambda t, hook: t * 0)])
+    assert not torch.allclose(patched, logits)
+
+
+def test_yoco_mod_hooks_inside_routed_blocks():
+    model = combo("mod")
+    toks = tokens(2, 16)
+    k = capacity_k(0.5, 16)
+    with torch.no_grad(), routing(model, "topk"):
+        _, act = model.run_with_cache(toks)
+    for i in (1, 3):
+        mask = act[f"blocks.{i}.hook_routing_mask"]
+        assert mask.sum(1).tolist() == [k, k]
+        assert torch.equal(act[f"blocks.{i}.hook_resid_post"][~mask], act[f"blocks.{i}.hook_resid_pre"][~mask])
+    # self-decoder (block 1): a band of yoco_window over the routed sub-sequence
+    p = act["blocks.1.attn.hook_pattern"]
+    d, s = torch.arange(k)[:, None], torch.arange(k)[None, :]
+    assert p.shape == (2, 3, k, k) and (p[..., (s > d) | (s <= d - W)] == 0).all()
+    assert (p[..., (s <= d) & (s > d - W)] > 0).all()
+    # cross-decoder (block 3): the routed queries see every shared key up to their own position
+    p = act["blocks.3.attn.hook_pattern"]
+    assert p.shape == (2, 3, k, 16)
+    for r in range(2):
+        pos = act["blocks.3.hook_routing_mask"][r].nonzero().squeeze(1)
+        visible = torch.arange(16)[None, :] <= pos[:, None]  # [k, 16]
+        assert (p[r][:, ~visible] == 0).all() and (p[r][:, visible] > 0).all()
+    agreement = routing_agreement(model, toks)
+    assert set(agreement) >= {"mod/l1/agreement", "mod/l3/agreement", "mod/agreement"}
+
+
+def test_yoco_mod_cache_memory_stays_windowed():
+    model = combo("mod-every-block")
+    toks = tokens(1, 40)
+    with torch.no_grad():
+        _, cache = _incremental(model, toks, [1] * 40)
+    plain = model.make_cache(1)
+    extra = cache.nbytes - plain.nbytes
+    ring = 2 * 3 * W * 8 * 4  # k and v, n_heads * W slots * d_head, fp32, one row
+    assert sorted(cache.routed_layers) == [0, 1]  # the self-decoder's routed blocks only
+    assert extra == 2 * ring
+
+
+def test_cli_train_yoco_with_every_knob_then_inspect_and_sample(tmp_path, monkeypatch, capsys):
+    from tinygpt.cli import main
+
+    monkeypatch.setenv("TINYGPT_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("ROMEO: But soft, what light through yonder window breaks?\n" * 200)
+    out = tmp_path / "y.tinygpt"
+    args = ["train", "--preset", "nano", "--yoco", "--yoco-window", "8", "--diff-attn", "--mod", "--mod-capacity",
+            "0.5", "--moe-experts", "4", "--moe-topk", "2", "--steps", "12", "--ctx", "32", "--corpus", str(corpus),
+            "--batch", "4", "--warmup", "2", "--val-every", "0", "--out", str(out), "--no-progress",
+            "--device", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("done: step 12")
+    model = tinygpt.load(out)
+    cfg = model.cfg
+    assert (cfg.yoco, cfg.yoco_window, cfg.diff_attn, cfg.mod, cfg.mod_capacity, cfg.moe_experts) == (
+        True, 8, True, True, 0.5, 4)  # fmt: skip
+    assert type(model.blocks[1].attn) is DiffCrossAttention and isinstance(model.blocks[1], MoDBlock)
+    history = tinygpt.read_checkpoint(out).train_state["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert {"mod/l1/agreement", "moe/l0/entropy", "moe/l1/entropy"} <= set(history[-1])
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    for name in ("yoco=True", "diff_attn=True", "mod=True", "moe_experts=4", "blocks.1.router.weight",
+                 "blocks.1.attn.lambda_q1", "blocks.1.moe.experts.3.fc_out.weight",
+                 "yoco_kv.v_proj.weight"):  # fmt: skip
+        assert name in text, name
+    assert main(["sample", str(out), "--prompt", "ROMEO:", "--tokens", "20", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+
+
+def documented_hooks(table: str, n_layers: int, routed: list[int]) -> set[str]:
+    """Hook names of one table of docs/hooks.md (`{i}` every block, `{s}`/`{c}` self/cross-decoder, `{r}` routed)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "hooks.md").read_text(encoding="utf-8")
+    body = text[text.index(f"<!-- {table}:start -->") : text.index(f"<!-- {table}:end -->")]
+    half = n_layers // 2
+    layers = {"{i}": range(n_layers), "{s}": range(half), "{c}": range(half, n_layers), "{r}": routed}
+    names = set()
+    for name in re.findall(r"^\|\s*`([^`]+)`\s*\|", body, flags=re.M):
+        key = next((k for k in layers if k in name), None)
+        names |= {name.replace(key, str(i)) for i in layers[key]} if key else {name}
+    return names
+
+
+@pytest.mark.parametrize("name", list(COMBOS))
+def test_combination_hooks_are_the_documented_union(name):
+    """docs/hooks.md: a combination has the hooks of each variant's table, less each variant's stated exceptions
+    (diff_attn: no attn.hook_attn_scores; YOCO: no cross-decoder attn.hook_k/v; MoE: no mlp.hook_pre/post)."""
+    model = combo(name)
+    cfg = model.cfg
+    routed = routed_layers(model)
+    tables = ["hook-table", "hook-table:yoco"]
+    tables += ["hook-table:diff_attn"] * cfg.diff_attn + ["hook-table:moe"] * bool(cfg.moe_experts)
+    tables += ["hook-table:mod"] * cfg.mod
+    documented = set().union(*(documented_hooks(t, cfg.n_layers, routed) for t in tables))
+    absent = {f"blocks.{c}.attn.hook_{kv}" for c in range(2, 4) for kv in "kv"}
+    if cfg.diff_attn:
+        absent |= {f"blocks.{i}.attn.hook_attn_scores" for i in range(4)}
+    if cfg.moe_experts:
+        absent |= {f"blocks.{i}.mlp.hook_{h}" for i in range(4) for h in ("pre", "post")}
+    assert documented - absent == set(model.hook_dict)

@@ -41,8 +41,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-TIMEOUT_MS = 90_000
-NOTEBOOK = ".jp-NotebookPanel:not(.lm-mod-hidden)"  # the notebook in view  # a cold kernel importing torch and plotly on a loaded 2-core machine
+TIMEOUT_MS = 90_000  # a cold kernel importing torch and plotly on a loaded 2-core machine
+NOTEBOOK = ".jp-NotebookPanel:not(.lm-mod-hidden)"  # the notebook in view
 
 SETUP = """\
 import torch
@@ -397,7 +397,9 @@ def test_attention_viewer_in_jupyterlab(page, lab, tmp_path):
     titles = page.locator(NOTEBOOK).locator(".js-plotly-plot .gtitle").all_text_contents()
     assert titles[0] == "layer 1, head 0"
     maps, router = json.loads(after)
-    assert len(maps) == 3 and len(router) == 1  # A1, A2, A1 - λ A2; the experts chosen per token
+    assert len(maps) == 3 and len(router) == 2  # A1, A2, A1 - λ A2; the experts per token, the load per layer
+    notes = page.locator(NOTEBOOK).locator(".js-plotly-plot .annotation-text").all_text_contents()
+    assert any("λ = " in t for t in notes) and any("expert load per layer" in t for t in notes)
 
 
 def test_training_dashboard_in_jupyterlab(page, lab, tmp_path):

@@ -324,3 +324,17 @@ def test_cli_distill_errors_are_clear(corpus, teacher_file, tmp_path, capsys):
     assert "--teacher is required" in capsys.readouterr().err
     assert main([*base, "--teacher", str(tmp_path / "missing.tinygpt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_strategy_is_checked_and_lockstep_generation_is_neutral_in_one_process(corpus, teacher_file):
+    with pytest.raises(ValueError, match="strategy must be one of ddp, fsdp, got 'zero3'"):
+        distill("nano", teacher_file, corpus, strategy="zero3", device="cpu", **FAST)
+    student = randomized(GPTConfig.preset("nano"), seed=3).train()
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    teacher = load_teacher(teacher_file)
+    for gen in (None, 5):  # outside torchrun, lockstep (FSDP's rule) generates exactly when the batch is on-policy
+        losses = [
+            DistillObjective(teacher, DistillSettings(), lockstep=lockstep)(student, (x, torch.roll(x, -1, 1), gen))
+            for lockstep in (False, True)
+        ]
+        assert losses[0].item() == losses[1].item()

@@ -283,3 +283,100 @@ def test_documented_commands_parse():
     for line in lines:
         args = shlex.split(line.split("-m tinygpt ", 1)[1].split("#")[0])
         build_parser().parse_args(args)  # SystemExit (a failed test) on an unknown flag or choice
+
+
+# ------------------------------------------------------------------------------- distillation
+DISTILL = dict(steps=4, batch_size=4, accum=2, ctx=32, warmup=2, max_lr=3e-3, val_every=2, val_split=0.1)
+
+
+@pytest.mark.slow
+def test_distill_in_two_processes_matches_one_process_with_twice_the_accumulation(corpus, tmp_path):
+    """`tinygpt distill` under torchrun, DDP and FSDP: 2 gloo processes with --accum 2 (one micro-batch each)
+    equal one process accumulating both, including on-policy micro-batches (under FSDP a process generates
+    whenever the other does, since each forward of the sharded student is a collective); rank 0 alone prints."""
+    import random as _random
+
+    from tinygpt.distill import distill
+
+    teacher = train(corpus=corpus, preset="nano", out=tmp_path / "teacher.tinygpt", device="cpu", progress=False,
+                    steps=3, batch_size=4, ctx=32, val_every=0)  # fmt: skip
+    seed = TrainConfig().seed
+    on_policy = [[_random.Random(f"distill:{seed}:{s}:{m}").random() < 0.5 for m in (0, 1)] for s in range(4)]
+    assert [True, False] in on_policy or [False, True] in on_policy  # a step where only one process generates
+    ref = distill("nano", teacher.path, corpus, on_policy=0.5, out=tmp_path / "ref.tinygpt", device="cpu",
+                  progress=False, **DISTILL)  # fmt: skip
+    assert 0 < sum(h["on_policy"] for h in ref.history) < len(ref.history)
+    flags = [f"--{k.replace('_', '-')}" if k != "batch_size" else "--batch" for k in DISTILL]
+    for strategy in ("ddp", "fsdp"):
+        out = tmp_path / f"{strategy}.tinygpt"
+        args = ["-m", "tinygpt", "distill", "nano", "--teacher", str(teacher.path), "--corpus", str(corpus),
+                "--on-policy", "0.5", *[x for f, v in zip(flags, DISTILL.values()) for x in (f, str(v))],
+                "--strategy", strategy, "--device", "cpu", "--no-progress", "--out", str(out)]  # fmt: skip
+        rc, text, secs = torchrun(args, tmp_path)
+        assert rc == 0, text
+        ckpt = read_checkpoint(out)
+        assert ckpt.train_state["world_size"] == 2 and ckpt.train_state["strategy"] == strategy
+        assert ckpt.train_state["distill"]["settings"]["on_policy"] == 0.5
+        assert_matches(ckpt.train_state["history"], ref.history)
+        diff = max_weight_diff(out, ref.path)
+        print(f"distill {strategy} 2 processes: {secs:.1f}s; max |loss diff| {_max_loss_diff(ckpt, ref)}, "
+              f"max |weight diff| {diff}")  # fmt: skip
+        assert diff <= WEIGHT_TOL
+        assert text.count("done: step 4") == 1 and "kl" in text  # rank 0 alone prints the summary
+
+
+def test_distill_and_lora_commands_print_on_rank_0_only(corpus, tmp_path, monkeypatch, capsys):
+    """The final line of `tinygpt distill` / `tinygpt lora` comes from rank 0 alone (here: another rank)."""
+    from tinygpt.cli import main
+
+    teacher = train(corpus=corpus, preset="nano", out=tmp_path / "t.tinygpt", device="cpu", progress=False,
+                    steps=1, batch_size=2, ctx=16, val_every=0)  # fmt: skip
+    common = ["--corpus", str(corpus), "--steps", "1", "--batch", "2", "--ctx", "16", "--val-every", "0",
+              "--device", "cpu", "--no-progress"]  # fmt: skip
+    commands = {
+        "distill": ["distill", "nano", "--teacher", str(teacher.path), *common, "--out", str(tmp_path / "s.tinygpt")],
+        "lora": ["lora", str(teacher.path), *common, "--no-checkpoint", "--out", str(tmp_path / "a.lora")],
+    }
+    for name, args in commands.items():
+        assert main(args) == 0
+        assert "done: step 1" in capsys.readouterr().out, name
+        with monkeypatch.context() as m:
+            m.setattr(D, "is_main", lambda: False)
+            assert main(args) == 0
+        assert capsys.readouterr().out == "", name
+
+
+# ------------------------------------------------------------------------------- supervised fine-tuning
+SFT = dict(steps=4, batch_size=2, accum=2, ctx=96, warmup=1, max_lr=3e-3, val_every=2, val_split=0.05)
+
+
+@pytest.mark.slow
+def test_sft_in_two_processes_matches_one_process_with_twice_the_accumulation(tmp_path):
+    """`tinygpt sft` under torchrun (DDP and FSDP, gloo): 2 processes with --accum 2 (one micro-batch of 2 conversations
+    each) equal one process accumulating both micro-batches: the same losses (the mean over every reply token of
+    the global batch), validation losses and weights; the chat tokens added on every rank alike; rank 0 alone
+    prints and writes."""
+    from tinygpt import GPT, GPTConfig, save
+    from tinygpt.sft import sft
+
+    torch.manual_seed(0)
+    base = save(GPT(GPTConfig(n_layers=2, d_model=32, n_heads=2, n_ctx=96)), tmp_path / "base.tinygpt")
+    data = ROOT / "data" / "sft_small.jsonl"
+    ref = sft(base, data, out=tmp_path / "ref.tinygpt", device="cpu", progress=False, **SFT)
+    names = {k: "--batch" if k == "batch_size" else "--" + k.replace("_", "-") for k in SFT}
+    flags = [x for k, v in SFT.items() for x in (names[k], str(v))]
+    args = ["-m", "tinygpt", "sft", str(base), "--data", str(data), *flags, "--device", "cpu", "--no-progress"]
+    for strategy in ("ddp", "fsdp"):
+        out = tmp_path / f"{strategy}.tinygpt"
+        rc, text, secs = torchrun([*args, "--strategy", strategy, "--out", str(out)], tmp_path)
+        assert rc == 0, text
+        ckpt = read_checkpoint(out)
+        assert ckpt.train_state["world_size"] == 2 and ckpt.train_state["strategy"] == strategy
+        assert ckpt.train_state["sft"]["report"] == ref.report and ckpt.train_state["sft"]["n_val"] == ref.n_val > 0
+        assert_matches(ckpt.train_state["history"], ref.history)
+        diff = max_weight_diff(out, ref.path)
+        print(f"sft {strategy} 2 processes: {secs:.1f}s; max |loss diff| {_max_loss_diff(ckpt, ref)}, "
+              f"max |weight diff| {diff}")  # fmt: skip
+        assert diff <= WEIGHT_TOL
+        assert load(out).tokenizer.special_tokens == {"<|im_start|>": 256, "<|im_end|>": 257}
+        assert text.count("done: step 4") == 1 and text.count("data: 175 records") == 1

@@ -73,6 +73,19 @@ def test_uniform_bpe_model_scores_tokens_times_log2_vocab_over_bytes(bpe):
     assert res.bpb == pytest.approx((len(ids) - 1) * math.log2(bpe.vocab_size) / n_bytes, rel=1e-6)  # fp32 log-softmax
 
 
+def test_byte_tokenizer_with_chat_tokens_counts_their_bytes():
+    from tinygpt import ByteTokenizer
+
+    tok = ByteTokenizer(["<|im_start|>", "<|im_end|>"])
+    text = "<|im_start|>user\nSpeak, speak.<|im_end|>\n" * 4
+    ids = tok.encode(text)
+    assert max(ids) == 257 and len(ids) < len(text.encode())  # the special tokens are single ids
+    res = evaluate(uniform(small(tok.vocab_size, tok)), text, progress=False)
+    n_bytes = len(text.encode("utf-8")) - len(tok.decode(ids[:1]).encode("utf-8"))
+    assert res.n_bytes == n_bytes
+    assert res.bpb == pytest.approx((len(ids) - 1) * math.log2(258) / n_bytes, rel=1e-6)
+
+
 def test_bpe_byte_lengths_are_exact_also_for_split_multibyte_characters(bpe):
     text = "🙂東" + TEXT + "🙂"
     ids = bpe.encode(text)

@@ -261,3 +261,67 @@ def test_ablation_sweep_targets_restrict_positions(model, tokens):
     assert float(sweep.losses[1]) == pytest.approx(float(expected), abs=1e-6)
     with pytest.raises(AblationError, match="unknown component"):
         ablation_sweep(model, tokens, components=("atn",), progress=False)
+
+
+# ------------------------------------------------------------------------------------------ mixture-of-depths
+@pytest.fixture(scope="module")
+def mod_model():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layers=2, d_model=36, n_heads=N_HEADS, n_ctx=48, init_std=0.3, mod=True)).eval()
+    with torch.no_grad():  # a decisive router: about half the tokens through block 1, depending on the input
+        m.blocks[1].router.weight.normal_(0, 1.0)
+    return m
+
+
+def _routed_z(model, tokens):
+    """Per row: {position: hook_z [H, d_head]} of the tokens routed block 1 computes (slot j = j-th routed)."""
+    _, cache = model.run_with_cache(tokens, names_filter=["blocks.1.hook_routing_mask", "blocks.1.attn.hook_z"])
+    mask, z = cache["blocks.1.hook_routing_mask"], cache["blocks.1.attn.hook_z"]
+    return [{p: z[r, j] for j, p in enumerate(mask[r].nonzero()[:, 0].tolist())} for r in range(mask.shape[0])]
+
+
+def test_head_ablations_in_a_mixture_of_depths_block_act_on_routed_tokens(mod_model, tokens, reference):
+    ref = _routed_z(mod_model, reference)
+    assert 0 < sum(len(r) for r in ref) < reference.numel()  # the router skips some tokens
+    routed_mean = torch.stack([z[2] for row in ref for z in row.values()]).mean(0)
+    with ablate(mod_model, "1.head2:mean", reference_tokens=reference):
+        ablated = _routed_z(mod_model, tokens)
+    plain = _routed_z(mod_model, tokens)
+    for row, plain_row in zip(ablated, plain):
+        for p, z in row.items():
+            torch.testing.assert_close(z[2], routed_mean)  # the mean over routed reference tokens only
+            torch.testing.assert_close(z[:2], plain_row[p][:2])  # other heads untouched
+
+    # resample: a token at position p gets head 0's output at p of a reference row that routed p
+    by_pos = {}
+    for row in ref:
+        for p, z in row.items():
+            by_pos.setdefault(p, []).append(z[0])
+    draws = []
+    for seed in (0, 0, 1):
+        with ablate(mod_model, "1.head0:resample", reference_tokens=reference, seed=seed):
+            draws.append(_routed_z(mod_model, tokens))
+    n_checked = 0
+    for row in draws[0]:
+        for p, z in row.items():
+            if p in by_pos:
+                assert any(torch.equal(z[0], cand) for cand in by_pos[p]), p
+                n_checked += 1
+    assert n_checked > 5
+    same = all(torch.equal(a[p], b[p]) for a, b in zip(draws[0], draws[1]) for p in a)
+    differ = any(not torch.equal(a[p], b[p]) for a, b in zip(draws[0], draws[2]) for p in a)
+    assert same and differ  # seeded
+
+
+def test_generation_under_routed_head_ablations_cached_equals_uncached(mod_model, reference):
+    prompt = torch.tensor([[10, 20, 30, 40]])
+    plain = tinygpt.generate(mod_model, prompt, 25, temperature=0)
+    ctx = ablate(mod_model, "1.head0:resample, 1.head1:mean", reference_tokens=reference, seed=2)
+    cached = tinygpt.generate(mod_model, prompt, 25, temperature=0, ablate=ctx)
+    uncached = tinygpt.generate(mod_model, prompt, 25, temperature=0, ablate=ctx, use_cache=False)
+    assert torch.equal(cached, uncached) and not torch.equal(cached, plain)
+    sweep = ablation_sweep(
+        mod_model, reference[:3, :20], modes=("resample",), components=(), heads=True, progress=False
+    )
+    assert sweep.deltas.isfinite().all() and len(sweep.ablations) == 2 * N_HEADS
+    assert _no_hooks_left(mod_model)

@@ -60,6 +60,49 @@ def test_attention_figures(small):
     assert len(att.grid(layers=[0], heads=[1, 2]).data) == 2
 
 
+def test_attention_patterns_of_differential_attention_keep_both_maps_and_lambda():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layers=2, d_model=32, n_heads=2, n_ctx=48, diff_attn=True)).eval()
+    att = attention_patterns(m, "abcabc")
+    assert sorted(att.maps) == ["pattern", "pattern1", "pattern2"]
+    _, cache = m.run_with_cache(att.tokens[None])
+    for layer in (0, 1):
+        lam = cache[f"blocks.{layer}.attn.hook_lambda"]
+        assert att.lambdas[layer] == pytest.approx(float(lam))
+        torch.testing.assert_close(att.head(layer, 1, "pattern2"), cache[f"blocks.{layer}.attn.hook_pattern2"][0, 1])
+        torch.testing.assert_close(
+            att.head(layer, 1), att.head(layer, 1, "pattern1") - lam * att.head(layer, 1, "pattern2"), atol=1e-6, rtol=0
+        )
+    fig = att.figure(1, 0)  # signed: a diverging scale around 0
+    assert fig.data[0].zmin == -fig.data[0].zmax
+
+
+def test_attention_patterns_of_a_mixture_of_depths_block_are_placed_at_token_positions():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layers=2, d_model=32, n_heads=2, n_ctx=48, mod=True)).eval()
+    with torch.no_grad():
+        m.blocks[1].router.weight.normal_(0, 1.0)  # routes some tokens, skips others
+    text = "To be, or not to be"
+    att = attention_patterns(m, text)
+    _, cache = m.run_with_cache(att.tokens[None])
+    mask = cache["blocks.1.hook_routing_mask"][0]
+    idx = mask.nonzero()[:, 0]
+    assert 0 < len(idx) < len(text)
+    assert torch.equal(att.routing_masks[1], mask) and 0 not in att.routing_masks  # block 0 is dense
+    full = att.head(1, 1)
+    torch.testing.assert_close(full[idx][:, idx], cache["blocks.1.attn.hook_pattern"][0, 1])
+    skipped = (~mask).nonzero()[:, 0]
+    assert full[skipped].isnan().all() and full[:, skipped].isnan().all()
+    torch.testing.assert_close(att.head(0, 1), cache["blocks.0.attn.hook_pattern"][0, 1])
+    fig = att.figure(1, 1)  # skipped tokens are blank cells (None), not NaN in the JSON
+    assert fig.data[0].z[int(skipped[0])][0] is None
+    # scores average over the tokens a routed block computes; dense layers are unaffected
+    scores = induction_scores(m, seq_len=10)
+    assert scores.shape == (2, 2) and scores.isfinite().all()
+    prev = previous_token_scores(m, seq_len=12)
+    assert prev.isfinite().all() and (prev >= 0).all() and (prev <= 1).all()
+
+
 def _force(pattern_fn):
     """A hook replacing blocks.1.attn.hook_pattern's head 2 by `pattern_fn(t)` [t, t]."""
 

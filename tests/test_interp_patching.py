@@ -189,3 +189,80 @@ def test_figures(model, pair):
     every = patch_block_every(model, clean, corrupted, metric).figure()
     assert len(every.data) == 3
     assert isinstance(patch_heads(model, clean, corrupted, metric), PatchingResult)
+
+
+# ------------------------------------------------------------------------------------------ mixture-of-depths
+@pytest.fixture(scope="module")
+def mod_model():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layers=2, d_model=48, n_heads=N_HEADS, n_ctx=32, init_std=0.2, mod=True)).eval()
+    with torch.no_grad():  # a decisive router: roughly half the tokens through block 1, depending on the input
+        m.blocks[1].router.weight.normal_(0, 1.0)
+    return m
+
+
+def _masks(model, tokens):
+    _, cache = model.run_with_cache(tokens, names_filter=["blocks.1.hook_routing_mask", "blocks.1.attn.hook_z"])
+    return cache["blocks.1.hook_routing_mask"], cache["blocks.1.attn.hook_z"]
+
+
+def _manual_routed_head_patch(model, clean, corrupted, head, positions):
+    """Patch head `head` of routed block 1 at token `positions` (per row: where both runs route the token) by
+    hand: a routed token's slot in hook_z is its rank among the row's routed tokens."""
+    clean_mask, clean_z = _masks(model, clean)
+    seen = {}
+
+    def keep(mask, hook):
+        seen["mask"] = mask
+
+    def patch(z, hook):
+        z = z.clone()
+        for row in range(z.shape[0]):
+            routed = seen["mask"][row].nonzero()[:, 0].tolist()
+            clean_routed = clean_mask[row].nonzero()[:, 0].tolist()
+            for p in positions:
+                if p in routed and p in clean_routed:
+                    z[row, routed.index(p), head] = clean_z[row, clean_routed.index(p), head]
+        return z
+
+    with torch.no_grad():
+        logits = model.run_with_hooks(
+            corrupted, fwd_hooks=[("blocks.1.hook_routing_mask", keep), ("blocks.1.attn.hook_z", patch)]
+        )
+    return float(metric(logits))
+
+
+def test_head_sweeps_of_a_mixture_of_depths_block_patch_by_token_position(mod_model, pair):
+    clean, corrupted = pair
+    clean_mask, _ = _masks(mod_model, clean)
+    corrupted_mask, _ = _masks(mod_model, corrupted)
+    # the premise: the two runs route different tokens through block 1, with different counts per row
+    assert not torch.equal(clean_mask, corrupted_mask)
+    assert len(set(corrupted_mask.sum(1).tolist())) == 2  # rows of different lengths: padded sub-sequences
+    by_pos = patch_heads_by_pos(mod_model, clean, corrupted, metric, batch_cells=5)
+    heads = patch_heads(mod_model, clean, corrupted, metric)
+    assert by_pos.values.shape == (2, POS, N_HEADS) and heads.values.shape == (2, N_HEADS)
+    for h in range(N_HEADS):
+        want = _manual_routed_head_patch(mod_model, clean, corrupted, h, range(POS))
+        assert heads.values[1, h].item() == pytest.approx(want, abs=1e-5)
+        for p in range(POS):
+            want = _manual_routed_head_patch(mod_model, clean, corrupted, h, [p])
+            assert by_pos.values[1, p, h].item() == pytest.approx(want, abs=1e-5)
+    # a position that neither row routes in both runs: the patch changes nothing
+    both = clean_mask & corrupted_mask
+    never = [p for p in range(POS) if not both[:, p].any()]
+    assert never
+    for p in never:
+        torch.testing.assert_close(by_pos.values[1, p], torch.full((N_HEADS,), by_pos.corrupted_metric))
+    # layer 0 is dense: the usual semantics (TransformerLens' patch of z[:, p, h])
+    _, clean_cache = mod_model.run_with_cache(clean, names_filter=["blocks.0.attn.hook_z"])
+    for p, h in [(2, 0), (5, 2), (POS - 1, 1)]:
+
+        def dense(z, hook, p=p, h=h):
+            z = z.clone()
+            z[:, p, h] = clean_cache["blocks.0.attn.hook_z"][:, p, h]
+            return z
+
+        with torch.no_grad():
+            want = float(metric(mod_model.run_with_hooks(corrupted, fwd_hooks=[("blocks.0.attn.hook_z", dense)])))
+        assert by_pos.values[0, p, h].item() == pytest.approx(want, abs=1e-5)

@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from tinygpt import GPT, GPTConfig, generate
 from tinygpt.surgery import (
@@ -32,30 +31,9 @@ def make_model(n_layers: int = 2, d_model: int = 64, seed: int = 0) -> GPT:
     return GPT(GPTConfig(n_layers=n_layers, d_model=d_model, n_heads=2, n_ctx=64)).eval()
 
 
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_bitwise_equal(model: nn.Module, snap: dict[str, torch.Tensor]) -> None:
-    now = model.state_dict()
-    assert set(now) == set(snap)
-    for k, v in snap.items():
-        assert torch.equal(now[k], v), k
-
-
-@torch.no_grad()
-def loss_of(model, tokens) -> float:
-    return float(model(tokens[:, :-1], return_type="loss", targets=tokens[:, 1:]))
-
-
 @pytest.fixture(scope="module")
 def model() -> GPT:
     return make_model()
-
-
-@pytest.fixture(scope="module")
-def tokens() -> torch.Tensor:
-    return torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))
 
 
 # ------------------------------------------------------------------------------------- spectra
@@ -115,7 +93,9 @@ def test_singular_values_reject_bad_selections(model):
 
 
 # ------------------------------------------------------------------------------------- laser_compare
-def test_laser_compare_restores_the_model_and_reports_both_sides(model, tokens):
+def test_laser_compare_restores_the_model_and_reports_both_sides(
+    model, tokens, snapshot, assert_bitwise_equal, loss_of
+):
     snap = snapshot(model)
     cmp = laser_compare(model, "fc_out", -1, 0.05, tokens, prompt="ab", max_new_tokens=12, seed=4)
     assert_bitwise_equal(model, snap)
@@ -197,7 +177,7 @@ def test_grid_marks_group_sizes_that_do_not_fit_and_averages_the_rest(grid):
     assert grid.table("hqq", layer=1)[1][1] == pytest.approx(sum(per_layer) / len(per_layer))
 
 
-def test_grid_leaves_the_model_alone_and_validates(model):
+def test_grid_leaves_the_model_alone_and_validates(model, snapshot, assert_bitwise_equal):
     snap = snapshot(model)
     hqq_error_grid(model, bits=(4,), group_sizes=(32,), targets="mlp", layers=[0], progress=False)
     assert_bitwise_equal(model, snap)
@@ -238,7 +218,7 @@ def test_grid_figures_show_the_tables(grid):
 
 
 # ------------------------------------------------------------------------------------- HQQ loss vs bits
-def test_loss_curve(model, tokens):
+def test_loss_curve(model, tokens, snapshot, assert_bitwise_equal, loss_of):
     snap = snapshot(model)
     curve = hqq_loss_curve(model, tokens, bits=(2, 4, 8), group_size=32, progress=False)
     assert_bitwise_equal(model, snap)
@@ -260,7 +240,7 @@ def test_loss_curve(model, tokens):
 
 
 # ------------------------------------------------------------------------------------- validation_loss
-def test_validation_loss_matches_a_direct_evaluation_and_works_on_packed_models(tokens):
+def test_validation_loss_matches_a_direct_evaluation_and_works_on_packed_models(tokens, loss_of):
     m = make_model(seed=5)
     assert validation_loss(m, tokens) == pytest.approx(loss_of(m, tokens), abs=1e-6)
     with hqq(m, 4, 32) as _:

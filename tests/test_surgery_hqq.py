@@ -26,27 +26,6 @@ def make_model(n_layers: int = 2, d_model: int = 64, seed: int = 0, **kw) -> GPT
     return GPT(GPTConfig(n_layers=n_layers, d_model=d_model, n_heads=2, n_ctx=64, **kw)).eval()
 
 
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_bitwise_equal(model: nn.Module, snap: dict[str, torch.Tensor]) -> None:
-    now = model.state_dict()
-    assert set(now) == set(snap)
-    for k, v in snap.items():
-        assert now[k].dtype == v.dtype and torch.equal(now[k], v), k
-
-
-@torch.no_grad()
-def loss_of(model, tokens) -> float:
-    return float(model(tokens, return_type="loss"))
-
-
-@pytest.fixture
-def tokens() -> torch.Tensor:
-    return torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))
-
-
 def rel_err(W, What) -> float:
     return float((W - What).norm() / W.norm())
 
@@ -149,7 +128,7 @@ def test_pack_layout_is_little_endian():
 
 
 # ------------------------------------------------------------------------------------- on a model
-def test_hqq_inplace_dense(tokens):
+def test_hqq_inplace_dense(tokens, snapshot):
     model = make_model()
     before = snapshot(model)
     report = hqq_(model, bits=4, group_size=32, targets="attn", layers=1)
@@ -169,7 +148,7 @@ def test_hqq_inplace_dense(tokens):
     assert rtn.method == "rtn" and all(e.hqq_error is None for e in rtn.entries)
 
 
-def test_hqq_context_manager_restores_bitwise(tokens):
+def test_hqq_context_manager_restores_bitwise(tokens, snapshot, assert_bitwise_equal, loss_of):
     model = make_model()
     before = snapshot(model)
     base = loss_of(model, tokens)
@@ -186,7 +165,7 @@ def test_hqq_context_manager_restores_bitwise(tokens):
 
 
 @pytest.mark.parametrize("bits", [1, 3, 4, 8])
-def test_packed_equals_dense_requantised(bits, tokens):
+def test_packed_equals_dense_requantised(bits, tokens, loss_of):
     dense, packed = make_model(), make_model()
     hqq_(dense, bits, 64)
     hqq_(packed, bits, 64, packed=True)
@@ -195,7 +174,7 @@ def test_packed_equals_dense_requantised(bits, tokens):
     assert abs(loss_of(packed, tokens) - loss_of(dense, tokens)) < 1e-5
 
 
-def test_packed_file_shrinks_and_round_trips(tmp_path, tokens):
+def test_packed_file_shrinks_and_round_trips(tmp_path, tokens, loss_of):
     base = make_model()
     fp32 = base.save(tmp_path / "fp32.tinygpt")
     dense, packed = make_model(), make_model()
@@ -236,7 +215,7 @@ def test_packed_bf16_model_round_trip(tmp_path, tokens):
         ({"iters": -1}, "iters"),
     ],
 )
-def test_model_bad_arguments_modify_nothing(kwargs, msg):
+def test_model_bad_arguments_modify_nothing(kwargs, msg, snapshot, assert_bitwise_equal):
     model = make_model()
     before = snapshot(model)
     args = {"bits": 4, "group_size": 64, "targets": "all", "layers": None, **kwargs}
@@ -248,7 +227,7 @@ def test_model_bad_arguments_modify_nothing(kwargs, msg):
     assert not getattr(model, "surgery_log", [])
 
 
-def test_group_size_checked_on_every_matrix_before_any_change():
+def test_group_size_checked_on_every_matrix_before_any_change(snapshot, assert_bitwise_equal):
     model = make_model(d_mlp=96)  # group 64 fits every matrix except fc_out (in_features=96), selected last
     before = snapshot(model)
     for packed in (False, True):
@@ -316,3 +295,14 @@ def test_cli_hqq_bad_arguments_write_nothing(saved, tmp_path, capsys, args, msg)
     assert len(err.splitlines()) == 1 and msg in err and err.startswith("tinygpt hqq: error:")
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tinygpt"]
+
+
+def test_packed_layer_computes_in_the_input_dtype_without_autocast():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 24)
+    layer = PackedQuantLinear.from_quantized(hqq_quantize(lin.weight.detach(), 4, 32), lin.bias.detach())
+    x = torch.randn(3, 64)
+    want = layer(x)
+    got = layer(x.to(torch.bfloat16))  # bf16 activations, fp32 bias: no dtype error, bf16 out
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)

@@ -30,28 +30,6 @@ def make_model(n_layers: int = 4, seed: int = 0) -> GPT:
     return GPT(GPTConfig(n_layers=n_layers, d_model=32, n_heads=2, n_ctx=64)).eval()
 
 
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_bitwise_equal(model: nn.Module, snap: dict[str, torch.Tensor]) -> None:
-    now = model.state_dict()
-    assert set(now) == set(snap)
-    for k, v in snap.items():
-        assert now[k].dtype == v.dtype and torch.equal(now[k], v), k
-
-
-@torch.no_grad()
-def loss_of(model, tokens) -> float:
-    return float(model(tokens, return_type="loss"))
-
-
-@pytest.fixture
-def tokens() -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    return torch.randint(0, 256, (4, 33), generator=g)
-
-
 # ------------------------------------------------------------------------------------- the math
 def test_low_rank_identity_at_full_rank():
     torch.manual_seed(0)
@@ -130,7 +108,7 @@ def test_resolve_targets_forms():
 
 
 # ------------------------------------------------------------------------------------- on a model
-def test_laser_inplace_reduces_rank_and_touches_nothing_else():
+def test_laser_inplace_reduces_rank_and_touches_nothing_else(snapshot):
     model = make_model()
     before = snapshot(model)
     report = laser_(model, "mlp.fc_out", layers="2-3", rank_fraction=0.25)
@@ -149,7 +127,7 @@ def test_laser_inplace_reduces_rank_and_touches_nothing_else():
     assert "blocks.2.mlp.fc_out" in str(report)
 
 
-def test_laser_context_manager_restores_bitwise(tokens):
+def test_laser_context_manager_restores_bitwise(tokens, snapshot, assert_bitwise_equal):
     model = make_model()
     before = snapshot(model)
     base = model(tokens, return_type="loss")
@@ -184,7 +162,7 @@ def test_factored_matches_dense_and_shrinks(tokens):
     assert "blocks.3.mlp.fc_in.A" in fact.state_dict()
 
 
-def test_factored_storage_larger_than_dense_warns(tokens):
+def test_factored_storage_larger_than_dense_warns(tokens, loss_of):
     model = make_model(2)
     before = loss_of(model, tokens)
     with pytest.warns(UserWarning, match="only saves space below rank 25"):  # 128*32 // (128+32)
@@ -231,7 +209,7 @@ def test_corrupt_surgery_record_is_a_checkpoint_error(tmp_path):
         ({"rank_fraction": 1.2}, "rank_fraction"),
     ],
 )
-def test_bad_arguments_modify_nothing(kwargs, msg):
+def test_bad_arguments_modify_nothing(kwargs, msg, snapshot, assert_bitwise_equal):
     model = make_model()
     before = snapshot(model)
     args = {"target": "mlp", "layers": None, "rank_fraction": 0.5, **kwargs}
@@ -252,7 +230,7 @@ def test_already_factored_matrix_is_refused():
 
 
 # ------------------------------------------------------------------------------------- sweeps
-def test_sweep_matches_single_interventions(tokens):
+def test_sweep_matches_single_interventions(tokens, snapshot, assert_bitwise_equal, loss_of):
     model = make_model(2)
     before = snapshot(model)
     res = laser_sweep(model, tokens, "mlp.fc_in", None, fractions=(1.0, 0.5, 0.05), progress=False)
@@ -284,7 +262,7 @@ def test_sweep_on_token_stream_and_text():
         laser_sweep(model, stream, "mlp", 0, (), progress=False)
 
 
-def test_greedy_keeps_only_improvements(tokens):
+def test_greedy_keeps_only_improvements(tokens, snapshot, assert_bitwise_equal, loss_of):
     model = make_model(2)
     with torch.no_grad():  # a full-rank perturbation that rank reduction can remove
         g = torch.Generator().manual_seed(3)
@@ -347,3 +325,22 @@ def test_cli_laser_bad_arguments_write_nothing(saved, tmp_path, capsys, args, ms
     assert len(err.splitlines()) == 1 and msg in err and err.startswith("tinygpt laser: error:")
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tinygpt"]
+
+
+def test_sweep_with_a_task_metric(tokens):
+    model = make_model(2)
+
+    def accuracy(m) -> float:  # next-token top-1 accuracy on the batch
+        return float((m(tokens[:, :-1]).argmax(-1) == tokens[:, 1:]).float().mean())
+
+    res = laser_sweep(model, tokens, "mlp", None, (0.5, 0.05), metric=accuracy, progress=False)
+    assert res.base_metric == accuracy(model)
+    for layer in (0, 1):
+        with laser(model, "mlp.fc_in", [layer], 0.05):
+            assert res.metrics["mlp.fc_in"][layer][1] == accuracy(model)
+    assert all(r["metric"] == res.metrics[r["target"]][r["layer"]][res.fractions.index(r["rank_fraction"])]
+               for r in res.rows())  # fmt: skip
+    iv, score = res.best(by="metric")
+    assert score == max(r["metric"] for r in res.rows()) and res.best()[1] == min(r["loss"] for r in res.rows())
+    with pytest.raises(ValueError, match="by must be 'loss' or"):
+        laser_sweep(model, tokens, "mlp", 0, (0.5,), progress=False).best(by="metric")

@@ -62,8 +62,8 @@ def test_lens_heatmap_is_the_logit_lens_of_the_typed_prompt(model):
     assert "logit lens" in d.fig.layout.title.text
     # the hover of each cell lists the top-5 with probabilities
     top5 = ref.top(1, 3)
-    for s, p in top5:
-        assert f"{p:.3f}" in heat.customdata[1][3]
+    for tok, p in top5:
+        assert f"{p:.3f}" in heat.customdata[1][3] and repr(tok)[1:-1] in heat.customdata[1][3]
     d.prompt.value = "To be, or not to be"
     ref2 = logit_lens(model, "To be, or not to be")
     np.testing.assert_allclose(as_array(d.fig.data[0].z), ref2.kl.numpy(), rtol=1e-6, atol=1e-7)
@@ -129,14 +129,17 @@ def explorer(model, tokens):
 
 def test_ablation_bars_are_the_sweep(explorer, model, tokens):
     ex = explorer
-    ref = ablation_sweep(model, tokens, modes=("zero",), components=("layer", "attn", "mlp"), heads=True, progress=False)
+    ref = ablation_sweep(
+        model, tokens, modes=("zero",), components=("layer", "attn", "mlp"), heads=True, progress=False
+    )
     bar = ex.fig.data[0]
     assert list(bar.x) == [a.label for a in ref.ablations]
     np.testing.assert_allclose(bar.y, ref.deltas.numpy(), rtol=1e-5, atol=1e-6)
     assert len(bar.x) == 2 * (3 + 2)  # layer, attn, mlp and 2 heads per layer
     ex.mode.value = "mean"
-    ref_mean = ablation_sweep(model, tokens, modes=("mean",), components=("layer", "attn", "mlp"), heads=True,
-                              progress=False)
+    ref_mean = ablation_sweep(
+        model, tokens, modes=("mean",), components=("layer", "attn", "mlp"), heads=True, progress=False
+    )
     np.testing.assert_allclose(ex.fig.data[0].y, ref_mean.deltas.numpy(), rtol=1e-5, atol=1e-6)
     assert "mean ablation" in ex.fig.layout.title.text
     assert set(ex.sweeps) == {"zero", "mean"}
@@ -187,8 +190,9 @@ def test_ablation_explorer_scores_only_the_given_targets(model, tokens):
     targets = torch.full_like(tokens, -100)
     targets[:, 20:-1] = tokens[:, 21:]
     ex = AblationExplorer(model, tokens, targets=targets, modes=("zero",), max_new_tokens=4, progress=False)
-    ref = ablation_sweep(model, tokens, components=("layer", "attn", "mlp"), heads=True, targets=targets,
-                         progress=False)
+    ref = ablation_sweep(
+        model, tokens, components=("layer", "attn", "mlp"), heads=True, targets=targets, progress=False
+    )
     np.testing.assert_allclose(ex.fig.data[0].y, ref.deltas.numpy(), rtol=1e-5, atol=1e-6)
     assert f"{int((targets != -100).sum()):,} tokens" in ex.status.value
     assert ex.mode.options == ("zero",)
@@ -237,11 +241,12 @@ def test_patching_recomputes_when_prompts_or_answers_change(patching, model):
         np.testing.assert_allclose(as_array(d.fig.data[2].z), ref.values.numpy(), rtol=1e-4, atol=1e-5)
     before = as_array(d.fig.data[0].z)
     d.corrupted.value = "abc"  # different length: a message, the heatmaps stay
-    assert "same shape" in d.status.value
+    assert "same number of tokens" in d.status.value
     np.testing.assert_allclose(as_array(d.fig.data[0].z), before)
+    d.corrupted.value = CORRUPTED
     d.correct.value = "hh"  # not a single token
     assert "not one" in d.status.value
-    d.corrupted.value, d.correct.value, d.incorrect.value = CORRUPTED, "h", "X"
+    d.correct.value, d.incorrect.value = "h", "X"
     d.run_button.click()
     ref = patch_sweep(model, CLEAN, CORRUPTED, "head", correct="h", incorrect="X", normalize=True)
     np.testing.assert_allclose(as_array(d.fig.data[3].z), ref.values.numpy(), rtol=1e-4, atol=1e-5)
@@ -339,6 +344,155 @@ def test_attention_viewer_shows_mixture_of_depths_routing():
     v.layer.value = 0  # a dense layer of the same model: every token
     dense = cached(m, prompt, ["blocks.0.attn.hook_pattern"])["blocks.0.attn.hook_pattern"]
     np.testing.assert_allclose(as_array(v.fig.data[0].z), dense[0, 1].numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_attention_viewer_shows_the_expert_load_of_every_layer_and_router_probabilities():
+    m = tiny_model(n_layers=3, moe_experts=4, moe_topk=2)
+    prompt = "the load of each expert"
+    v = AttentionViewer(m, prompt, layer=2)
+    names = [f"blocks.{i}.moe.hook_{w}" for i in range(3) for w in ("expert_indices", "router_logits")]
+    cache = cached(m, prompt, names)
+    load = v.router_fig.data[1]
+    assert load.name == "load" and list(load.y) == ["layer 0", "layer 1", "layer 2"]
+    z = as_array(load.z)
+    for i in range(3):
+        idx = cache[f"blocks.{i}.moe.hook_expert_indices"][0]
+        want = torch.bincount(idx.reshape(-1), minlength=4).float() / idx.numel()
+        np.testing.assert_allclose(z[i], want.numpy(), atol=1e-7)
+    np.testing.assert_allclose(z.sum(1), 1.0, rtol=1e-6)
+    probs = cache["blocks.2.moe.hook_router_logits"][0].softmax(-1)  # [pos, experts]
+    np.testing.assert_allclose(as_array(v.router_fig.data[0].customdata), probs.T.numpy(), rtol=1e-5, atol=1e-7)
+    assert "expert load per layer" in v.router_fig.layout.annotations[1].text
+
+
+def test_attention_viewer_with_experts_inside_mixture_of_depths_blocks():
+    m = tiny_model(moe_experts=4, moe_topk=2, mod=True)
+    with torch.no_grad():
+        m.blocks[1].router.weight.normal_(0, 1.0)  # block 1 routes some tokens and skips others
+    prompt = "experts and depths"
+    v = AttentionViewer(m, prompt, layer=1)
+    cache = cached(m, prompt, ["blocks.1.hook_routing_mask", "blocks.1.moe.hook_expert_indices"])
+    mask, idx = cache["blocks.1.hook_routing_mask"][0], cache["blocks.1.moe.hook_expert_indices"][0]
+    routed = mask.nonzero()[:, 0].tolist()
+    assert 0 < len(routed) < len(prompt) and idx.shape[0] == len(routed)  # the experts saw routed tokens only
+    experts = v.router_fig.data[0]
+    z = as_array(experts.z)  # [expert, pos]
+    for pos in range(len(prompt)):
+        if pos in routed:  # the token's experts, from its slot in the routed sub-sequence
+            slot = routed.index(pos)
+            assert {e for e in range(4) if z[e, pos] > 0} == set(idx[slot].tolist())
+        else:  # a skipped token has no expert
+            assert (z[:, pos] == 0).all() and all(experts.text[e][pos] == "" for e in range(4))
+    load = as_array(v.router_fig.data[1].z)
+    want = torch.bincount(idx.reshape(-1), minlength=4).float() / idx.numel()
+    np.testing.assert_allclose(load[1], want.numpy(), atol=1e-7)
+    assert (
+        v.router_fig.data[2].name == "routing" and as_array(v.router_fig.data[2].z)[0].tolist() == mask.float().tolist()
+    )
+
+
+def test_attention_viewer_shows_lambda_of_differential_attention():
+    m = tiny_model(diff_attn=True)
+    v = AttentionViewer(m, "lambda", layer=0)
+    for layer in (0, 1):
+        v.layer.value = layer
+        lam = float(cached(m, "lambda", [f"blocks.{layer}.attn.hook_lambda"])[f"blocks.{layer}.attn.hook_lambda"])
+        assert v.result.lambdas[layer] == pytest.approx(lam)
+        assert f"λ = {lam:.3f}" in v.fig.layout.annotations[2].text and f"λ = {lam:.3f}" in v.status.value
+
+
+def test_attention_viewer_maps_need_a_readable_prompt():
+    m = tiny_model(d_vocab=64)  # no tokenizer: the prompt box takes token ids
+    v = AttentionViewer(m, "not ids")
+    assert v.result is None and "type token ids" in v.status.value and len(v.fig.data) == 0
+    with pytest.raises(ValueError, match="no attention maps yet"):
+        v.maps()
+    v.prompt.value = "1 2 3"
+    assert v.maps()["pattern"].shape == (3, 3)
+
+
+# ------------------------------------------------------------------------------------------ every variant
+VARIANTS = {
+    "moe": dict(moe_experts=4, moe_topk=2),
+    "mod": dict(mod=True),
+    "diff_attn": dict(diff_attn=True),
+    "yoco": dict(yoco=True, yoco_window=4),
+    "moe+mod": dict(moe_experts=4, mod=True),
+    "diff_attn+mod": dict(diff_attn=True, mod=True),
+    "yoco+mod": dict(yoco=True, yoco_window=4, mod=True, mod_every=1),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_dashboard_on_every_architecture_variant(variant, tokens):
+    m = tiny_model(**VARIANTS[variant])
+    if "mod" in VARIANTS[variant]:
+        with torch.no_grad():
+            m.blocks[1].router.weight.normal_(0, 1.0)  # route some tokens through block 1, skip others
+    lens = LensDashboard(m, prompt=PROMPT)
+    np.testing.assert_allclose(as_array(lens.fig.data[0].z), logit_lens(m, PROMPT).kl.numpy(), rtol=1e-5, atol=1e-6)
+
+    ex = AblationExplorer(m, tokens[:2, :24], prompt="ab", max_new_tokens=4, progress=False)
+    ex.mode.value = "resample"
+    ref = ablation_sweep(
+        m, tokens[:2, :24], modes=("resample",), components=("layer", "attn", "mlp"), heads=True, progress=False
+    )
+    np.testing.assert_allclose(ex.fig.data[0].y, ref.deltas.numpy(), rtol=1e-5, atol=1e-6)
+    ex.component.value, ex.layer.value, ex.head.value = "head", 1, 1
+    assert "1.head1:resample" in ex.samples.value and "⚠" not in ex.status.value
+
+    sites = ("resid_pre", "attn_out", "mlp_out", "head", "head_by_pos")
+    d = PatchingDashboard(m, CLEAN, CORRUPTED, correct="h", incorrect="X", sites=sites, progress=False)
+    assert "⚠" not in d.status.value
+    for tr, site in zip(d.fig.data, sites):
+        want = patch_sweep(m, CLEAN, CORRUPTED, site, correct="h", incorrect="X", normalize=True).values
+        if site == "head_by_pos":
+            want = want.permute(0, 2, 1).reshape(-1, want.shape[1])  # rows L0H0, L0H1, ...
+        np.testing.assert_allclose(as_array(tr.z), want.numpy(), rtol=1e-4, atol=1e-5)
+
+    v = AttentionViewer(m, PROMPT)
+    att = attention_patterns(m, PROMPT)
+    for layer in (0, 1):
+        v.layer.value = layer
+        assert [tr.name for tr in v.fig.data] == (
+            ["pattern1", "pattern2", "pattern"] if "diff" in variant else ["pattern"]
+        )
+        np.testing.assert_allclose(as_array(v.fig.data[-1].z), att.head(layer, 0).numpy(), rtol=1e-5, atol=1e-7)
+    assert (v.router_fig is not None) == ("mo" in variant)
+
+
+# ------------------------------------------------------------------------------------------ token-id prompts
+def test_dashboards_take_token_ids_for_a_model_without_tokenizer(tokens):
+    m = tiny_model(d_vocab=64)  # a toy model over token ids: no tokenizer
+    assert m.tokenizer is None
+    ids = [5, 17, 3, 40, 5, 17]
+    lens = LensDashboard(m, prompt=torch.tensor(ids))
+    assert lens.prompt.value == "5 17 3 40 5 17"
+    np.testing.assert_allclose(as_array(lens.fig.data[0].z), logit_lens(m, ids).kl.numpy(), rtol=1e-6, atol=1e-7)
+    lens.prompt.value = "1, 2, 3"
+    assert lens.result.tokens.tolist() == [1, 2, 3]
+    lens.prompt.value = "one two"
+    assert "type token ids" in lens.status.value
+    lens.prompt.value = "1 99"
+    assert "[0, 64)" in lens.status.value
+
+    view = AttentionViewer(m, "5 17 3 40 5 17", layer=1)
+    pat = m.run_with_cache(torch.tensor([ids]), names_filter=["blocks.1.attn.hook_pattern"])[1]
+    np.testing.assert_allclose(
+        as_array(view.fig.data[0].z), pat["blocks.1.attn.hook_pattern"][0, 0].numpy(), rtol=1e-5, atol=1e-7
+    )
+    assert list(view.fig.data[0].x)[:2] == ["0 '5'", "1 '17'"]
+
+    ex = AblationExplorer(m, tokens % 64, prompt=ids, max_new_tokens=5, modes=("zero",), progress=False)
+    out = generate(m, torch.tensor([ids]), max_new_tokens=5, temperature=0.0, seed=0)
+    assert ex.sample_clean == " ".join(str(i) for i in out[0, len(ids) :].tolist())
+
+    clean, corrupted = torch.tensor([ids]), torch.tensor([[5, 17, 9, 40, 5, 17]])
+    d = PatchingDashboard(m, clean, corrupted, correct=3, incorrect=9, sites=("head",), progress=False)
+    assert (d.clean.value, d.correct.value) == ("5 17 3 40 5 17", "3")
+    ref = patch_sweep(m, clean, corrupted, "head", correct=3, incorrect=9, normalize=True)
+    np.testing.assert_allclose(as_array(d.fig.data[0].z), ref.values.numpy(), rtol=1e-4, atol=1e-5)
+    assert d.answers == (3, 9) and "logit(&#x27;3&#x27;)" in d.status.value
 
 
 # ------------------------------------------------------------------------------------------ TrainingDashboard

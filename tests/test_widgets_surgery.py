@@ -22,29 +22,8 @@ def make_model(seed: int = 0) -> GPT:
     return GPT(GPTConfig(n_layers=2, d_model=64, n_heads=2, n_ctx=64)).eval()
 
 
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_bitwise_equal(model: nn.Module, snap: dict[str, torch.Tensor]) -> None:
-    now = model.state_dict()
-    assert set(now) == set(snap)
-    for k, v in snap.items():
-        assert torch.equal(now[k], v), k
-
-
 def as_array(z) -> np.ndarray:
     return np.array([[math.nan if v is None else v for v in row] for row in z], dtype=float)
-
-
-@torch.no_grad()
-def loss_of(model, tokens) -> float:
-    return float(model(tokens[:, :-1], return_type="loss", targets=tokens[:, 1:]))
-
-
-@pytest.fixture(scope="module")
-def tokens() -> torch.Tensor:
-    return torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))
 
 
 # ------------------------------------------------------------------------------------- LASER
@@ -52,7 +31,7 @@ FRACTIONS = (0.5, 0.25, 0.05)
 
 
 @pytest.fixture(scope="module")
-def laser_dash(tokens):
+def laser_dash(tokens, snapshot, assert_bitwise_equal):
     model = make_model()
     snap = snapshot(model)
     dash = LaserDashboard(model, tokens, fractions=FRACTIONS, prompt="ab", max_new_tokens=10, progress=False)
@@ -113,7 +92,7 @@ def test_laser_choice_moves_the_rho_marker_and_reports_energy(laser_dash):
     assert "sweep loss" not in d.choice_status.value and "100.00%" in d.choice_status.value
 
 
-def test_laser_preview_shows_both_sides_and_restores_the_model(laser_dash, tokens):
+def test_laser_preview_shows_both_sides_and_restores_the_model(laser_dash, tokens, assert_bitwise_equal, loss_of):
     d = laser_dash
     d.target.value, d.layer.value, d.rank_fraction.value = "mlp.fc_out", 1, 0.05
     d.apply_button.click()
@@ -157,7 +136,7 @@ def test_laser_dashboard_rejects_bad_arguments(tokens):
 
 # ------------------------------------------------------------------------------------- HQQ
 @pytest.fixture(scope="module")
-def hqq_dash(tokens):
+def hqq_dash(tokens, snapshot, assert_bitwise_equal):
     model = make_model(seed=2)
     snap = snapshot(model)
     dash = HqqDashboard(model, tokens, bits=(2, 4, 8), group_sizes=(16, 32, 128), loss_group_size=32, progress=False)
@@ -237,3 +216,57 @@ def test_hqq_loss_group_size_auto_fits_every_matrix(tokens):
     assert math.isnan(d.grid.error("hqq", 0, "attn.q_proj", 4, 64)) and d.grid.error("hqq", 0, "mlp.fc_out", 4, 64) > 0
     with pytest.raises(ValueError, match="group_size 64 does not divide"):
         HqqDashboard(narrow, tokens, bits=(4,), group_sizes=(32,), loss_group_size=64, progress=False)
+
+
+# ------------------------------------------------------------------------------------- every architecture variant
+def test_laser_dashboard_on_every_variant(arch_model, tokens, snapshot, assert_bitwise_equal):
+    model = arch_model
+    snap = snapshot(model)
+    d = LaserDashboard(model, tokens, "all", fractions=(0.5, 0.1), prompt="ab", max_new_tokens=4, progress=False)
+    assert_bitwise_equal(model, snap)
+    have = {n for n, m in model.named_modules() if type(m) is nn.Linear and n.startswith("blocks.")}
+    have -= {n for n in have if n.endswith("router")}
+    assert d.targets == d.sweep.targets == d.spectrum.targets == list(d.target.options)
+    assert {f"blocks.{ly}.{t}" for t in d.targets for ly in d.spectrum.layers_of(t)} == have
+    for layer in (0, 1):
+        d.spectrum_layer.value = layer
+        assert [tr.name for tr in d.spectrum_fig.data] == d.targets
+        for trace, t in zip(d.spectrum_fig.data, d.targets):
+            assert list(trace.y) == pytest.approx(d.spectrum.spectrum(t, layer))  # empty where the block lacks t
+    for t in d.targets:  # every matrix the model has can be chosen and previewed
+        for layer in d.spectrum.layers_of(t):
+            d.target.value, d.layer.value, d.rank_fraction.value = t, layer, 0.1
+            assert f"{d.sweep.loss(t, layer, 0.1):.4f}" in d.choice_status.value
+    d.apply_button.click()
+    assert (d.comparison.intervention.target, d.comparison.intervention.layer) == (d.targets[-1], 1)
+    assert d.comparison.loss_after == pytest.approx(d.sweep.loss(d.targets[-1], 1, 0.1), abs=1e-6)
+    assert_bitwise_equal(model, snap)
+    missing = [(t, ly) for t in d.targets for ly in (0, 1) if ly not in d.spectrum.layers_of(t)]
+    if missing:  # YOCO: attn.k_proj / attn.v_proj of the cross-decoder block
+        d.comparison = None
+        d.target.value, d.layer.value = missing[0]
+        assert f"block {missing[0][1]} has no {missing[0][0]}" in d.choice_status.value
+        d.apply_button.click()  # reported in the result line, nothing raised or changed
+        assert d.comparison is None and "is in none of the selected blocks" in d.result.value
+        assert_bitwise_equal(model, snap)
+
+
+def test_hqq_dashboard_on_every_variant(arch_model, tokens, snapshot, assert_bitwise_equal):
+    model = arch_model
+    snap = snapshot(model)
+    d = HqqDashboard(model, tokens, bits=(3, 8), group_sizes=(16, 32), iters=4, progress=False)
+    assert_bitwise_equal(model, snap)
+    g = d.grid
+    assert list(d.hist_target.options) == g.targets == d.curve.targets
+    assert [o[1] for o in d.target.options] == [None, *g.targets]
+    for t in g.targets:
+        d.target.value = t
+        np.testing.assert_allclose(as_array(d.heatmap_fig.data[0].z), g.table("hqq", None, t))
+        for layer in g.layers:
+            d.hist_layer.value, d.hist_target.value = layer, t
+            if (layer, t) in g.weights:
+                h = g.residual_histogram(layer, t, d.hist_bits.value, d.hist_group.value)
+                assert [list(tr.y) for tr in d.hist_fig.data] == [h["rtn"], h["hqq"]]
+            else:  # YOCO cross-decoder keys/values
+                assert len(d.hist_fig.data[0].y) == 0 and f"block {layer} has no {t}" in d.hist_status.value
+    assert d.curve.group_size == 32 and d.curve.hqq[1] == pytest.approx(d.curve.base_loss, abs=2e-3)

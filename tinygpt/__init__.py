@@ -11,10 +11,15 @@ from tinygpt.checkpoint import CheckpointError, describe, load, read_checkpoint,
 from tinygpt.config import PRESETS, ConfigError, GPTConfig
 from tinygpt.data import Corpus, CorpusError, load_corpus, tokenize_corpus
 from tinygpt.distill import distill
+from tinygpt.es import es
+from tinygpt.evalmatrix import eval_matrix
 from tinygpt.evaluate import evaluate, leaderboard, memorization_test
 from tinygpt.lora import add_lora, load_lora, lora_finetune, merge_lora, save_lora
+from tinygpt.magpie import chat, magpie
 from tinygpt.model import GPT, KVCache
 from tinygpt.sampling import generate, stream
+from tinygpt.sft import finetune, sft
+from tinygpt.templates import load_template
 from tinygpt.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer, train_bpe
 from tinygpt.train import TrainConfig, TrainingDiverged, TrainResult, default_device, train
 
@@ -42,11 +47,18 @@ __all__ = [
     "evaluate",
     "leaderboard",
     "memorization_test",
+    "eval_matrix",
+    "es",
     "add_lora",
     "load_lora",
     "save_lora",
     "merge_lora",
     "lora_finetune",
+    "sft",
+    "finetune",
+    "magpie",
+    "chat",
+    "load_template",
     "generate",
     "sample",
     "stream",

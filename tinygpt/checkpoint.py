@@ -329,7 +329,9 @@ def describe(path: str | os.PathLike) -> str:
 
         lines.append(f"tokenizer   bpe, vocab {load_tokenizer(tok).vocab_size}")
     else:
-        lines.append(f"tokenizer   {tok.get('type', '?')}, vocab 256")
+        added = tok.get("added_tokens") or []
+        specials = f" (256 bytes + special tokens {', '.join(added)})" if added else ""
+        lines.append(f"tokenizer   {tok.get('type', '?')}, vocab {256 + len(added)}{specials}")
     lines.append(f"parameters  {n_params:,}" + ("  (embeddings tied)" if cfg.tie_embeddings else ""))
     if m.get("surgery", {}).get("modules"):
         kinds: dict[str, int] = {}

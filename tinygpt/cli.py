@@ -13,6 +13,9 @@
     tinygpt eval tiny.tinygpt --corpus heldout.txt
     tinygpt leaderboard runs/ --corpus heldout.txt --out report.md
     tinygpt lora tiny.tinygpt --corpus FILE --targets mlp.fc_in,attn.q_proj --rank 8 --alpha 16 --steps 300 --out a.lora
+    tinygpt sft tiny.tinygpt --data data/sft_small.jsonl --template chatml --steps 300 --out chat.tinygpt
+    tinygpt magpie chat.tinygpt --count 500 --template chatml --temperature 0.9 --out magpie.jsonl
+    tinygpt es tiny.tinygpt --corpus FILE --steps 50 --population 40 --sigma 0.02 --lr 0.01 --out tiny-es.tinygpt
 
 `python -m tinygpt` is the same command. Nothing here reads `sys.argv` at import time.
 """
@@ -23,7 +26,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tinygpt import distill_cli, evaluate_cli, lora_cli
+from tinygpt import distill_cli, es_cli, evaluate_cli, lora_cli, sft_cli
 from tinygpt.config import PRESETS
 from tinygpt.interop import cli as interop_cli
 from tinygpt.interp import cli as interp_cli
@@ -233,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill_cli.add_parsers(sub)  # distill
     evaluate_cli.add_parsers(sub)  # eval, leaderboard, memorization
     lora_cli.add_parsers(sub)  # lora, lora-merge
+    sft_cli.add_parsers(sub)  # sft, finetune, magpie
+    es_cli.add_parsers(sub)  # es (evolution strategies)
     return parser
 
 
@@ -247,6 +252,8 @@ COMMANDS = {
     **distill_cli.COMMANDS,
     **evaluate_cli.COMMANDS,
     **lora_cli.COMMANDS,
+    **sft_cli.COMMANDS,
+    **es_cli.COMMANDS,
 }
 
 

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tinygpt import distributed
 from tinygpt.checkpoint import CheckpointError, content_hash, load
 from tinygpt.config import PRESETS, GPTConfig
 from tinygpt.data import load_corpus, tokenize_corpus
@@ -332,8 +333,18 @@ class DistillBatches:
 class DistillObjective:
     """`(student, micro_batch) -> loss` for `fit`; also logs the KL and NLL parts into each step's record."""
 
-    def __init__(self, teacher: Teacher, settings: DistillSettings, vocab_size: int | None = None):
-        self.teacher, self.settings, self.vocab_size = teacher, settings, vocab_size
+    def __init__(
+        self, teacher: Teacher, settings: DistillSettings, vocab_size: int | None = None, *, lockstep: bool = False
+    ):
+        """
+        Args:
+            teacher, settings: the teacher and the objective.
+            vocab_size: compare only the first `vocab_size` logits (see `distill_loss`).
+            lockstep: every data-parallel process generates whenever one does (FSDP: each forward of the
+                sharded student is a collective, so all processes must run the same forwards); a process
+                whose own micro-batch is not on-policy generates too and discards the result.
+        """
+        self.teacher, self.settings, self.vocab_size, self.lockstep = teacher, settings, vocab_size, lockstep
         self._parts: list[dict[str, float]] = []
         self.last: dict[str, float] = {}
 
@@ -341,7 +352,11 @@ class DistillObjective:
         x, y = batch[0], batch[1]
         gen = batch[2] if len(batch) > 2 else None
         kl_mask = None
-        if gen is not None:
+        if self.lockstep and distributed.any_process(gen is not None, x.device):
+            generated = self.on_policy_batch(model, x, y, gen if gen is not None else 0)
+            if gen is not None:
+                x, y, kl_mask = generated
+        elif gen is not None:
             x, y, kl_mask = self.on_policy_batch(model, x, y, gen)
         teacher_logits = self.teacher.logits(x)
         student_logits = model(x)
@@ -408,6 +423,7 @@ def distill(
     device: str | None = None,
     progress: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    strategy: str = "ddp",
     **settings: Any,
 ) -> TrainResult:
     """Distil a teacher into a student on a corpus.
@@ -424,11 +440,17 @@ def distill(
         config, **settings: `TrainConfig` and its fields (`steps=200, max_lr=1e-3, ...`), as for `train()`.
         out, resume, callbacks, device, progress, cache_dir: as for `train()`. Each step's record also holds
             `kl`, `nll` and `on_policy` (the fraction of on-policy micro-batches).
+        strategy: under torchrun, "ddp" (default) or "fsdp" (the student sharded; the teacher is replicated
+            on every process); see `tinygpt.distributed`. The micro-batches of a step are split whole
+            across processes, so `accum` must be a multiple of the number of processes; the run then equals
+            a single-process run with the same settings.
     Returns:
         `TrainResult`; `val_loss` is the student's plain next-token loss (comparable with `train()`).
     Raises:
         TokenizerMismatch: the student's (or `tokenizer`'s) vocabulary differs from the teacher's.
     """
+    if strategy not in distributed.STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(distributed.STRATEGIES)}, got {strategy!r}")
     device = device or default_device()
     out = Path(out) if out is not None else None
     given = {
@@ -483,8 +505,8 @@ def distill(
     corpus_obj = load_corpus(corpus)
     data = tokenize_corpus(corpus_obj, tok, cache_dir=cache_dir, progress=progress)
     batches = DistillBatches(TokenBatches(data, cfg, model.cfg.n_ctx), dset.on_policy, cfg.seed)
-    t.to(device)
-    objective = DistillObjective(t, dset, vocab_size)
+    t.to(distributed.local_device(device))  # under torchrun each process's own GPU, as `fit` uses
+    objective = DistillObjective(t, dset, vocab_size, lockstep=strategy == "fsdp" and dset.on_policy > 0)
     state = {
         "corpus": _corpus_record(corpus, corpus_obj),
         "distill": {"teacher": t.record(), "settings": dset.to_dict()},
@@ -502,6 +524,7 @@ def distill(
         progress=progress,
         state=state,
         desc="distill",
+        strategy=strategy,
     )
     result.model.train_state["distill"] = state["distill"]
     return result

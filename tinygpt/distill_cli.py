@@ -65,9 +65,41 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue the distillation saved in --out")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    p.add_argument(
+        "--strategy", default="ddp", choices=["ddp", "fsdp"], help="under torchrun: data parallel or fully sharded"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", required=True, help="student checkpoint to write (.tinygpt)")
     p.add_argument("--no-progress", action="store_true")
+
+
+def corpus_arg(a: argparse.Namespace):
+    """`--corpus` as given, or a `Corpus` reading `--text-field` of a JSONL corpus."""
+    if a.corpus is not None and a.text_field != "text":
+        from tinygpt.data import load_corpus
+
+        return load_corpus(a.corpus, text_field=a.text_field)
+    return a.corpus
+
+
+def training_settings(a: argparse.Namespace) -> dict:
+    """The `TrainConfig` fields whose flags were given."""
+    return {field: getattr(a, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(a, flag) is not None}
+
+
+def report(res, keys: tuple[str, ...] = ("loss",), extra: tuple[str, ...] = ()) -> int:
+    """Print `done: step N | <keys of the last record> | val loss | seconds | <extra>` and return the exit code
+    (130 when interrupted). Under torchrun only rank 0 prints; every process returns the same code."""
+    from tinygpt import distributed
+
+    if distributed.is_main():
+        last = res.history[-1] if res.history else {}
+        parts = [f"step {res.step}"] + [f"{k} {last[k]:.3f}" for k in keys if k in last]
+        if res.final_val_loss is not None:
+            parts.append(f"val loss {res.final_val_loss:.3f}")
+        parts += [f"{res.elapsed:.1f}s", *extra]
+        print(("interrupted: " if res.interrupted else "done: ") + " | ".join(parts))
+    return 130 if res.interrupted else 0
 
 
 def cmd_distill(a: argparse.Namespace) -> int:
@@ -75,16 +107,10 @@ def cmd_distill(a: argparse.Namespace) -> int:
 
     if a.teacher is None and not a.resume:
         raise ValueError("--teacher is required (a .tinygpt file or a Hugging Face model directory)")
-    settings = {field: getattr(a, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(a, flag) is not None}
-    corpus = a.corpus
-    if corpus is not None and a.text_field != "text":
-        from tinygpt.data import load_corpus
-
-        corpus = load_corpus(corpus, text_field=a.text_field)
     res = distill(
         None if a.resume else a.student,
         a.teacher,
-        corpus,
+        corpus_arg(a),
         temperature=a.temperature,
         alpha=a.alpha,
         reverse_kl=a.reverse_kl,
@@ -94,19 +120,10 @@ def cmd_distill(a: argparse.Namespace) -> int:
         resume=a.resume,
         device=a.device,
         progress=not a.no_progress,
-        **settings,
+        strategy=a.strategy,
+        **training_settings(a),
     )
-    last = res.history[-1] if res.history else {}
-    parts = [f"step {res.step}"]
-    for key in ("loss", "kl", "nll"):
-        if key in last:
-            parts.append(f"{key} {last[key]:.3f}")
-    if res.final_val_loss is not None:
-        parts.append(f"val loss {res.final_val_loss:.3f}")
-    parts.append(f"{res.elapsed:.1f}s")
-    parts.append(f"saved {res.path}")
-    print(("interrupted: " if res.interrupted else "done: ") + " | ".join(parts))
-    return 130 if res.interrupted else 0
+    return report(res, ("loss", "kl", "nll"), (f"saved {res.path}",))
 
 
 COMMANDS = {"distill": cmd_distill}

@@ -197,8 +197,8 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray | None:
     written with GPT-2's byte-to-character table; added/special tokens count the bytes of their content, which
     is what they decode to).
     """
-    if isinstance(tokenizer, ByteTokenizer):
-        return np.ones(256, dtype=np.int64)
+    if isinstance(tokenizer, ByteTokenizer):  # bytes, then added special tokens (the bytes of their content)
+        return np.array([1] * 256 + [len(t.encode("utf-8")) for t in tokenizer.added_tokens], dtype=np.int64)
     if not isinstance(tokenizer, BPETokenizer):
         return None
     key = tokenizer.fingerprint

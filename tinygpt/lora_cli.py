@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from tinygpt.distill_cli import _TRAIN_FLAGS
+from tinygpt.distill_cli import corpus_arg, report, training_settings
 
 
 def add_parsers(sub) -> None:
@@ -67,15 +67,9 @@ def add_parsers(sub) -> None:
 def cmd_lora(a: argparse.Namespace) -> int:
     from tinygpt.lora import lora_finetune
 
-    settings = {field: getattr(a, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(a, flag) is not None}
-    corpus = a.corpus
-    if corpus is not None and a.text_field != "text":
-        from tinygpt.data import load_corpus
-
-        corpus = load_corpus(corpus, text_field=a.text_field)
     res = lora_finetune(
         a.model,
-        corpus,
+        corpus_arg(a),
         targets=a.targets,
         rank=a.rank,
         alpha=a.alpha,
@@ -87,22 +81,13 @@ def cmd_lora(a: argparse.Namespace) -> int:
         resume=a.resume,
         device=a.device,
         progress=not a.no_progress,
-        **settings,
+        **training_settings(a),
     )
-    r = res.result
-    last = r.history[-1] if r.history else {}
-    parts = [f"step {r.step}"]
-    if "loss" in last:
-        parts.append(f"loss {last['loss']:.3f}")
-    if r.final_val_loss is not None:
-        parts.append(f"val loss {r.final_val_loss:.3f}")
-    parts.append(f"{res.n_trainable:,} of {res.n_total:,} parameters trained in {len(res.modules)} modules")
-    parts.append(f"{r.elapsed:.1f}s")
-    parts.append(f"saved {res.adapter_path}")
+    extra = [f"{res.n_trainable:,} of {res.n_total:,} parameters trained in {len(res.modules)} modules"]
+    extra.append(f"saved {res.adapter_path}")
     if res.merged_path:
-        parts.append(f"merged {res.merged_path}")
-    print(("interrupted: " if r.interrupted else "done: ") + " | ".join(parts))
-    return 130 if r.interrupted else 0
+        extra.append(f"merged {res.merged_path}")
+    return report(res.result, ("loss",), tuple(extra))
 
 
 def cmd_lora_merge(a: argparse.Namespace) -> int:

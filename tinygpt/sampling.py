@@ -174,7 +174,7 @@ def stream(
     if hasattr(tok, "decode_bytes"):
         dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
         for nxt in generate_tokens(model, tokens, max_new_tokens, stop_tokens=stop, **kwargs):
-            if piece := dec.decode(bytes([int(nxt[0])])):
+            if piece := dec.decode(tok.decode_bytes([int(nxt[0])])):  # added special tokens decode to their text
                 yield piece
         if tail := dec.decode(b"", final=True):
             yield tail

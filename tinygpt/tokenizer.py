@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -55,6 +56,15 @@ class Tokenizer(ABC):
     def vocab_items(self) -> list[tuple[str, int]]:
         """(token, id) pairs: the vocabulary's content, for fingerprints and comparisons."""
 
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Added tokens {string: id}: `encode` maps each occurrence of the string in text to that one id."""
+        return {}
+
+    def with_special_tokens(self, tokens: Iterable[str]) -> Tokenizer:
+        """A copy with `tokens` added as special tokens (new ids after the vocabulary; present ones keep theirs)."""
+        raise TokenizerError(f"{type(self).__name__} cannot add special tokens")
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
@@ -73,39 +83,92 @@ class Tokenizer(ABC):
 
 
 class ByteTokenizer(Tokenizer):
-    """UTF-8 bytes as tokens: vocab 256, lossless on any text and on arbitrary bytes."""
+    """UTF-8 bytes as tokens: vocab 256, lossless on any text and on arbitrary bytes.
+
+    Special tokens (e.g. a chat template's `<|im_start|>`) can be added: they get ids 256, 257, ... in order,
+    `encode` maps each literal occurrence of their string to that id, and `to_dict` records them, so a
+    checkpoint rebuilds the same tokenizer.
+
+    Args:
+        added_tokens: special-token strings, in id order from 256.
+    """
 
     kind = "byte"
 
+    def __init__(self, added_tokens: Iterable[str] = ()):
+        added = list(added_tokens)
+        for t in added:
+            if not isinstance(t, str) or not t:
+                raise TokenizerError(f"a special token must be a non-empty string, got {t!r}")
+        if len(set(added)) != len(added):
+            raise TokenizerError(f"duplicate special tokens in {added}")
+        self.added_tokens: tuple[str, ...] = tuple(added)
+        self._added = {t: 256 + i for i, t in enumerate(added)}
+        self._pattern = (
+            re.compile("|".join(re.escape(t) for t in sorted(added, key=len, reverse=True))) if added else None
+        )
+        self.eos_id = next((self._added[n] for n in EOS_NAMES if n in self._added), None)
+        self.bos_id = next((self._added[n] for n in BOS_NAMES if n in self._added), self.eos_id)
+
     @property
     def vocab_size(self) -> int:
-        return 256
+        return 256 + len(self.added_tokens)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._added)
+
+    def with_special_tokens(self, tokens: Iterable[str]) -> ByteTokenizer:
+        new = [t for t in dict.fromkeys(tokens) if t not in self._added]
+        return ByteTokenizer([*self.added_tokens, *new]) if new else self
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        if self._pattern is None:
+            return list(text.encode("utf-8"))
+        out: list[int] = []
+        pos = 0
+        for m in self._pattern.finditer(text):
+            out.extend(text[pos : m.start()].encode("utf-8"))
+            out.append(self._added[m.group()])
+            pos = m.end()
+        out.extend(text[pos:].encode("utf-8"))
+        return out
 
     def encode_array(self, text: str) -> np.ndarray:
+        if self._pattern is not None:
+            return np.asarray(self.encode(text), dtype=np.int64)
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
     def encode_bytes(self, data: bytes) -> list[int]:
         return list(data)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        return bytes(int(i) for i in ids)
+        if not self.added_tokens:
+            return bytes(int(i) for i in ids)
+        out = bytearray()
+        for i in ids:
+            i = int(i)
+            out.extend(self.added_tokens[i - 256].encode("utf-8") if i >= 256 else bytes([i]))
+        return bytes(out)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def token_str(self, i: int) -> str:
-        return bytes([int(i)]).decode("utf-8", errors="backslashreplace")
+        i = int(i)
+        if i >= 256:
+            return self.added_tokens[i - 256]
+        return bytes([i]).decode("utf-8", errors="backslashreplace")
 
     def vocab_items(self) -> list[tuple[str, int]]:
-        return [(f"<0x{i:02X}>", i) for i in range(256)]
+        return [(f"<0x{i:02X}>", i) for i in range(256)] + list(self._added.items())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "byte"}
+        return {"type": "byte", "added_tokens": list(self.added_tokens)} if self.added_tokens else {"type": "byte"}
 
     def __repr__(self) -> str:
+        if self.added_tokens:
+            return f"ByteTokenizer(vocab_size={self.vocab_size}, added_tokens={list(self.added_tokens)})"
         return "ByteTokenizer(vocab_size=256)"
 
 
@@ -164,6 +227,21 @@ class BPETokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return {t.content: i for i, t in self.tok.get_added_tokens_decoder().items()}
+
+    def with_special_tokens(self, tokens: Iterable[str]) -> BPETokenizer:
+        have = self.special_tokens
+        new = [t for t in dict.fromkeys(tokens) if t not in have]
+        if not new:
+            return self
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tok = HFTokenizer.from_str(self.tok.to_str())  # a copy: other holders of this tokenizer are unaffected
+        tok.add_special_tokens(new)
+        return BPETokenizer(tok, self.source)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -258,7 +336,10 @@ def load_tokenizer(spec: Any = None) -> Tokenizer:
     if isinstance(spec, dict):
         kind = spec.get("type")
         if kind == "byte":
-            return ByteTokenizer()
+            added = spec.get("added_tokens", [])
+            if not isinstance(added, list):
+                raise TokenizerError(f"byte tokenizer record: added_tokens must be a list, got {added!r}")
+            return ByteTokenizer(added)
         if kind == "bpe" and isinstance(spec.get("json"), str):
             return BPETokenizer.from_str(spec["json"], source="checkpoint")
         raise TokenizerError(f"unknown tokenizer record type {kind!r}")

@@ -18,6 +18,7 @@ _LAZY = {
     "PatchingDashboard": "patching",
     "AttentionViewer": "attention",
     "TrainingDashboard": "training",
+    "EvalMatrixDashboard": "evalmatrix",
 }
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from tinygpt.interp.ablation import MODES, Ablation, AblationError, AblationSweepResult, ablate, ablation_sweep
 from tinygpt.sampling import generate
 
-from ._common import captured, error_html, status_html, user_errors
+from ._common import captured, decode, parse_tokens, prompt_text, status_html, user_errors
 
 COMPONENT_OPTIONS = [("whole layer", "layer"), ("attention", "attn"), ("MLP", "mlp"), ("one head", "head")]
 SWEEP_COMPONENTS = ("layer", "attn", "mlp")
@@ -64,7 +64,7 @@ class AblationExplorer:
         tokens: Any = None,
         *,
         targets: Tensor | None = None,
-        prompt: str = "\n",
+        prompt: Any = "\n",
         max_new_tokens: int = 80,
         temperature: float = 0.0,
         seed: int = 0,
@@ -74,13 +74,14 @@ class AblationExplorer:
     ):
         """
         Args:
-            model: a `tinygpt.GPT` (with a tokenizer, for the generations).
+            model: a `tinygpt.GPT` (without a tokenizer, prompts and generations are token ids).
             tokens: evaluation tokens [batch, pos], or data for `eval_data` (text, a corpus path, None = the
                 held-out end of the built-in Shakespeare), cut into `n_windows` windows.
             targets: optional [batch, pos] targets (-100 ignored) to score only some positions (e.g. the repeated
                 half of induction sequences); passed to `ablation_sweep`.
             prompt, max_new_tokens, temperature, seed: the two generations (temperature 0 = greedy; the same
-                seed for both).
+                seed for both). The prompt is text, or token ids (typed as "5 17 3" for a model without a
+                tokenizer, whose generations are shown as ids too).
             modes: the modes offered ("zero", "mean", "resample").
             progress: tqdm progress bars for the sweeps.
         """
@@ -106,13 +107,19 @@ class AblationExplorer:
             options=list(modes),
             value=modes[0],
             tooltips=[
-                {"zero": "replace by zeros", "mean": "replace by the mean over the evaluation batch",
-                 "resample": "replace by the activation of a random evaluation row"}[m]
+                {
+                    "zero": "replace by zeros",
+                    "mean": "replace by the mean over the evaluation batch",
+                    "resample": "replace by the activation of a random evaluation row",
+                }[m]
                 for m in modes
             ],
         )
         self.prompt = W.Text(
-            value=prompt, description="prompt", continuous_update=False, layout=W.Layout(width="70%")
+            value=prompt_text(model, prompt),
+            description="prompt",
+            continuous_update=False,
+            layout=W.Layout(width="70%"),
         )
         self.status = W.HTML()
         self.samples = W.HTML()
@@ -181,16 +188,14 @@ class AblationExplorer:
                 f"({loss - sweep.baseline_loss:+.4f}) on {self._n_scored():,} tokens"
             )
             prompt = self.prompt.value
-            ids = self.model._require_tokenizer().encode(prompt)
-            if not ids:
-                raise ValueError("type a prompt (at least one token) to compare the generations")
-            tokens = torch.tensor([ids], dtype=torch.long)
+            tokens = parse_tokens(self.model, prompt)
+            n = tokens.shape[1]
             ctx = ablate(self.model, [ab], reference_tokens=self.tokens, seed=self.sample_options["seed"])
             clean = generate(self.model, tokens, **self.sample_options)
             ablated = generate(self.model, tokens, ablate=ctx, **self.sample_options)
             # decode only the new tokens: the prompt is shown as typed
-            self.sample_clean = self.model.to_string(clean[0, len(ids) :])
-            self.sample_ablated = self.model.to_string(ablated[0, len(ids) :])
+            self.sample_clean = decode(self.model, clean[0, n:].tolist())
+            self.sample_ablated = decode(self.model, ablated[0, n:].tolist())
             self.samples.value = _side_by_side(prompt, self.sample_clean, self.sample_ablated, str(ab))
 
     def _n_scored(self) -> int:
@@ -251,8 +256,10 @@ def _side_by_side(prompt: str, a: str, b: str, label: str) -> str:
         same += 1
 
     def col(title: str, text: str, split: int | None) -> str:
-        body = html.escape(text) if split is None else (
-            html.escape(text[:split]) + f"<span style='color:{SELECTED}'>{html.escape(text[split:])}</span>"
+        body = (
+            html.escape(text)
+            if split is None
+            else (html.escape(text[:split]) + f"<span style='color:{SELECTED}'>{html.escape(text[split:])}</span>")
         )
         return (
             "<div style='flex:1;min-width:0'>"

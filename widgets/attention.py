@@ -10,16 +10,24 @@ choices per token for mixture-of-experts and mixture-of-depths models.
 A thin layer over `tinygpt.interp.attention_patterns` (every `blocks.{i}.attn.hook_pattern*` map of the prompt,
 one forward pass per prompt; the layer and head controls only choose what to show). Differential attention
 (`diff_attn=True`) exposes `hook_pattern1` (A1), `hook_pattern2` (A2) and the signed `hook_pattern` (A1 − λ A2):
-all three are drawn side by side. Routers are read from their hook points in one more forward pass:
-`blocks.{i}.moe.hook_expert_indices` / `hook_expert_weights` (the experts each token is sent to) and
-`blocks.{i}.hook_routing_mask` / `hook_router_scores` (mixture-of-depths: which tokens a routed block
-computes). A routed block's attention covers only the tokens it computes; skipped tokens are blank rows and
-columns of its map.
+all three are drawn side by side, with the layer's λ (`attn.hook_lambda`) in the combined map's title. Routers
+are read from their hook points in one more forward pass (`read_routing`):
+
+- mixture-of-experts: `blocks.{i}.moe.hook_expert_indices` / `hook_expert_weights` (the experts each token is
+  sent to, drawn for the selected layer) and `hook_router_logits` (the router's probabilities, in the hover);
+  the expert load of every layer (the fraction of the prompt's token-to-expert assignments each expert
+  receives) is a second heatmap;
+- mixture-of-depths: `blocks.{i}.hook_routing_mask` / `hook_router_scores` (which tokens each routed block
+  computes, and the router's score of every token, written in the cells).
+
+A routed block's attention covers only the tokens it computes; skipped tokens are blank rows and columns of
+its map. A MoE feed-forward inside a routed block only sees the routed tokens: skipped tokens have no expert.
 """
 
 from __future__ import annotations
 
 import html
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,9 +37,18 @@ import torch
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from tinygpt.interp.attention import MAIN_MAP, AttentionResult, attention_maps, attention_patterns
+from tinygpt.interp.attention import MAIN_MAP, AttentionResult, attention_patterns, routed_layers
 
-from ._common import captured, dropdown_value, show_figure, status_html, user_errors
+from ._common import (
+    captured,
+    dropdown_value,
+    parse_tokens,
+    prompt_text,
+    show_figure,
+    status_html,
+    token_strs,
+    user_errors,
+)
 
 DEFAULT_PROMPT = "To be, or not to be, that is the question."
 MAP_TITLES = {"pattern1": "A1 (hook_pattern1)", "pattern2": "A2 (hook_pattern2)"}
@@ -43,40 +60,57 @@ class Routing:
     """Router decisions for one prompt (batch row 0).
 
     Attributes:
-        experts: {layer: (indices [pos, k] int64, weights [pos, k] fp32)} of mixture-of-experts layers.
+        experts: {layer: (indices [pos, k] int64, weights [pos, k] fp32)} of mixture-of-experts layers; a token
+            the layer does not compute (skipped by a mixture-of-depths block) has indices -1 and weights 0.
+        probs: {layer: [pos, n_experts]} the router's softmax over every expert (NaN rows for skipped tokens).
         n_experts: experts per MoE layer (0 without MoE).
         mod: {layer: (mask [pos] bool, scores [pos] fp32)} of mixture-of-depths (routed) blocks.
-        maps: {layer: {map name: [n_heads, pos, pos]}} attention maps of routed blocks, scattered back to token
-            positions (NaN where the block skipped the query or the key token).
     """
 
     experts: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    probs: dict[int, Tensor] = field(default_factory=dict)
     n_experts: int = 0
     mod: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
-    maps: dict[int, dict[str, Tensor]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.experts or self.mod)
 
-
-def routed_layers(model) -> list[int]:
-    """Layers whose block routes only some tokens (mixture-of-depths): they have `hook_routing_mask`."""
-    return [i for i in range(model.cfg.n_layers) if f"blocks.{i}.hook_routing_mask" in model.hook_dict]
+    def load(self) -> Tensor:
+        """[n_moe_layers, n_experts] expert load: the fraction of each MoE layer's (token, choice) assignments
+        that went to each expert, over the tokens the layer computes (rows in `sorted(experts)` order; a row
+        sums to 1, or is NaN if the layer computed no token)."""
+        rows = []
+        for layer in sorted(self.experts):
+            idx = self.experts[layer][0]
+            chosen = idx[idx >= 0]
+            counts = torch.bincount(chosen, minlength=self.n_experts).float()
+            rows.append(counts / chosen.numel() if chosen.numel() else torch.full((self.n_experts,), float("nan")))
+        return torch.stack(rows) if rows else torch.zeros(0, self.n_experts)
 
 
 def moe_layers(model) -> list[int]:
     return [i for i in range(model.cfg.n_layers) if f"blocks.{i}.moe.hook_expert_indices" in model.hook_dict]
 
 
+def _at_positions(x: Tensor, mask: Tensor | None, fill: float) -> Tensor:
+    """Rows of a routed block's sub-sequence [routed, ...] back at token positions [pos, ...] (`fill` where the
+    block skipped the token); `x` as is when the block computes every token (mask None)."""
+    if mask is None:
+        return x
+    idx = mask.nonzero()[:, 0]
+    out = torch.full((mask.shape[0], *x.shape[1:]), fill, dtype=x.dtype)
+    out[idx] = x[: len(idx)]
+    return out
+
+
 @torch.no_grad()
 def read_routing(model, tokens: Tensor) -> Routing:
-    """Router hook points of `tokens` [1, pos], plus the attention maps of routed blocks, in one forward pass."""
+    """The router hook points of `tokens` [1, pos] in one forward pass (nothing for a model without routers)."""
     moe, mod = moe_layers(model), routed_layers(model)
     if not moe and not mod:
         return Routing()
-    names = [f"blocks.{i}.moe.hook_expert_{w}" for i in moe for w in ("indices", "weights")]
+    names = [f"blocks.{i}.moe.hook_{w}" for i in moe for w in ("expert_indices", "expert_weights", "router_logits")]
     names += [f"blocks.{i}.hook_{w}" for i in mod for w in ("routing_mask", "router_scores")]
-    names += [h for i in mod for h in attention_maps(model, i).values()]
     was_training = model.training
     model.eval()
     try:
@@ -84,24 +118,18 @@ def read_routing(model, tokens: Tensor) -> Routing:
     finally:
         model.train(was_training)
     out = Routing(n_experts=int(getattr(model.cfg, "moe_experts", 0) or 0))
-    for i in moe:
-        out.experts[i] = (
-            cache[f"blocks.{i}.moe.hook_expert_indices"][0].cpu(),
-            cache[f"blocks.{i}.moe.hook_expert_weights"][0].float().cpu(),
-        )
-    t = tokens.shape[1]
     for i in mod:
         mask = cache[f"blocks.{i}.hook_routing_mask"][0].cpu()
         mask = mask if mask.dtype == torch.bool else mask > 0.5
         out.mod[i] = (mask, cache[f"blocks.{i}.hook_router_scores"][0].float().cpu())
-        idx = mask.nonzero()[:, 0]  # routed positions, in causal order (the block's sub-sequence)
-        maps = {}
-        for name, hook in attention_maps(model, i).items():
-            full = torch.full((model.cfg.n_heads, t, t), float("nan"))
-            if hook in cache and len(idx):
-                full[:, idx[:, None], idx[None, :]] = cache[hook][0, :, : len(idx), : len(idx)].float().cpu()
-            maps[name] = full
-        out.maps[i] = maps
+    for i in moe:
+        mask = out.mod[i][0] if i in out.mod else None  # a MoE inside a routed block sees the routed tokens only
+        block = f"blocks.{i}.moe"
+        out.experts[i] = (
+            _at_positions(cache[f"{block}.hook_expert_indices"][0].cpu(), mask, -1),
+            _at_positions(cache[f"{block}.hook_expert_weights"][0].float().cpu(), mask, 0.0),
+        )
+        out.probs[i] = _at_positions(cache[f"{block}.hook_router_logits"][0].float().softmax(-1).cpu(), mask, math.nan)
     return out
 
 
@@ -124,10 +152,14 @@ def _rows(z: Tensor) -> list[list[float | None]]:
     return [[None if v != v else v for v in row] for row in z.tolist()]
 
 
-def attention_figure(maps: dict[str, Tensor], str_tokens: list[str], layer: int, head: int) -> go.Figure:
-    """One heatmap per map ({name: [dest, src]}), rows = destination tokens, columns = source tokens."""
+def attention_figure(
+    maps: dict[str, Tensor], str_tokens: list[str], layer: int, head: int, lam: float | None = None
+) -> go.Figure:
+    """One heatmap per map ({name: [dest, src]}), rows = destination tokens, columns = source tokens; `lam` is
+    differential attention's λ of the layer (shown in the combined map's title)."""
     names = sorted(maps, key=lambda m: (m == MAIN_MAP, m))  # A1, A2, then the combined map
-    titles = [MAP_TITLES.get(m, "A1 − λ·A2 (hook_pattern)" if len(maps) > 1 else "hook_pattern") for m in names]
+    combined = "A1 − λ·A2 (hook_pattern)" + (f", λ = {lam:.3f}" if lam is not None else "")
+    titles = [MAP_TITLES.get(m, combined if len(maps) > 1 else "hook_pattern") for m in names]
     fig = make_subplots(rows=1, cols=len(names), subplot_titles=titles, horizontal_spacing=0.12)
     ticks = _ticks(str_tokens)
     for c, name in enumerate(names, start=1):
@@ -162,17 +194,32 @@ def attention_figure(maps: dict[str, Tensor], str_tokens: list[str], layer: int,
 
 
 def router_figure(routing: Routing, str_tokens: list[str], layer: int) -> go.Figure:
-    """Experts chosen per token at `layer` (MoE) and/or which tokens each routed block computes (MoD)."""
+    """The router view: experts chosen per token at `layer` and the expert load of every layer (MoE), and which
+    tokens each routed block computes, with the router's scores (MoD)."""
     panels = []
     if layer in routing.experts:
         panels.append("moe")
+    if routing.experts:
+        panels.append("load")
     if routing.mod:
         panels.append("mod")
     titles = {
         "moe": f"layer {layer}: experts chosen per token (weight; number = choice rank)",
-        "mod": "mixture-of-depths: tokens each routed block computes (1) or skips (0)",
+        "load": "expert load per layer: share of the prompt's token → expert assignments",
+        "mod": "mixture-of-depths: tokens each routed block computes (1) or skips (0); cells: router score",
     }
-    fig = make_subplots(rows=len(panels) or 1, cols=1, subplot_titles=[titles[p] for p in panels], vertical_spacing=0.2)
+    heights = {
+        "moe": routing.n_experts,
+        "load": len(routing.experts),
+        "mod": len(routing.mod),
+    }
+    fig = make_subplots(
+        rows=len(panels) or 1,
+        cols=1,
+        subplot_titles=[titles[p] for p in panels],
+        vertical_spacing=0.3 / max(len(panels), 1),
+        row_heights=[heights[p] + 2 for p in panels] or None,
+    )
     ticks = _ticks(str_tokens)
     t = len(str_tokens)
     for r, panel in enumerate(panels, start=1):
@@ -180,13 +227,16 @@ def router_figure(routing: Routing, str_tokens: list[str], layer: int) -> go.Fig
         bar = {"y": (dom[0] + dom[1]) / 2, "len": (dom[1] - dom[0]) * 1.05, "thickness": 12}
         if panel == "moe":
             idx, w = routing.experts[layer]
+            probs = routing.probs.get(layer)
             z = torch.zeros(routing.n_experts, t)
             rank = [[""] * t for _ in range(routing.n_experts)]
             for pos in range(t):
                 for j in range(idx.shape[1]):
                     e = int(idx[pos, j])
-                    z[e, pos] = w[pos, j]
-                    rank[e][pos] = str(j + 1)
+                    if e >= 0:  # -1: a token the (routed) block skipped
+                        z[e, pos] = w[pos, j]
+                        rank[e][pos] = str(j + 1)
+            prob = [[None] * t for _ in range(routing.n_experts)] if probs is None else _rows(probs.T)
             fig.add_trace(
                 go.Heatmap(
                     z=z.tolist(),
@@ -194,12 +244,36 @@ def router_figure(routing: Routing, str_tokens: list[str], layer: int) -> go.Fig
                     y=[f"expert {e}" for e in range(routing.n_experts)],
                     text=rank,
                     texttemplate="%{text}",
+                    customdata=prob,
                     name="experts",
                     colorscale="Purples",
                     zmin=0,
                     zmax=1,
                     colorbar={**bar, "title": "weight"},
-                    hovertemplate="%{x} → %{y}: weight %{z:.3f} (choice %{text})<extra></extra>",
+                    hovertemplate="%{x} → %{y}: weight %{z:.3f} (choice %{text}); "
+                    "router probability %{customdata:.3f}<extra></extra>",
+                ),
+                row=r,
+                col=1,
+            )
+        elif panel == "load":
+            layers = sorted(routing.experts)
+            load = routing.load()
+            n_tok = [int((routing.experts[i][0][:, 0] >= 0).sum()) for i in layers]
+            fig.add_trace(
+                go.Heatmap(
+                    z=_rows(load),
+                    x=[f"expert {e}" for e in range(routing.n_experts)],
+                    y=[f"layer {i}" for i in layers],
+                    text=[[f"{v:.0%}" if v == v else "" for v in row] for row in load.tolist()],
+                    texttemplate="%{text}",
+                    customdata=[[n] * routing.n_experts for n in n_tok],
+                    name="load",
+                    colorscale="Greens",
+                    zmin=0,
+                    zmax=max(float(load.nan_to_num(0).max()) if load.numel() else 1.0, 1e-9),
+                    colorbar={**bar, "title": "load"},
+                    hovertemplate="%{y}, %{x}: %{z:.1%} of the assignments of %{customdata} tokens<extra></extra>",
                 ),
                 row=r,
                 col=1,
@@ -213,23 +287,26 @@ def router_figure(routing: Routing, str_tokens: list[str], layer: int) -> go.Fig
                     z=z,
                     x=ticks,
                     y=[f"block {i}" for i in layers],
-                    customdata=scores,
+                    text=scores,
+                    texttemplate="%{text}" if t <= 48 else "",
                     name="routing",
                     colorscale=[[0, "#eeeeee"], [1, "#ff7f0e"]],
                     zmin=0,
                     zmax=1,
                     colorbar={**bar, "title": "routed", "tickvals": [0, 1]},
-                    hovertemplate="%{y}, %{x}: routed %{z} (router score %{customdata})<extra></extra>",
+                    hovertemplate="%{y}, %{x}: routed %{z} (router score %{text}; routed iff > 0 in eval mode)"
+                    "<extra></extra>",
                 ),
                 row=r,
                 col=1,
             )
-        fig.update_xaxes(type="category", tickangle=-60, row=r, col=1)
+        if panel != "load":
+            fig.update_xaxes(type="category", tickangle=-60, row=r, col=1)
         fig.update_yaxes(type="category", autorange="reversed", row=r, col=1)
-    n_rows = (routing.n_experts if "moe" in panels else 0) + (len(routing.mod) if "mod" in panels else 0)
+    n_rows = sum(heights[p] for p in panels)
     fig.update_layout(
         template="plotly_white",
-        height=200 + 26 * n_rows + 120 * len(panels),
+        height=160 + 26 * n_rows + 130 * len(panels),
         width=min(1800, 300 + 22 * t),
         margin={"t": 60, "b": 40},
     )
@@ -241,19 +318,20 @@ class AttentionViewer:
     """Prompt, layer and head controls over the attention maps of a prompt, plus a router view when there is one.
 
     Attributes:
-        result (AttentionResult | None): the maps of every layer that computes every token (all layers of a
-            dense model; None if every layer is routed).
+        result (AttentionResult | None): the maps of every layer (a routed block's scattered to token positions,
+            NaN at skipped tokens); None until a prompt could be read.
         routing (Routing): router decisions (empty for a model without routers).
         widget (ipywidgets.VBox): the container; displaying the viewer displays it.
         Controls: `prompt` (Text; applies on Enter), `layer`, `head`; outputs: `fig` (attention maps of the
         selected head), `router_fig` (only for MoE / MoD models, else None), `status` (HTML), `output`.
     """
 
-    def __init__(self, model, prompt: str = DEFAULT_PROMPT, *, layer: int = 0, head: int = 0):
+    def __init__(self, model, prompt: Any = DEFAULT_PROMPT, *, layer: int = 0, head: int = 0):
         """
         Args:
-            model: a `tinygpt.GPT` with a tokenizer.
-            prompt: the initial prompt.
+            model: a `tinygpt.GPT`.
+            prompt: the initial prompt: text, or token ids (a model without a tokenizer takes ids typed as
+                "5 17 3").
             layer, head: the initial selection.
         """
         self.model = model
@@ -265,7 +343,10 @@ class AttentionViewer:
         self._has_router = bool(self._routed or moe_layers(model))
 
         self.prompt = W.Text(
-            value=prompt, description="prompt", continuous_update=False, layout=W.Layout(width="70%")
+            value=prompt_text(model, prompt),
+            description="prompt",
+            continuous_update=False,
+            layout=W.Layout(width="70%"),
         )
         kind = lambda i: " (routed)" if i in self._routed else ""  # noqa: E731
         self.layer = W.Dropdown(options=[(f"layer {i}{kind(i)}", i) for i in range(cfg.n_layers)], description="layer")
@@ -297,36 +378,37 @@ class AttentionViewer:
 
     # ------------------------------------------------------------------ state
     def maps(self, layer: int | None = None, head: int | None = None) -> dict[str, Tensor]:
-        """{map name: [dest, src]} of one head (default: the selected one), as drawn."""
+        """{map name: [dest, src]} of one head (default: the selected one), as drawn (NaN rows and columns for
+        tokens a routed block skipped)."""
+        if self.result is None:
+            raise ValueError("no attention maps yet: the prompt could not be read (see .status); type one in .prompt")
         layer = self.layer.value if layer is None else layer
         head = self.head.value if head is None else head
-        if layer in self.routing.maps:
-            return {m: z[head] for m, z in self.routing.maps[layer].items()}
         return {m: self.result.head(layer, head, m) for m in self.result.maps}
 
     def update(self) -> None:
         """Recompute the maps (and routing) of the prompt and redraw."""
         with user_errors(self.status, ValueError):
-            if not self.prompt.value:
-                raise ValueError("type a prompt")
-            tokens = self.model.to_tokens(self.prompt.value)
-            dense = [i for i in range(self.model.cfg.n_layers) if i not in self._routed]
-            self.result = attention_patterns(self.model, tokens, layers=dense) if dense else None
+            tokens = parse_tokens(self.model, self.prompt.value)
+            self.result = attention_patterns(self.model, tokens)
             self.routing = read_routing(self.model, tokens)
-            self.str_tokens = self.model.to_str_tokens(tokens[0])
+            self.str_tokens = token_strs(self.model, tokens[0].tolist())
             self.draw()
 
     def draw(self) -> None:
         """Redraw the selected head's maps and the router view (no recomputation)."""
-        if not self.str_tokens:
+        if self.result is None:
             return
         layer, head = self.layer.value, self.head.value
         maps = self.maps(layer, head)
-        show_figure(self.fig, attention_figure(maps, self.str_tokens, layer, head))
+        lam = self.result.lambdas.get(layer)
+        show_figure(self.fig, attention_figure(maps, self.str_tokens, layer, head, lam))
         note = ""
-        if layer in self.routing.mod:
-            mask = self.routing.mod[layer][0]
-            note = f" · routed block: computes {int(mask.sum())} of {len(mask)} tokens (the others are blank)"
+        if lam is not None:
+            note += f" · λ = {lam:.3f}"
+        if layer in self.result.routing_masks:
+            mask = self.result.routing_masks[layer]
+            note += f" · routed block: computes {int(mask.sum())} of {len(mask)} tokens (the others are blank)"
         self.status.value = status_html(
             f"{len(self.str_tokens)} tokens · maps: {', '.join(html.escape(m) for m in sorted(maps))}{note}"
         )

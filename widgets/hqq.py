@@ -195,13 +195,18 @@ class HqqDashboard:
         layer, target = self.hist_layer.value, self.hist_target.value
         bits, group = self.hist_bits.value, self.hist_group.value
         title = f"W − Ŵ, layer {layer} {target}, {bits}-bit, group {_group_label(group)}"
-        in_features = self.grid.weights[(layer, target)].shape[1]
-        if group is not None and in_features % group:
+        weight = self.grid.weights.get((layer, target))
+        problem = None
+        if weight is None:  # e.g. attn.k_proj of a YOCO cross-decoder block
+            problem = f"block {layer} has no {target}"
+        elif group is not None and weight.shape[1] % group:
+            problem = f"group size {group} does not divide in_features = {weight.shape[1]} of this matrix"
+        if problem is not None:
             with self.hist_fig.batch_update():
                 for trace in self.hist_fig.data:
                     trace.x, trace.y = [], []
                 self.hist_fig.layout.title.text = title
-            self.hist_status.value = f"group size {group} does not divide in_features = {in_features} of this matrix"
+            self.hist_status.value = problem
             return
         h = self.grid.residual_histogram(layer, target, bits, group)
         with self.hist_fig.batch_update():

@@ -21,7 +21,7 @@ from typing import Any
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from tinygpt.surgery.common import LayerSpec, TargetSpec, check_model, eval_data, resolve_layers, resolve_targets
+from tinygpt.surgery.common import LayerSpec, TargetSpec, check_model, eval_data, resolve_layers, select_linears
 from tinygpt.surgery.laser import (
     PAPER_GRID,
     Intervention,
@@ -34,7 +34,7 @@ from tinygpt.surgery.laser import (
     singular_values,
 )
 
-from ._common import captured, show_figure
+from ._common import captured, error_html, show_figure, user_errors
 
 #: A coarse ρ grid that sweeps quickly (the dashboard's default; `PAPER_GRID` is the paper's).
 QUICK_GRID: tuple[float, ...] = (0.9, 0.5, 0.2, 0.1, 0.05, 0.01)
@@ -78,7 +78,8 @@ class LaserDashboard:
             tokens_or_corpus: validation data: tokens [batch, pos], a 1-D token stream, text, a corpus path,
                 or None (the held-out end of the built-in Shakespeare). Cut into windows once.
             targets, layers: the matrices to study (see `tinygpt.surgery.laser_`); default the MLP matrices
-                of every layer.
+                of every layer (on a MoE model every expert's matrices, each its own target
+                "moe.experts.{j}.fc_in" in the controls and the sweep).
             fractions: ρ values for the sweep and the ρ slider.
             run_sweep: run `laser_sweep` now (otherwise press "run sweep").
             prompt, max_new_tokens, temperature, seed: the before/after samples (same seed for both).
@@ -86,8 +87,8 @@ class LaserDashboard:
             progress: tqdm progress bars for the sweep and the spectra.
         """
         n_layers = check_model(model)
+        select_linears(model, targets, layers)  # validates the selection before any data is loaded
         self.model = model
-        self.targets = resolve_targets(targets)
         self.layers = resolve_layers(layers, n_layers)
         self.fractions = _check_fractions(fractions)
         self.progress = progress
@@ -100,7 +101,8 @@ class LaserDashboard:
         self.output = W.Output()  # in a kernel: progress bars and tracebacks (of construction and callbacks)
         with captured(self.output):
             self.data = eval_data(model, tokens_or_corpus, ctx=ctx, n_windows=n_windows, batch_size=batch_size)
-            self.spectrum: SpectrumResult = singular_values(model, self.targets, self.layers, progress=progress)
+            self.spectrum: SpectrumResult = singular_values(model, targets, self.layers, progress=progress)
+        self.targets = self.spectrum.targets  # concrete: one per expert matrix on MoE blocks
         self.sweep: LaserSweepResult | None = None
         self.comparison: LaserComparison | None = None
 
@@ -201,7 +203,7 @@ class LaserDashboard:
             self.run_sweep()
 
     def _on_preview(self, _button: Any = None) -> None:
-        with captured(self.output):
+        with captured(self.output), user_errors(self.result, ValueError):  # e.g. a matrix this block lacks
             self.preview()
 
     def _update_spectrum(self, _change: Any = None) -> None:
@@ -232,6 +234,11 @@ class LaserDashboard:
             ]
             for trace in self.spectrum_fig.data:
                 trace.line.width = 3 if trace.name == iv.target else 1.5
+        if iv.layer not in self.spectrum.layers_of(iv.target):
+            self.choice_status.value = error_html(
+                f"block {iv.layer} has no {iv.target} (it is in layers {self.spectrum.layers_of(iv.target)})"
+            )
+            return
         energy = self.spectrum.energy_kept(iv.target, iv.layer, rho)
         text = (
             f"layer {iv.layer} {iv.target}, ρ = {rho:g}: keeps {energy:.2%} of Σσ² "

@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 
 from tinygpt.interp.lens import LensError, LensResult, TunedLens, logit_lens
 
-from ._common import captured, error_html, show_figure, status_html, user_errors
+from ._common import captured, error_html, parse_tokens, prompt_text, show_figure, status_html, user_errors
 
 METRIC_OPTIONS = [
     ("KL(final ‖ layer)", "kl"),
@@ -48,7 +48,7 @@ class LensDashboard:
         self,
         model,
         lens: TunedLens | str | os.PathLike | None = None,
-        prompt: str = DEFAULT_PROMPT,
+        prompt: Any = DEFAULT_PROMPT,
         *,
         metric: str = "kl",
         k: int = 5,
@@ -56,10 +56,11 @@ class LensDashboard:
     ):
         """
         Args:
-            model: a `tinygpt.GPT` with a tokenizer.
+            model: a `tinygpt.GPT` (without a tokenizer, the prompt box takes token ids).
             lens: a `TunedLens`, a `.lenses` path (checked against the model), or None (logit lens only until
                 a lens is loaded with the path box).
-            prompt: the initial prompt.
+            prompt: the initial prompt: text, or token ids (a model without a tokenizer takes ids typed as
+                "5 17 3").
             metric: the heatmap's colour: "kl" (KL(final || layer)), "entropy", "prob" or "rank" of the target.
             k: top tokens kept per cell (the hover shows up to 5).
             target: the tracked token (see `logit_lens`; None = the actual next token).
@@ -71,7 +72,7 @@ class LensDashboard:
         self.result: LensResult | None = None
 
         self.prompt = W.Text(
-            value=prompt,
+            value=prompt_text(model, prompt),
             description="prompt",
             continuous_update=False,
             placeholder="type a prompt and press Enter",
@@ -139,7 +140,7 @@ class LensDashboard:
         with user_errors(self.status, ValueError, LensError):
             res = logit_lens(
                 self.model,
-                self.prompt.value,
+                parse_tokens(self.model, self.prompt.value)[0],
                 k=self.k,
                 target=self.target,
                 lens=self.lens if self.lens_kind.value == "tuned" else None,

@@ -25,7 +25,16 @@ from plotly.subplots import make_subplots
 
 from tinygpt.interp.patching import SITES, PatchingError, PatchingResult, patch_sweep
 
-from ._common import captured, error_html, show_figure, status_html, user_errors
+from ._common import (
+    captured,
+    parse_answer,
+    parse_tokens,
+    prompt_text,
+    show_figure,
+    status_html,
+    token_strs,
+    user_errors,
+)
 
 DEFAULT_SITES = ("resid_pre", "attn_out", "mlp_out", "head")
 
@@ -45,10 +54,10 @@ class PatchingDashboard:
     def __init__(
         self,
         model,
-        clean: str,
-        corrupted: str,
-        correct: str | None = None,
-        incorrect: str | None = None,
+        clean: Any,
+        corrupted: Any,
+        correct: str | int | None = None,
+        incorrect: str | int | None = None,
         *,
         sites: Sequence[str] = DEFAULT_SITES,
         normalize: bool = True,
@@ -56,10 +65,11 @@ class PatchingDashboard:
     ):
         """
         Args:
-            model: a `tinygpt.GPT` with a tokenizer.
-            clean, corrupted: prompts with the same number of tokens.
-            correct, incorrect: single-token answers for the logit difference (None: the clean and corrupted
-                runs' top predictions at the last position).
+            model: a `tinygpt.GPT` (without a tokenizer, prompts and answers are token ids).
+            clean, corrupted: prompts with the same number of tokens: text, or token ids (a model without a
+                tokenizer takes ids typed as "5 17 3").
+            correct, incorrect: single-token answers for the logit difference, as text or a token id (None: the
+                clean and corrupted runs' top predictions at the last position).
             sites: activation types to sweep, any of `tinygpt.interp.patching.SITES`.
             normalize: show normalised values.
             progress: tqdm progress bars for the sweeps.
@@ -74,11 +84,11 @@ class PatchingDashboard:
         self.answers: tuple[int, int] | None = None
 
         text = dict(continuous_update=False, layout=W.Layout(width="48%"))
-        self.clean = W.Text(value=clean, description="clean", **text)
-        self.corrupted = W.Text(value=corrupted, description="corrupted", **text)
+        self.clean = W.Text(value=prompt_text(model, clean), description="clean", **text)
+        self.corrupted = W.Text(value=prompt_text(model, corrupted), description="corrupted", **text)
         answer = dict(continuous_update=False, placeholder="top prediction", layout=W.Layout(width="24%"))
-        self.correct = W.Text(value=correct or "", description="correct", **answer)
-        self.incorrect = W.Text(value=incorrect or "", description="incorrect", **answer)
+        self.correct = W.Text(value=_answer_text(model, correct), description="correct", **answer)
+        self.incorrect = W.Text(value=_answer_text(model, incorrect), description="incorrect", **answer)
         self.normalize = W.Checkbox(value=normalize, description="normalise (0 = corrupted, 1 = clean)", indent=False)
         self.run_button = W.Button(description="patch", icon="play", tooltip="recompute every sweep")
         self.status = W.HTML()
@@ -104,21 +114,21 @@ class PatchingDashboard:
             self.run()
 
     # ------------------------------------------------------------------ actions
-    def _resolve_answers(self) -> tuple[int, int]:
+    def _resolve_answers(self, clean: torch.Tensor, corrupted: torch.Tensor) -> tuple[int, int]:
         """Answer ids from the text boxes; blanks are the clean / corrupted runs' top predictions."""
         m = self.model
         c, k = self.correct.value, self.incorrect.value
         if c and k:
-            return m.to_single_token(c), m.to_single_token(k)
+            return parse_answer(m, c), parse_answer(m, k)
         was = m.training
         m.eval()
         try:
             with torch.no_grad():
-                top_c = int(m(m.to_tokens(self.clean.value))[0, -1].argmax())
-                top_k = int(m(m.to_tokens(self.corrupted.value))[0, -1].argmax())
+                top_c = int(m(clean)[0, -1].argmax())
+                top_k = int(m(corrupted)[0, -1].argmax())
         finally:
             m.train(was)
-        return (m.to_single_token(c) if c else top_c), (m.to_single_token(k) if k else top_k)
+        return (parse_answer(m, c) if c else top_c), (parse_answer(m, k) if k else top_k)
 
     def run(self) -> dict[str, PatchingResult]:
         """Recompute every sweep for the current prompts and answers, and redraw."""
@@ -126,13 +136,20 @@ class PatchingDashboard:
             for name, w in (("clean", self.clean), ("corrupted", self.corrupted)):
                 if not w.value:
                     raise PatchingError(f"type a {name} prompt")
-            correct, incorrect = self._resolve_answers()
+            clean = parse_tokens(self.model, self.clean.value)
+            corrupted = parse_tokens(self.model, self.corrupted.value)
+            if clean.shape != corrupted.shape:
+                raise PatchingError(
+                    f"clean and corrupted prompts must have the same number of tokens, got {clean.shape[1]} and "
+                    f"{corrupted.shape[1]}; change the corrupted prompt without changing its length"
+                )
+            correct, incorrect = self._resolve_answers(clean, corrupted)
             self.status.value = status_html("<i>patching…</i>")
             results = {
                 site: patch_sweep(
                     self.model,
-                    self.clean.value,
-                    self.corrupted.value,
+                    clean,
+                    corrupted,
                     site,
                     correct=correct,
                     incorrect=incorrect,
@@ -157,11 +174,8 @@ class PatchingDashboard:
             shown = {s: self.shown(s) for s in self.sites}
             show_figure(self.fig, _figure(shown, self.sites))
             r = next(iter(self.results.values()))
-            tok = self.model._require_tokenizer()
-            c, k = (html.escape(repr(tok.token_str(i))) for i in self.answers)
-            best = ", ".join(
-                f"{s} {_cell(cell)} {v:.2f}" for s in self.sites for cell, v in shown[s].top(1)
-            )
+            c, k = (html.escape(repr(s)) for s in token_strs(self.model, list(self.answers)))
+            best = ", ".join(f"{s} {_cell(cell)} {v:.2f}" for s in self.sites for cell, v in shown[s].top(1))
             self.status.value = status_html(
                 f"metric: logit({c}) − logit({k}) at the last position · clean <b>{r.clean_metric:.3f}</b>, "
                 f"corrupted <b>{r.corrupted_metric:.3f}</b> · largest cells: {best}"
@@ -182,6 +196,12 @@ class PatchingDashboard:
 
     def __repr__(self) -> str:
         return f"PatchingDashboard(sites={list(self.sites)}, results={list(self.results)})"
+
+
+def _answer_text(model, answer: str | int | None) -> str:
+    if answer is None:
+        return ""
+    return answer if isinstance(answer, str) else str(int(answer))
 
 
 def _cell(cell: dict[str, int]) -> str:

@@ -67,9 +67,7 @@ class TrainingDashboard:
         self.progress.layout.display = None if steps else "none"
         self.status = W.HTML("<i>waiting for the first training step…</i>")
 
-        fig = make_subplots(
-            rows=2, cols=1, shared_xaxes=True, row_heights=[0.72, 0.28], vertical_spacing=0.06
-        )
+        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.72, 0.28], vertical_spacing=0.06)
         fig.add_trace(
             go.Scatter(name="train loss", mode="lines", line={"color": "rgba(31,119,180,0.3)", "width": 1}),
             row=1,

@@ -10,8 +10,20 @@ so a new length within the same bucket reuses the tuned block sizes instead of r
 Layout: q [B, H, M, D_QK], k [B, H, N, D_QK], v [B, H, N, D_V], o [B, H, M, D_V], any strides. Head dims
 need not be powers of two: loads are masked up to the block dims `BLOCK_DQK`, `BLOCK_DV` (powers of two,
 at least 16). Causal masking is bottom-right aligned, as with a KV cache: query `i` (of M) sees key `j`
-(of N) iff `j <= i + N - M`. `LSE` holds each row's log-sum-exp of the scaled scores in base 2
-(`log2(sum_j 2^(s_ij * log2(e)))`), which the backward pass uses to recompute the probabilities.
+(of N) iff `j <= i + N - M`; call `qpos = i + N - M` the query's key index. Two options refine it (both need
+CAUSAL):
+
+- `WINDOWED` (sliding window of `WINDOW` keys, YOCO's self-decoder): also `j > qpos - WINDOW`. Every key block a
+  window can cut is masked, and key blocks wholly before the window are skipped.
+- `HAS_QPOS` (queries at scattered positions, a Mixture-of-Depths routed block of YOCO's cross-decoder):
+  `qpos` is read from `QPOS` [B, M] (int32, batch stride `sqpb`) instead; rows need not be sorted, so the
+  dK/dV kernel visits every query block, masked.
+
+A row may see no key of the first blocks it visits (a window starts later): the online softmax subtracts 0
+instead of a running max of -inf, so such blocks contribute nothing.
+
+`LSE` holds each row's log-sum-exp of the scaled scores in base 2 (`log2(sum_j 2^(s_ij * log2(e)))`), which
+the backward pass uses to recompute the probabilities.
 """
 
 from __future__ import annotations
@@ -43,18 +55,56 @@ def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+@triton.jit
+def _key_range(qpos, row_ok, start_m, past, N, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HAS_QPOS: tl.constexpr):  # fmt: skip
+    """(lo, hi, full_end) for one query block: the key blocks in [lo, hi) are visited, those before `full_end`
+    are visible to every row (no mask); blocks outside [lo, hi) are visible to none (skipped)."""
+    if CAUSAL:
+        if HAS_QPOS:
+            q_first = tl.min(tl.where(row_ok, qpos, N), 0)
+            q_last = tl.max(qpos, 0)
+        else:
+            q_first = past + start_m
+            q_last = past + start_m + BLOCK_M - 1
+        hi = tl.minimum(q_last + 1, N)
+        full_end = q_first // BLOCK_N * BLOCK_N
+        lo = full_end * 0
+        if WINDOWED:  # keys before the first row's window are skipped; a window's lower edge can cut any block
+            lo = tl.maximum(q_first - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+            full_end = lo
+    else:
+        lo = 0
+        hi = N
+        full_end = N // BLOCK_N * BLOCK_N
+    return lo, hi, full_end
+
+
+@triton.jit
+def _keep(cols, col_ok, qpos, WINDOW, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] True where row (key index `qpos`) may attend to key `cols`."""
+    keep = col_ok[None, :]
+    if CAUSAL:
+        keep = keep & (cols[None, :] <= qpos[:, None])
+        if WINDOWED:
+            keep = keep & (cols[None, :] > qpos[:, None] - WINDOW)
+    return keep
+
+
 @triton.jit(do_not_specialize=["SEQ_BUCKET"])
 def attn_fwd(
-    Q, K, V, Out, LSE,
+    Q, K, V, Out, LSE, QPOS,
     sm_scale,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sob, soh, som, sod,
-    H, M, N, SEQ_BUCKET,
+    sqpb,
+    H, M, N, SEQ_BUCKET, WINDOW,
     D_QK: tl.constexpr, D_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HAS_QPOS: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_M query rows of one (batch, head); online softmax over key blocks."""
     pid_m = tl.program_id(0)
@@ -70,6 +120,10 @@ def attn_fwd(
     dk_ok = offs_dk < D_QK
     dv_ok = offs_dv < D_V
     past = N - M
+    if HAS_QPOS:  # rows past M read 0: finite, never stored
+        qpos = tl.load(QPOS + b * sqpb + offs_m, mask=row_ok, other=0)
+    else:
+        qpos = offs_m + past
 
     q = tl.load(
         Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_dk[None, :] * sqd,
@@ -84,33 +138,27 @@ def attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # exp(x) == exp2(x * log2(e))
 
-    if CAUSAL:
-        # Keys before `full_end` are visible to every row of this block; blocks past `hi` to none (skipped).
-        hi = tl.minimum(past + start_m + BLOCK_M, N)
-        full_end = (past + start_m) // BLOCK_N * BLOCK_N
-    else:
-        hi = N
-        full_end = N // BLOCK_N * BLOCK_N
-    for start_n in range(0, hi, BLOCK_N):
+    lo, hi, full_end = _key_range(qpos, row_ok, start_m, past, N, WINDOW, BLOCK_M, BLOCK_N, CAUSAL, WINDOWED,
+                                  HAS_QPOS)  # fmt: skip
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < N
         kt = tl.load(k_base + cols[None, :] * skn, mask=dk_ok[:, None] & col_ok[None, :], other=0.0)
         qk = _mm(q, kt, PRECISION, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N]
-        if start_n + BLOCK_N > full_end:  # a block on the diagonal or at the end: mask it
-            keep = col_ok[None, :]
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None] + past)
-            qk = tl.where(keep, qk, float("-inf"))
-        # Key 0 is visible to every row and lies in the first block, so m_new is finite from the start.
+        if start_n + BLOCK_N > full_end:  # a block on the diagonal, at a window's edge or at the end: mask it
+            qk = tl.where(_keep(cols, col_ok, qpos, WINDOW, CAUSAL, WINDOWED), qk, float("-inf"))
+        # A row that sees no key yet keeps m = -inf: subtract 0 instead (its p and alpha are then 0, not NaN).
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(qk - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None] * svn, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
         acc = acc * alpha[:, None]
         acc = _mma(p.to(v.dtype), v, acc, PRECISION, UPCAST)
         m_i = m_new
 
+    l_i = tl.where(l_i > 0, l_i, 1.0)  # only padding rows past M can see no key (never stored)
     acc = acc / l_i[:, None]
     tl.store(
         Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
@@ -144,7 +192,7 @@ def attn_bwd_preprocess(
 
 @triton.jit(do_not_specialize=["SEQ_BUCKET"])
 def attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, QPOS,
     sm_scale,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
@@ -152,10 +200,12 @@ def attn_bwd_dkdv(
     sdob, sdoh, sdom, sdod,
     sdkb, sdkh, sdkn, sdkd,
     sdvb, sdvh, sdvn, sdvd,
-    H, M, N, SEQ_BUCKET,
+    sqpb,
+    H, M, N, SEQ_BUCKET, WINDOW,
     D_QK: tl.constexpr, D_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HAS_QPOS: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """One program: dK, dV of BLOCK_N keys of one (batch, head), looping over the query blocks that see them."""
     pid_n = tl.program_id(0)
@@ -191,18 +241,30 @@ def attn_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
 
+    hi = M
     if CAUSAL:
         # Query rows before start_n - past see none of these keys (skipped); rows at or after
-        # start_n + BLOCK_N - 1 - past see all of them.
+        # start_n + BLOCK_N - 1 - past see all of them (without a window).
         lo = tl.maximum(start_n - past, 0) // BLOCK_M * BLOCK_M
         full_start = start_n + BLOCK_N - 1 - past
+        if WINDOWED:  # rows from start_n + BLOCK_N - 1 - past + WINDOW on see none of them; mask every block
+            hi = tl.minimum(start_n + BLOCK_N - 1 - past + WINDOW, M)
+            full_start = M
+        if HAS_QPOS:  # scattered rows: visit every query block, masked
+            lo = 0
+            hi = M
+            full_start = M
     else:
         lo = 0
         full_start = 0
     full_m = M // BLOCK_M * BLOCK_M  # query blocks past this one hold padding rows
-    for start_m in range(lo, M, BLOCK_M):
+    for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < M
+        if HAS_QPOS:
+            qpos = tl.load(QPOS + b * sqpb + rows, mask=row_ok, other=0)
+        else:
+            qpos = rows + past
         qt = tl.load(q_base + rows[None, :] * sqm, mask=dk_ok[:, None] & row_ok[None, :], other=0.0)
         lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
@@ -212,7 +274,9 @@ def attn_bwd_dkdv(
         if (start_m < full_start) | (start_m + BLOCK_M > full_m):
             keep = row_ok[None, :] & col_ok[:, None]
             if CAUSAL:
-                keep = keep & (offs_n[:, None] <= rows[None, :] + past)
+                keep = keep & (offs_n[:, None] <= qpos[None, :])
+                if WINDOWED:
+                    keep = keep & (offs_n[:, None] > qpos[None, :] - WINDOW)
             pt = tl.where(keep, pt, 0.0)
         dv = _mma(pt.to(do.dtype), do, dv, PRECISION, UPCAST)
         dpt = _mm(v, tl.trans(do), PRECISION, UPCAST)  # (dO V^T)^T: [BLOCK_N, BLOCK_M]
@@ -234,17 +298,19 @@ def attn_bwd_dkdv(
 
 @triton.jit(do_not_specialize=["SEQ_BUCKET"])
 def attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ, QPOS,
     sm_scale,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sdob, sdoh, sdom, sdod,
     sdqb, sdqh, sdqm, sdqd,
-    H, M, N, SEQ_BUCKET,
+    sqpb,
+    H, M, N, SEQ_BUCKET, WINDOW,
     D_QK: tl.constexpr, D_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HAS_QPOS: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """One program: dQ of BLOCK_M query rows of one (batch, head), looping over the key blocks they see."""
     pid_m = tl.program_id(0)
@@ -260,6 +326,10 @@ def attn_bwd_dq(
     dk_ok = offs_dk < D_QK
     dv_ok = offs_dv < D_V
     past = N - M
+    if HAS_QPOS:
+        qpos = tl.load(QPOS + b * sqpb + offs_m, mask=row_ok, other=0)
+    else:
+        qpos = offs_m + past
 
     q = tl.load(
         Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_dk[None, :] * sqd,
@@ -278,13 +348,9 @@ def attn_bwd_dq(
 
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-    if CAUSAL:
-        hi = tl.minimum(past + start_m + BLOCK_M, N)
-        full_end = (past + start_m) // BLOCK_N * BLOCK_N
-    else:
-        hi = N
-        full_end = N // BLOCK_N * BLOCK_N
-    for start_n in range(0, hi, BLOCK_N):
+    lo, hi, full_end = _key_range(qpos, row_ok, start_m, past, N, WINDOW, BLOCK_M, BLOCK_N, CAUSAL, WINDOWED,
+                                  HAS_QPOS)  # fmt: skip
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < N
         k = tl.load(k_base + cols[:, None] * skn, mask=col_ok[:, None] & dk_ok[None, :], other=0.0)
@@ -292,9 +358,7 @@ def attn_bwd_dq(
         s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         p = tl.exp2(s - lse[:, None])
         if start_n + BLOCK_N > full_end:
-            keep = col_ok[None, :] & row_ok[:, None]
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None] + past)
+            keep = _keep(cols, col_ok, qpos, WINDOW, CAUSAL, WINDOWED) & row_ok[:, None]
             p = tl.where(keep, p, 0.0)
         dp = _mm(do, vt, PRECISION, UPCAST)  # [BLOCK_M, BLOCK_N]
         ds = p * (dp - delta[:, None])

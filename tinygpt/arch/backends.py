@@ -15,8 +15,17 @@
 - `"mps"`: SDPA on Apple's Metal (`mps` device): an error unless the model is on `mps`. Like `"auto"`, it
   runs eager (still on the `mps` device) when a hook needs the pattern.
 
-`attend` is the non-eager path of every attention module (plain and differential); `use_eager` is the
-fast/eager rule. Neither imports triton unless the Triton kernel is used.
+`attend` is the non-eager path of every attention module (plain, differential, and YOCO's sliding-window
+and cross-decoder attention); `use_eager` is the fast/eager rule; `attn_mask` is the boolean mask the eager
+paths (and SDPA, when it needs one) apply. Neither imports triton unless the Triton kernel is used.
+
+Which keys a query sees. Keys are aligned bottom-right with the queries: the `t` queries are the last `t`
+positions of the `n` keys (the keys before them are a cache), so query `i` sits at key index `i + n - t` and
+sees the keys `j <= i + n - t` (causal). Two options refine this:
+
+- `window=w` (YOCO's self-decoder): also `j > i + n - t - w`, the last `w` keys, itself included;
+- `q_pos` [batch, t] (a Mixture-of-Depths routed block in YOCO's cross-decoder): the queries are scattered
+  positions of the sequence, query `i` of row `b` sits at key index `q_pos[b, i]` and sees `j <= q_pos[b, i]`.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["IMPLS", "BackendUnavailable", "attend", "backend_for", "check_backend", "use_eager"]
+__all__ = ["IMPLS", "BackendUnavailable", "attend", "attn_mask", "backend_for", "check_backend", "use_eager"]
 
 IMPLS = ("auto", "eager", "sdpa", "triton", "mps")
 FUSED_ONLY = ("sdpa", "triton")  # backends that never materialise the pattern
@@ -150,34 +159,85 @@ def causal_mask(t: int, past: int, device: torch.device) -> Tensor:
     return src[None, :] <= (past + torch.arange(t, device=device))[:, None]
 
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor, past: int = 0, dropout_p: float = 0.0) -> Tensor:
-    """Causal SDPA for `t` new queries after `past` cached positions: [b, H, t, d] -> [b, H, t, d_v]."""
-    if past == 0:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-    t = q.shape[-2]
-    if t == 1:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t, past, q.device), dropout_p=dropout_p)
+def attn_mask(
+    t: int, n: int, device: torch.device, *, window: int | None = None, q_pos: Tensor | None = None
+) -> Tensor:
+    """Which of `n` keys each of `t` queries sees (see the module docstring), True where it may attend.
+
+    Args:
+        t: queries; n: keys (n >= t: the queries are the last t key positions unless `q_pos` is given).
+        device: where to build the mask.
+        window: sliding window: a query sees at most the last `window` keys, itself included.
+        q_pos: [batch, t] key index of each query (scattered queries); the keys start at index 0.
+
+    Returns:
+        [t, n] bool, or [batch, 1, t, n] with `q_pos` (broadcasts over heads).
+    """
+    src = torch.arange(n, device=device)
+    dest = (n - t + torch.arange(t, device=device))[:, None] if q_pos is None else q_pos[:, None, :, None]
+    mask = src <= dest
+    if window is not None:
+        mask = mask & (src > dest - window)
+    return mask
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, past: int = 0, dropout_p: float = 0.0, impl: str = "auto") -> Tensor:
+def sdpa(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    past: int = 0,
+    dropout_p: float = 0.0,
+    *,
+    window: int | None = None,
+    q_pos: Tensor | None = None,
+) -> Tensor:
+    """Causal SDPA for `t` new queries after `past` earlier keys: [b, H, t, d] -> [b, H, t, d_v].
+
+    An explicit mask only when one is needed: none for a single query that sees every key, `is_causal` when
+    the keys are the queries' own positions (and a window does not cut in), `attn_mask(...)` otherwise.
+    """
+    t, n = q.shape[-2], k.shape[-2]
+    if q_pos is None and (window is None or (t == 1 and n <= window) or (past == 0 and t <= window)):
+        if past == 0:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        if t == 1:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    mask = attn_mask(t, n, q.device, window=window, q_pos=q_pos)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    past: int = 0,
+    dropout_p: float = 0.0,
+    impl: str = "auto",
+    *,
+    window: int | None = None,
+    q_pos: Tensor | None = None,
+) -> Tensor:
     """Causal attention without materialising the pattern, by the backend `impl` selects.
 
     Args:
         q: queries [batch, n_heads, t, d_qk] of the `t` new positions.
-        k: keys [batch, n_heads, past + t, d_qk] (cached positions first).
+        k: keys [batch, n_heads, past + t, d_qk] (earlier keys first; see the module docstring).
         v: values [batch, n_heads, past + t, d_v].
-        past: number of cached positions before the new ones.
+        past: number of keys before the new ones (`n - t`; ignored with `q_pos`).
         dropout_p: attention-probability dropout (training only; SDPA only).
         impl: `cfg.attn_impl` ("eager" is treated as "auto": the caller handles the eager path).
+        window: sliding window (YOCO's self-decoder): a query sees its last `window` keys only.
+        q_pos: [batch, t] key index of each query, for queries at scattered positions (int64).
 
     Returns:
         [batch, n_heads, t, d_v].
     """
+    if q_pos is None and past != k.shape[-2] - q.shape[-2]:
+        raise ValueError(f"past={past} but the keys hold {k.shape[-2]} positions for {q.shape[-2]} queries")
     if impl == "sdpa" or (impl == "auto" and not q.is_cuda):  # the common CPU case, kept cheap
-        return sdpa(q, k, v, past, dropout_p)
+        return sdpa(q, k, v, past, dropout_p, window=window, q_pos=q_pos)
     if backend_for(impl, q, k, v, dropout_p) == "triton":
         from tinygpt.arch.triton_attn import flash_attention
 
-        return flash_attention(q, k, v, causal=True)
-    return sdpa(q, k, v, past, dropout_p)
+        return flash_attention(q, k, v, causal=True, window=window, q_pos=q_pos)
+    return sdpa(q, k, v, past, dropout_p, window=window, q_pos=q_pos)

@@ -39,6 +39,10 @@ The fast path (nothing observes the score or pattern hooks): the two maps' outpu
 attention calls sharing V (SDPA, or our Triton kernel, per `attn_impl`) and are combined as `o1 − λ o2`:
 mathematically the same as `(A1 − λ A2) V`. Observing any score or pattern hook switches the layer to the
 eager path (the fast/eager rule of docs/hooks.md); `hook_lambda` and `subln.hook_scale` are always called.
+
+`DiffAttention.attend(q, k, v, window=..., q_pos=...)` is everything after the projections, with the mask
+options of `tinygpt.arch.backends.attn_mask`: YOCO's differential sliding-window and cross-decoder attention
+(`tinygpt.arch.yoco`) reuse it with their own keys and values.
 """
 
 from __future__ import annotations
@@ -88,9 +92,11 @@ class DiffAttention(nn.Module):
     Args:
         cfg: the model config (`d_head` must be even).
         layer: 0-based block index (sets λ_init).
+        own_kv: build `k_proj`, `v_proj` (and `hook_k`, `hook_v`); False for an attention whose keys and
+            values come from elsewhere (YOCO's cross-decoder), which then calls `attend` itself.
     """
 
-    def __init__(self, cfg: GPTConfig, layer: int):
+    def __init__(self, cfg: GPTConfig, layer: int, *, own_kv: bool = True):
         super().__init__()
         if cfg.d_head % 2:
             raise ValueError(f"differential attention needs an even d_head, got {cfg.d_head}")
@@ -98,14 +104,16 @@ class DiffAttention(nn.Module):
         hd = cfg.n_heads * cfg.d_head
         self.half = cfg.d_head // 2
         self.q_proj = nn.Linear(cfg.d_model, hd)
-        self.k_proj = nn.Linear(cfg.d_model, hd)
-        self.v_proj = nn.Linear(cfg.d_model, hd)
+        if own_kv:
+            self.k_proj = nn.Linear(cfg.d_model, hd)
+            self.v_proj = nn.Linear(cfg.d_model, hd)
         self.o_proj = nn.Linear(hd, cfg.d_model)
         self.lambda_init = lambda_init(layer)
         for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
             setattr(self, name, nn.Parameter(torch.zeros(self.half)))
         self.subln = HeadRMSNorm(cfg.d_head, cfg.layer_norm_eps)
-        for name in ("q", "k", "v", "attn_scores1", "attn_scores2", "pattern1", "pattern2", "lambda", "pattern", "z"):
+        hooks = ("q", "k", "v") if own_kv else ("q",)
+        for name in (*hooks, "attn_scores1", "attn_scores2", "pattern1", "pattern2", "lambda", "pattern", "z"):
             setattr(self, f"hook_{name}", HookPoint())
         self.reset_variant_parameters()
 
@@ -128,33 +136,55 @@ class DiffAttention(nn.Module):
             for h in (self.hook_attn_scores1, self.hook_attn_scores2, self.hook_pattern1, self.hook_pattern2)
         ) or observed(self.hook_pattern)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        """x: [batch, pos, d_model] -> [batch, pos, d_model]."""
-        cfg, half = self.cfg, self.half
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: [batch, pos, d_model] -> q, k, v, each [batch, n_heads, pos, d_head] (through hook_q/k/v)."""
+        cfg = self.cfg
         b, t, _ = x.shape
         q = self.hook_q(self.q_proj(x).view(b, t, cfg.n_heads, cfg.d_head)).transpose(1, 2)
         k = self.hook_k(self.k_proj(x).view(b, t, cfg.n_heads, cfg.d_head)).transpose(1, 2)
         v = self.hook_v(self.v_proj(x).view(b, t, cfg.n_heads, cfg.d_head)).transpose(1, 2)
-        past = 0
+        return q, k, v
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        """x: [batch, pos, d_model] -> [batch, pos, d_model]."""
+        q, k, v = self.project(x)
         if cache is not None:
-            past = cache.length
             k, v = cache.update(self.layer, k, v)
+        return self.attend(q, k, v)
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None, q_pos: Tensor | None = None
+    ) -> Tensor:
+        """Differential attention of new queries over keys/values, then RMSNorm, `hook_z` and `o_proj`.
+
+        Args:
+            q: [batch, n_heads, t, d_head] queries `[Q1 | Q2]`.
+            k: [batch, n_heads, n, d_head] keys `[K1 | K2]`, the queries' own positions last (cache first).
+            v: [batch, n_heads, n, d_head] values.
+            window, q_pos: the mask options of `tinygpt.arch.backends.attn_mask` (YOCO).
+
+        Returns:
+            [batch, t, d_model].
+        """
+        cfg, half = self.cfg, self.half
+        b, _, t, _ = q.shape
+        n = k.shape[2]
         p_drop = cfg.dropout if self.training else 0.0
         q1, q2, k1, k2 = q[..., :half], q[..., half:], k[..., :half], k[..., half:]
         lam = self.hook_lambda(self.lambda_full())
-        if backends.use_eager(cfg.attn_impl, self.needs_eager(), x.device):
-            mask = backends.causal_mask(t, past, x.device)  # [t, past + t]
+        if backends.use_eager(cfg.attn_impl, self.needs_eager(), q.device):
+            mask = backends.attn_mask(t, n, q.device, window=window, q_pos=q_pos)  # [t, n] or [b, 1, t, n]
             softmax_dtype = torch.promote_types(q.dtype, torch.float32)
             scale = 1.0 / math.sqrt(half)
             s1 = self.hook_attn_scores1(((q1 @ k1.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf")))
             s2 = self.hook_attn_scores2(((q2 @ k2.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf")))
             p1 = self.hook_pattern1(s1.softmax(-1, dtype=softmax_dtype).to(q.dtype))
             p2 = self.hook_pattern2(s2.softmax(-1, dtype=softmax_dtype).to(q.dtype))
-            pattern = self.hook_pattern(p1 - lam.to(q.dtype) * p2)  # [b, H, t, past + t]
+            pattern = self.hook_pattern(p1 - lam.to(q.dtype) * p2)  # [b, H, t, n]
             z = F.dropout(pattern, p_drop) @ v if p_drop else pattern @ v
         else:
-            o1 = backends.attend(q1, k1, v, past, p_drop, cfg.attn_impl)
-            o2 = backends.attend(q2, k2, v, past, p_drop, cfg.attn_impl)
+            o1 = backends.attend(q1, k1, v, n - t, p_drop, cfg.attn_impl, window=window, q_pos=q_pos)
+            o2 = backends.attend(q2, k2, v, n - t, p_drop, cfg.attn_impl, window=window, q_pos=q_pos)
             z = o1 - lam.to(o2.dtype) * o2
         z = self.subln(z.transpose(1, 2)) * (1.0 - self.lambda_init)  # [b, t, H, d_head]
         z = self.hook_z(z)

@@ -49,6 +49,10 @@ cache object under `cache.routed_layers[layer]`; the plain `KVCache` from `GPT.m
 layers. Resetting `cache.length = 0` (as `generate` does to re-encode a cropped context) also resets
 the routed layers. Incremental decoding equals the full forward under predictor routing (tested).
 
+With YOCO (`tinygpt.arch.yoco`), a routed self-decoder block's cache is a `RoutedKV` with a window (each row
+keeps only its last `yoco_window` routed keys, a ring), and a routed cross-decoder block gets the shared K/V
+(`SharedKV`) instead of a cache: its routed queries attend to the shared keys up to their own positions.
+
 Hook points (see docs/hooks.md, section "Mixture-of-Depths"):
 
     blocks.{i}.hook_router_scores       [batch, pos]   router score r (fp32)
@@ -75,6 +79,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
+from tinygpt.arch.yoco import SharedKV
 from tinygpt.config import GPTConfig
 from tinygpt.model import Block, KVCache, observed
 
@@ -102,15 +107,21 @@ def capacity_k(capacity: float, pos: int) -> int:
 class RoutedKV(KVCache):
     """KV cache of ONE routed layer: each batch row has its own length (only routed tokens are stored).
 
-    `k`, `v`: [batch, heads, max_len, d_head] (allocated on the first update, with the shapes the attention
-    module passes, so attention variants with other head layouts work too); `lengths[row]` are filled.
-    `seen` is the number of positions of the whole sequence processed so far (to detect a reset).
+    `k`, `v`: [batch, heads, slots, d_head] (allocated on the first update, with the shapes the attention
+    module passes, so attention variants with other head layouts work too); `lengths[row]` routed tokens
+    have been cached in each row. `seen` is the number of positions of the whole sequence processed so far
+    (to detect a reset).
+
+    Without a `window`, `slots = max_len` and every routed key stays. With one (a YOCO self-decoder layer),
+    each row is a ring of `slots = min(window, max_len)` entries: routed token `s` of a row lives in slot
+    `s % slots`, and an update returns only the keys the new queries can still see.
     """
 
-    def __init__(self, batch: int, max_len: int):  # no super().__init__: storage is allocated lazily
+    def __init__(self, batch: int, max_len: int, window: int | None = None):  # storage is allocated lazily
         self.k: Tensor | None = None
         self.v: Tensor | None = None
-        self.batch, self.max_len = batch, max_len
+        self.batch, self.max_len, self.window = batch, max_len, window
+        self.slots = max_len if window is None else min(window, max_len)
         self.lengths = [0] * batch
         self.seen = 0
         self.length = 0  # unused for a routed layer (rows differ); see `lengths`
@@ -132,25 +143,43 @@ class _RowKV(KVCache):
         self.max_len = store.max_len
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append k, v [1, heads, t, d_head] to this row; return the row's keys and values so far."""
+        """Append k, v [1, heads, t, d_head] to this row; return the row's keys and values so far (with a
+        window: the last `window - 1` cached ones, then the new ones), in position order."""
         st, s, t = self.store, self.length, k.shape[2]
         if st.k is None:
-            st.k = k.new_zeros(st.batch, k.shape[1], st.max_len, k.shape[3])
-            st.v = v.new_zeros(st.batch, v.shape[1], st.max_len, v.shape[3])
+            st.k = k.new_zeros(st.batch, k.shape[1], st.slots, k.shape[3])
+            st.v = v.new_zeros(st.batch, v.shape[1], st.slots, v.shape[3])
+        if st.window is not None:
+            return self._ring_update(k, v)
         if s + t > st.max_len:
             raise ValueError(f"routed KV cache full: {s} + {t} tokens exceed max_len={st.max_len}")
         st.k[self.r, :, s : s + t] = k[0]
         st.v[self.r, :, s : s + t] = v[0]
         return st.k[self.r : self.r + 1, :, : s + t], st.v[self.r : self.r + 1, :, : s + t]
 
+    def _ring_update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        st, s, t, r = self.store, self.length, k.shape[2], self.r
+        n_cached = min(s, st.window - 1)
+        if n_cached:
+            idx = torch.arange(s - n_cached, s, device=k.device) % st.slots
+            k_all = torch.cat([st.k[r : r + 1].index_select(2, idx), k], dim=2)
+            v_all = torch.cat([st.v[r : r + 1].index_select(2, idx), v], dim=2)
+        else:
+            k_all, v_all = k, v
+        m = min(t, st.slots)
+        idx = torch.arange(s + t - m, s + t, device=k.device) % st.slots
+        st.k[r].index_copy_(1, idx, k[0, :, t - m :])
+        st.v[r].index_copy_(1, idx, v[0, :, t - m :])
+        return k_all, v_all
 
-def _routed_cache(cache: KVCache, layer: int, batch: int) -> RoutedKV:
+
+def _routed_cache(cache: KVCache, layer: int, batch: int, window: int | None = None) -> RoutedKV:
     """The `RoutedKV` of `layer`, kept on the model's cache object; a fresh one after `cache.length = 0`."""
     layers = cache.__dict__.setdefault("routed_layers", {})
     st = layers.get(layer)
     start = cache.length
     if st is None or (start == 0 and st.seen != 0):
-        st = layers[layer] = RoutedKV(batch, cache.max_len)
+        st = layers[layer] = RoutedKV(batch, cache.max_len, window)
     elif st.seen != start:
         raise RuntimeError(
             f"the routed KV cache of layer {layer} holds {st.seen} positions but the cache says {start}; "
@@ -185,10 +214,10 @@ class MoDBlock(Block):
         nn.init.normal_(self.router.weight, 0.0, self.cfg.init_std)
         nn.init.zeros_(self.router.bias)
 
-    def _mode(self, cache: KVCache | None) -> str:
+    def _mode(self, decoding: bool) -> str:
         if self.routing not in ROUTING_MODES:
             raise ValueError(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
-        if cache is not None:
+        if decoding:
             if self.routing == "topk":
                 raise ValueError(
                     "top-k routing is not causal and cannot decode with a KV cache; "
@@ -199,15 +228,21 @@ class MoDBlock(Block):
             return "topk" if self.training else "predictor"
         return self.routing
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        """x: [batch, pos, d_model] -> [batch, pos, d_model]; only routed tokens go through attn and ffn."""
+    def forward(self, x: Tensor, cache: KVCache | SharedKV | None = None) -> Tensor:
+        """x: [batch, pos, d_model] -> [batch, pos, d_model]; only routed tokens go through attn and ffn.
+
+        `cache`: None, the model's KV cache, or (a YOCO cross-decoder block) the shared K/V.
+        """
         b, t, d = x.shape
+        shared = cache if isinstance(cache, SharedKV) else None
+        if shared is not None:
+            cache = None  # a cross-decoder block keeps no cache of its own
         resid_pre = self.hook_resid_pre(x)
         w, bias = self.router.weight, self.router.bias
         with torch.autocast(x.device.type, enabled=False):  # router math in fp32, also under autocast
             r = F.linear(resid_pre.float(), w.float(), bias.float()).squeeze(-1)
         r = self.hook_router_scores(r)  # [b, t]
-        mode = self._mode(cache)
+        mode = self._mode(cache is not None or (shared is not None and shared.cached))
         k = capacity_k(self.capacity, t)
         topk_mask = None
         if mode == "topk" or self.training:
@@ -252,7 +287,9 @@ class MoDBlock(Block):
         if valid is not None:
             gate = gate * valid[..., None]  # padding contributes exactly 0
         h = self.ln1(resid_pre.gather(1, gidx))
-        if cache is None:
+        if shared is not None:  # routed queries at their own positions over every shared key
+            a = self.attn(h, shared.select(idx))
+        elif cache is None:
             a = self.attn(h, None)
         else:
             a = self._cached_attn(h, cache, b, valid)
@@ -263,9 +300,14 @@ class MoDBlock(Block):
         self._advance(cache, b, t, valid if valid is not None else idx.shape[1])
         return self.hook_resid_post(resid_mid + mlp_out)
 
+    @property
+    def _window(self) -> int | None:
+        """The sliding window of this block's attention (YOCO's self-decoder), else None."""
+        return getattr(self.attn, "window", None)
+
     def _cached_attn(self, h: Tensor, cache: KVCache, b: int, valid: Tensor | None) -> Tensor:
         """Attention of routed tokens h [b, k, d] against each row's own routed-token cache."""
-        st = _routed_cache(cache, self.layer, b)
+        st = _routed_cache(cache, self.layer, b, self._window)
         if b == 1:  # no padding with one row
             return self.attn(h, st.row(0))
         counts = [h.shape[1]] * b if valid is None else valid.sum(1).tolist()
@@ -281,7 +323,7 @@ class MoDBlock(Block):
         """Record the routed tokens appended to each row of this layer's cache."""
         if cache is None:
             return
-        st = _routed_cache(cache, self.layer, b)
+        st = _routed_cache(cache, self.layer, b, self._window)
         if valid is not None:
             counts = [valid] * b if isinstance(valid, int) else valid.sum(1).tolist()
             st.lengths = [n + c for n, c in zip(st.lengths, counts, strict=True)]

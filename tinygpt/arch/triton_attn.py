@@ -14,8 +14,11 @@ attention matrix:
 Supports fp32, bf16 and fp16 (fp32 accumulation and softmax), head dims up to 128 (any size: loads are
 masked up to the next power of two, at least 16), query and value head dims that differ (differential
 attention's halves), a query block shorter than the keys (`M < N`: bottom-right aligned causal mask, as
-with a KV cache), and arbitrary strides. fp32 matmuls use TF32 on tensor cores only when
-`torch.backends.cuda.matmul.allow_tf32` is set (PyTorch's own rule), else IEEE fp32.
+with a KV cache), arbitrary strides, and two refinements of the causal mask for YOCO: a sliding window
+(`window=w`: each query sees its last `w` keys; key blocks before the window are skipped) and queries at
+scattered positions (`q_pos`, a Mixture-of-Depths routed block attending to YOCO's shared keys). fp32
+matmuls use TF32 on tensor cores only when `torch.backends.cuda.matmul.allow_tf32` is set (PyTorch's own
+rule), else IEEE fp32.
 
 `diff_flash_attention(q1, k1, q2, k2, v, lam)` is differential attention's two maps: two kernel calls
 sharing `v`, combined as `o1 - lam * o2`; autograd composes the two kernels' gradients (and λ's).
@@ -123,7 +126,9 @@ def _block_dim(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
 
-def check_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
+def check_inputs(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, window: int | None = None, q_pos: Tensor | None = None
+) -> None:
     """Raise a clear error for inputs the kernel does not support."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"flash_attention expects [batch, heads, pos, d] tensors, got {q.shape}, {k.shape}, {v.shape}")
@@ -143,6 +148,14 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
         raise ValueError(f"causal attention needs at least as many keys as queries, got {m} queries and {n} keys")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    if (window is not None or q_pos is not None) and not causal:
+        raise ValueError("window and q_pos refine the causal mask: they need causal=True")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive integer, got {window!r}")
+    if q_pos is not None:
+        if tuple(q_pos.shape) != (b, m) or q_pos.dtype.is_floating_point or q_pos.device != q.device:
+            raise ValueError(f"q_pos must be an integer tensor [batch, M] = {[b, m]} on {q.device}, got "
+                             f"{q_pos.dtype} {list(q_pos.shape)} on {q_pos.device}")  # fmt: skip
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -185,7 +198,8 @@ def _launcher(name: str):
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in _GPU_CONFIGS[name]
         ]
-        _tuned[key] = triton.autotune(configs, key=["SEQ_BUCKET", "D_QK", "D_V", "CAUSAL", "PRECISION"])(fn)
+        keys = ["SEQ_BUCKET", "D_QK", "D_V", "CAUSAL", "WINDOWED", "HAS_QPOS", "PRECISION"]
+        _tuned[key] = triton.autotune(configs, key=keys)(fn)
     return _tuned[key], {}
 
 
@@ -202,41 +216,60 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, sm_scale: float) -> tuple[Tensor, Tensor]:
+class _Mask:
+    """The causal mask's options as kernel arguments: (QPOS pointer, its batch stride, WINDOW) and constexprs."""
+
+    def __init__(self, causal: bool, window: int | None, q_pos: Tensor | None, device: torch.device):
+        self.causal, self.window = causal, window
+        if q_pos is not None:
+            self.qpos = q_pos.to(torch.int32).contiguous()
+        else:  # never read (HAS_QPOS=False); a real int32 tensor keeps the kernel signature alike
+            self.qpos = torch.zeros(1, dtype=torch.int32, device=device)
+        self.has_qpos = q_pos is not None
+
+    def args(self) -> tuple:
+        return self.qpos, self.qpos.stride(0), self.window or 0
+
+    def flags(self) -> dict:
+        return dict(CAUSAL=self.causal, WINDOWED=self.window is not None, HAS_QPOS=self.has_qpos)
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, mask: _Mask, sm_scale: float) -> tuple[Tensor, Tensor]:
     if kernels().INTERPRET:
         with _interpret_env(True):
-            return _forward_launch(q, k, v, causal, sm_scale)
-    return _forward_launch(q, k, v, causal, sm_scale)
+            return _forward_launch(q, k, v, mask, sm_scale)
+    return _forward_launch(q, k, v, mask, sm_scale)
 
 
-def _forward_launch(q: Tensor, k: Tensor, v: Tensor, causal: bool, sm_scale: float) -> tuple[Tensor, Tensor]:
+def _forward_launch(q: Tensor, k: Tensor, v: Tensor, mask: _Mask, sm_scale: float) -> tuple[Tensor, Tensor]:
     b, h, m, dqk = q.shape
     n, dv = k.shape[2], v.shape[3]
     o = torch.empty((b, h, m, dv), device=q.device, dtype=q.dtype)
     lse = torch.empty((b * h, m), device=q.device, dtype=torch.float32)
     fn, blocks = _launcher("fwd")
     grid = lambda meta: (_cdiv(m, meta["BLOCK_M"]), b * h)  # noqa: E731
+    qpos, sqpb, window = mask.args()
     fn[grid](
-        q, k, v, o, lse, sm_scale,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        h, m, n, _bucket(m, n),
+        q, k, v, o, lse, qpos, sm_scale,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o), sqpb,
+        h, m, n, _bucket(m, n), window,
         D_QK=dqk, D_V=dv, BLOCK_DQK=_block_dim(dqk), BLOCK_DV=_block_dim(dv),
-        CAUSAL=causal, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), **blocks,
+        **mask.flags(), PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), **blocks,
     )  # fmt: skip
     return o, lse
 
 
 def _backward(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, sm_scale: float
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, mask: _Mask, sm_scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     if kernels().INTERPRET:
         with _interpret_env(True):
-            return _backward_launch(do, q, k, v, o, lse, causal, sm_scale)
-    return _backward_launch(do, q, k, v, o, lse, causal, sm_scale)
+            return _backward_launch(do, q, k, v, o, lse, mask, sm_scale)
+    return _backward_launch(do, q, k, v, o, lse, mask, sm_scale)
 
 
 def _backward_launch(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, sm_scale: float
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, mask: _Mask, sm_scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     b, h, m, dqk = q.shape
     n, dv = k.shape[2], v.shape[3]
@@ -249,19 +282,20 @@ def _backward_launch(
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dvv = torch.empty_like(v)
-    common = dict(D_QK=dqk, D_V=dv, BLOCK_DQK=_block_dim(dqk), BLOCK_DV=_block_dim(dv), CAUSAL=causal,
+    common = dict(D_QK=dqk, D_V=dv, BLOCK_DQK=_block_dim(dqk), BLOCK_DV=_block_dim(dv), **mask.flags(),
                   PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype))  # fmt: skip
+    qpos, sqpb, window = mask.args()
     fn, blocks = _launcher("dkdv")
     fn[lambda meta: (_cdiv(n, meta["BLOCK_N"]), b * h)](
-        q, k, v, do, lse, delta, dk, dvv, sm_scale,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dvv),
-        h, m, n, _bucket(m, n), **common, **blocks,
+        q, k, v, do, lse, delta, dk, dvv, qpos, sm_scale,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dvv), sqpb,
+        h, m, n, _bucket(m, n), window, **common, **blocks,
     )  # fmt: skip
     fn, blocks = _launcher("dq")
     fn[lambda meta: (_cdiv(m, meta["BLOCK_M"]), b * h)](
-        q, k, v, do, lse, delta, dq, sm_scale,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        h, m, n, _bucket(m, n), **common, **blocks,
+        q, k, v, do, lse, delta, dq, qpos, sm_scale,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), sqpb,
+        h, m, n, _bucket(m, n), window, **common, **blocks,
     )  # fmt: skip
     return dq, dk, dvv
 
@@ -270,20 +304,29 @@ class FlashAttention(torch.autograd.Function):
     """`softmax(q k^T * sm_scale [+ causal mask]) v` by the Triton kernels; see `flash_attention`."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, sm_scale: float) -> Tensor:
-        o, lse = _forward(q, k, v, causal, sm_scale)
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: _Mask, sm_scale: float) -> Tensor:
+        o, lse = _forward(q, k, v, mask, sm_scale)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.sm_scale = causal, sm_scale
+        ctx.mask, ctx.sm_scale = mask, sm_scale
         return o
 
     @staticmethod
     def backward(ctx, do: Tensor):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.mask, ctx.sm_scale)
         return dq, dk, dv, None, None
 
 
-def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, sm_scale: float | None = None) -> Tensor:
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    window: int | None = None,
+    q_pos: Tensor | None = None,
+) -> Tensor:
     """Attention by our Triton kernel, differentiable.
 
     Args:
@@ -293,6 +336,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, sm_
         v: values [batch, heads, N, d_v] (d_v may differ from d_qk).
         causal: mask the future (bottom-right aligned).
         sm_scale: score scale, default `1 / sqrt(d_qk)`.
+        window: sliding window (needs `causal`): query `i` sees keys `i + N - M - window < j <= i + N - M`.
+        q_pos: [batch, M] integer key index of each query (needs `causal`): query `i` of row `b` sees keys
+            `j <= q_pos[b, i]` (and, with `window`, `j > q_pos[b, i] - window`) instead.
 
     Returns:
         [batch, heads, M, d_v], in the inputs' dtype.
@@ -300,22 +346,32 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, sm_
     reason = unavailable_reason(q.device)
     if reason is not None:
         raise RuntimeError(f"attn_impl='triton' is not available: {reason}")
-    check_inputs(q, k, v, causal)
+    check_inputs(q, k, v, causal, window, q_pos)
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
     if q.shape[2] == 0:
         return q.new_empty((*q.shape[:3], v.shape[3]))
-    return FlashAttention.apply(q, k, v, causal, float(sm_scale))
+    return FlashAttention.apply(q, k, v, _Mask(causal, window, q_pos, q.device), float(sm_scale))
 
 
 def diff_flash_attention(
-    q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tensor, lam: Tensor | float, *, causal: bool = True
+    q1: Tensor,
+    k1: Tensor,
+    q2: Tensor,
+    k2: Tensor,
+    v: Tensor,
+    lam: Tensor | float,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    q_pos: Tensor | None = None,
 ) -> Tensor:
     """Differential attention `(softmax(q1 k1^T / sqrt(d)) - lam * softmax(q2 k2^T / sqrt(d))) v`.
 
     Two calls of the kernel sharing `v` (d = q1's head dim), combined; autograd handles the rest (λ too).
-    Shapes as in `flash_attention`; `lam` is a scalar (tensor) or broadcasts against [batch, heads, 1, 1].
+    Shapes and the mask options as in `flash_attention`; `lam` is a scalar (tensor) or broadcasts against
+    [batch, heads, 1, 1].
     """
-    o1 = flash_attention(q1, k1, v, causal=causal)
-    o2 = flash_attention(q2, k2, v, causal=causal)
+    o1 = flash_attention(q1, k1, v, causal=causal, window=window, q_pos=q_pos)
+    o2 = flash_attention(q2, k2, v, causal=causal, window=window, q_pos=q_pos)
     return o1 - lam * o2

@@ -14,6 +14,26 @@ Generation (`YocoCache`) keeps a ring buffer of the last `yoco_window` keys/valu
 plus ONE global K/V cache for the cross-decoder: `O(n_self * window + T)` memory instead of the vanilla
 `O(n_layers * T)`.
 
+Attention runs through `tinygpt.arch.backends` like every other attention module: the fast/eager rule
+(eager when a hook observes the scores or pattern), and `attend` with the mask options `window` (the
+self-decoder's band) and `q_pos` (see below) on SDPA, our Triton kernel (which implements both) or MPS.
+
+Combinations with the other knobs (each block keeps its usual structure, so they compose):
+
+- `diff_attn`: the self-decoder's attention is `DiffSlidingWindowAttention` (differential attention within
+  the window) and the cross-decoder's `DiffCrossAttention`: its queries `[Q1 | Q2]` come from its own
+  `q_proj`, the shared keys split the same way (`K1 = K[..., :d_head/2]`, `K2 = K[..., d_head/2:]`), the
+  shared values are used whole; λ, the per-head RMSNorm and every hook are those of
+  `tinygpt.arch.diff_attn.DiffAttention` (without `hook_k`/`hook_v` in the cross-decoder).
+- `moe_experts`: every block's feed-forward is a mixture of experts, as without YOCO.
+- `mod`: routed blocks (`i % mod_every == mod_every - 1`) may lie in either half. Only the routed tokens go
+  through a routed block, gathered in causal order, as without YOCO. A routed **self-decoder** block
+  treats its routed sub-sequence as the sequence (as Mixture-of-Depths always does): a routed token sees the
+  last `yoco_window` routed tokens, and its cache keeps the last `yoco_window` routed keys/values of each
+  row (a ring, `tinygpt.arch.mod.RoutedKV` with a window). A routed **cross-decoder** block's queries attend
+  to the shared keys of every position up to their own (the shared K/V is computed for all tokens, routed
+  or not): `SharedKV.select` gives them their positions, `q_pos`; it needs no cache of its own.
+
 Prefill note: YOCO's cross-decoder only needs the shared K/V of the prompt and the *last* position's
 queries to produce the next token, so a prefill can stop the cross-decoder early (the paper's "early
 exit", which makes prefill cost roughly that of the self-decoder). We do not implement it: `forward`
@@ -28,6 +48,10 @@ Hook points (TransformerLens style, see docs/hooks.md, section "YOCO"):
     yoco_kv.hook_k / hook_v                          the shared keys/values, [batch, pos, n_heads, d_head]
     blocks.{j}.attn.hook_q/_z                        cross-decoder, [batch, pos, n_heads, d_head]
     blocks.{j}.attn.hook_attn_scores/_pattern        cross-decoder, [batch, n_heads, dest_pos, src_pos]
+
+With `diff_attn` the score and pattern hooks are differential attention's (`hook_attn_scores1/2`,
+`hook_pattern1/2`, `hook_lambda`, `hook_pattern` = the differential map, `subln.hook_scale`), masked the
+same way.
 """
 
 from __future__ import annotations
@@ -41,27 +65,21 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
+from tinygpt.arch import backends
+from tinygpt.arch.diff_attn import DiffAttention
 from tinygpt.config import ConfigError, GPTConfig
-from tinygpt.model import GPT, Attention, LayerNorm, observed
+from tinygpt.model import GPT, Attention, KVCache, LayerNorm, observed
 
-__all__ = ["CrossAttention", "SharedKV", "SlidingWindowAttention", "YocoCache", "YocoGPT", "YocoKV"]
-
-
-def _use_eager(attn: nn.Module) -> bool:
-    """The fast/eager rule of `tinygpt.model.Attention` (see docs/hooks.md) for YOCO's attention modules."""
-    impl = attn.cfg.attn_impl
-    if impl not in ("auto", "eager", "sdpa", "mps"):
-        raise RuntimeError(
-            f"attn_impl={impl!r} is not available with yoco: its kernel has no sliding-window mask; "
-            "use 'auto', 'sdpa' or 'eager' (YOCO's attention runs PyTorch SDPA, on the model's device)"
-        )
-    eager = impl == "eager" or observed(attn.hook_attn_scores) or observed(attn.hook_pattern)
-    if eager and impl == "sdpa":
-        raise RuntimeError(
-            "attn_impl='sdpa' cannot expose attention scores/pattern to hooks; "
-            "use attn_impl='auto' (falls back to eager when a hook needs the pattern) or 'eager'"
-        )
-    return eager
+__all__ = [
+    "CrossAttention",
+    "DiffCrossAttention",
+    "DiffSlidingWindowAttention",
+    "SharedKV",
+    "SlidingWindowAttention",
+    "YocoCache",
+    "YocoGPT",
+    "YocoKV",
+]
 
 
 def _softmax(scores: Tensor, dtype: torch.dtype) -> Tensor:
@@ -95,8 +113,11 @@ class YocoCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the cache tensors."""
-        return sum(t.numel() * t.element_size() for t in (self.wk, self.wv, self.k, self.v))
+        """Bytes held by the cache tensors (with Mixture-of-Depths, the routed layers' caches too)."""
+        tensors = [self.wk, self.wv, self.k, self.v]
+        for st in getattr(self, "routed_layers", {}).values():
+            tensors += [t for t in (st.k, st.v) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def window_step(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """One new position (k, v: [batch, n_heads, 1, d_head]) into the ring of self-decoder `layer`.
@@ -139,11 +160,61 @@ class YocoCache:
         return self.k[:, :, : s + t], self.v[:, :, : s + t]
 
 
-def _window_mask(first_src: int, n_src: int, first_dest: int, n_dest: int, window: int, device) -> Tensor:
-    """[n_dest, n_src] bool, True where the query may attend: `dest - window < src <= dest`."""
-    src = torch.arange(first_src, first_src + n_src, device=device)[None, :]
-    dest = torch.arange(first_dest, first_dest + n_dest, device=device)[:, None]
-    return (src <= dest) & (src > dest - window)
+def _window_keys(attn: nn.Module, k: Tensor, v: Tensor, cache, fast: bool) -> tuple[Tensor, Tensor, int | None]:
+    """The keys/values a self-decoder layer's new queries attend to, and the window to mask them with.
+
+    Args:
+        attn: the self-decoder attention (`layer`, `window`).
+        k, v: [batch, n_heads, t, d_head] of the new positions.
+        cache: None, the model's `YocoCache`, or one row of a Mixture-of-Depths routed layer's cache (a
+            `KVCache` whose `update` returns that row's routed keys so far, or only those still in its window).
+        fast: the call takes the fast path (no pattern is materialised, so keys may come in ring order).
+
+    Returns:
+        (keys, values, window): the keys end with the new positions; `window` None means every key is visible.
+    """
+    w = attn.window
+    if cache is None:
+        return k, v, w
+    t = k.shape[2]
+    if isinstance(cache, YocoCache):
+        if t == 1 and fast:  # decoding: every key in the ring is in the window, no mask needed
+            k, v = cache.window_step(attn.layer, k, v)
+            return k, v, None
+        k, v, _ = cache.window_update(attn.layer, k, v)
+        return k, v, w
+    past = cache.length
+    k, v = cache.update(attn.layer, k, v)
+    keep = min(past, w - 1) + t  # the cached keys the first new query can still see, then the new ones
+    return k[:, :, -keep:], v[:, :, -keep:], w
+
+
+def _attention(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, *, window=None, q_pos=None) -> Tensor:
+    """Plain attention of a YOCO module: the fast/eager rule, `hook_z`, `o_proj`.
+
+    Args:
+        attn: the module (`cfg`, `hook_attn_scores`, `hook_pattern`, `hook_z`, `o_proj`, `needs_eager`).
+        q: [batch, n_heads, t, d_head]; k, v: [batch, n_heads, n, d_head], the queries' positions last.
+        window, q_pos: the mask options of `tinygpt.arch.backends.attn_mask`.
+
+    Returns:
+        [batch, t, d_model].
+    """
+    cfg = attn.cfg
+    b, _, t, _ = q.shape
+    n = k.shape[2]
+    p_drop = cfg.dropout if attn.training else 0.0
+    if backends.use_eager(cfg.attn_impl, attn.needs_eager(), q.device):
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(cfg.d_head)  # [b, H, t, n]
+        mask = backends.attn_mask(t, n, q.device, window=window, q_pos=q_pos)
+        scores = attn.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
+        pattern = attn.hook_pattern(_softmax(scores, q.dtype))
+        z = F.dropout(pattern, p_drop) @ v if p_drop else pattern @ v
+    else:  # fused: SDPA or our Triton kernel
+        z = backends.attend(q, k, v, n - t, p_drop, cfg.attn_impl, window=window, q_pos=q_pos)
+    z = attn.hook_z(z.transpose(1, 2))  # [b, t, H, d_head]
+    out = attn.o_proj(z.reshape(b, t, cfg.n_heads * cfg.d_head))
+    return F.dropout(out, p_drop) if p_drop else out
 
 
 class SlidingWindowAttention(Attention):
@@ -158,43 +229,35 @@ class SlidingWindowAttention(Attention):
         super().__init__(cfg, layer)
         self.window = cfg.yoco_window
 
-    def forward(self, x: Tensor, cache: YocoCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: YocoCache | KVCache | None = None) -> Tensor:
         """x: [batch, pos, d_model] -> [batch, pos, d_model]."""
-        cfg, w = self.cfg, self.window
+        cfg = self.cfg
         b, t, _ = x.shape
         q = self.hook_q(self.q_proj(x).view(b, t, cfg.n_heads, cfg.d_head)).transpose(1, 2)
         k = self.hook_k(self.k_proj(x).view(b, t, cfg.n_heads, cfg.d_head)).transpose(1, 2)
         v = self.hook_v(self.v_proj(x).view(b, t, cfg.n_heads, cfg.d_head)).transpose(1, 2)
-        p_drop = cfg.dropout if self.training else 0.0
-        eager = _use_eager(self)
-        past, first = 0, 0
-        if cache is not None:
-            if not isinstance(cache, YocoCache):
-                raise TypeError(f"a YOCO model needs a YocoCache (model.make_cache(...)), got {type(cache).__name__}")
-            past = cache.length
-            if t == 1 and not eager:  # decoding: every key in the ring is in the window, no mask needed
-                k, v = cache.window_step(self.layer, k, v)
-                z = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop)
-                return self._out(z, b, t, p_drop)
-            k, v, first = cache.window_update(self.layer, k, v)
-        n_src = k.shape[2]
-        if eager:
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(cfg.d_head)  # [b, H, t, n_src]
-            mask = _window_mask(first, n_src, past, t, w, x.device)
-            scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
-            pattern = self.hook_pattern(_softmax(scores, q.dtype))
-            z = F.dropout(pattern, p_drop) @ v if p_drop else pattern @ v
-        elif past == 0 and t <= w:  # the window reaches back to position 0 for every query: plain causal
-            z = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, is_causal=True)
-        else:
-            mask = _window_mask(first, n_src, past, t, w, x.device)
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
-        return self._out(z, b, t, p_drop)
+        fast = not backends.use_eager(cfg.attn_impl, self.needs_eager(), x.device)
+        k, v, window = _window_keys(self, k, v, cache, fast)
+        return _attention(self, q, k, v, window=window)
 
-    def _out(self, z: Tensor, b: int, t: int, p_drop: float) -> Tensor:
-        z = self.hook_z(z.transpose(1, 2))  # [b, t, H, d_head]
-        out = self.o_proj(z.reshape(b, t, self.cfg.n_heads * self.cfg.d_head))
-        return F.dropout(out, p_drop) if p_drop else out
+
+class DiffSlidingWindowAttention(DiffAttention):
+    """Self-decoder attention with `diff_attn`: differential attention (both softmax maps) within the window.
+
+    Parameters and hooks are those of `tinygpt.arch.diff_attn.DiffAttention`; scores are `-inf` and both
+    maps 0 outside the window, as in `SlidingWindowAttention`.
+    """
+
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__(cfg, layer)
+        self.window = cfg.yoco_window
+
+    def forward(self, x: Tensor, cache: YocoCache | KVCache | None = None) -> Tensor:
+        """x: [batch, pos, d_model] -> [batch, pos, d_model]."""
+        q, k, v = self.project(x)
+        fast = not backends.use_eager(self.cfg.attn_impl, self.needs_eager(), x.device)
+        k, v, window = _window_keys(self, k, v, cache, fast)
+        return self.attend(q, k, v, window=window)
 
 
 class YocoKV(nn.Module):
@@ -230,12 +293,33 @@ class YocoKV(nn.Module):
 
 @dataclass
 class SharedKV:
-    """What a cross-decoder block attends to: the shared k, v [batch, n_heads, past + pos, d_head] of every
-    position so far; the block's queries are positions `past .. past + pos - 1`."""
+    """What a cross-decoder block attends to: the shared keys/values of every position so far.
+
+    Attributes:
+        k, v: [batch, n_heads, past + pos, d_head].
+        past: positions before the current chunk; the block's queries are positions `past .. past + pos - 1`.
+        q_pos: [batch, q] key index of each query, when the queries are a sub-sequence of the chunk (a
+            Mixture-of-Depths routed block; see `select`); None: the whole chunk, in order.
+        cached: a `YocoCache` is in use (incremental decoding).
+    """
 
     k: Tensor
     v: Tensor
     past: int = 0
+    q_pos: Tensor | None = None
+    cached: bool = False
+
+    def select(self, idx: Tensor) -> SharedKV:
+        """The same keys, for queries at positions `idx` [batch, q] (int64) of the current chunk."""
+        return SharedKV(self.k, self.v, self.past, idx + self.past, self.cached)
+
+
+def _check_shared(kv) -> None:
+    if not isinstance(kv, SharedKV):
+        raise TypeError(
+            "a YOCO cross-decoder block attends to the shared K/V: call the whole model "
+            f"(YocoGPT.run_blocks passes a SharedKV), got {type(kv).__name__}"
+        )
 
 
 class CrossAttention(nn.Module):
@@ -260,37 +344,42 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: Tensor, kv: SharedKV) -> Tensor:
         """x: [batch, pos, d_model], kv: the shared keys/values -> [batch, pos, d_model]."""
-        if not isinstance(kv, SharedKV):
-            raise TypeError(
-                "a YOCO cross-decoder block attends to the shared K/V: call the whole model "
-                f"(YocoGPT.run_blocks passes a SharedKV), got {type(kv).__name__}"
-            )
+        _check_shared(kv)
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.hook_q(self.q_proj(x).view(b, t, cfg.n_heads, cfg.d_head)).transpose(1, 2)
-        k, v, past = kv.k, kv.v, kv.past
-        p_drop = cfg.dropout if self.training else 0.0
-        if _use_eager(self):
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(cfg.d_head)  # [b, H, t, past + t]
-            mask = _window_mask(0, k.shape[2], past, t, k.shape[2], x.device)
-            scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
-            pattern = self.hook_pattern(_softmax(scores, q.dtype))
-            z = F.dropout(pattern, p_drop) @ v if p_drop else pattern @ v
-        elif past == 0:
-            z = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, is_causal=True)
-        elif t == 1:
-            z = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop)
-        else:
-            mask = _window_mask(0, k.shape[2], past, t, k.shape[2], x.device)
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
-        z = self.hook_z(z.transpose(1, 2))  # [b, t, H, d_head]
-        out = self.o_proj(z.reshape(b, t, cfg.n_heads * cfg.d_head))
-        return F.dropout(out, p_drop) if p_drop else out
+        return _attention(self, q, kv.k, kv.v, q_pos=kv.q_pos)
 
     W_Q = Attention.W_Q
     W_O = Attention.W_O
     b_Q = Attention.b_Q
     b_O = Attention.b_O
+    W_K = property(lambda self: self._shared.W_K)
+    W_V = property(lambda self: self._shared.W_V)
+    b_K = property(lambda self: self._shared.b_K)
+    b_V = property(lambda self: self._shared.b_V)
+
+
+class DiffCrossAttention(DiffAttention):
+    """Cross-decoder attention with `diff_attn`: differential attention of its own queries over the shared K/V.
+
+    Parameters: `q_proj`, `o_proj`, λ vectors and `subln` (no `k_proj`/`v_proj`). Queries split into
+    `[Q1 | Q2]` as in `DiffAttention`, the shared keys (`yoco_kv.hook_k`) into `[K1 | K2]` the same way; the
+    shared values are used whole. `W_K`, `W_V`, `b_K`, `b_V` are views of the shared projections.
+    """
+
+    def __init__(self, cfg: GPTConfig, layer: int, shared: YocoKV):
+        super().__init__(cfg, layer, own_kv=False)
+        object.__setattr__(self, "_shared", shared)  # a reference, not a submodule (the model owns it)
+
+    def forward(self, x: Tensor, kv: SharedKV) -> Tensor:
+        """x: [batch, pos, d_model], kv: the shared keys/values -> [batch, pos, d_model]."""
+        _check_shared(kv)
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.hook_q(self.q_proj(x).view(b, t, cfg.n_heads, cfg.d_head)).transpose(1, 2)
+        return self.attend(q, kv.k, kv.v, q_pos=kv.q_pos)
+
     W_K = property(lambda self: self._shared.W_K)
     W_V = property(lambda self: self._shared.W_V)
     b_K = property(lambda self: self._shared.b_K)
@@ -308,25 +397,18 @@ class YocoGPT(GPT):
         c = GPTConfig.preset(cfg) if isinstance(cfg, str) else cfg
         if not c.yoco:
             raise ConfigError("YocoGPT needs a config with yoco=True (or build GPT(cfg), which picks the class)")
-        if c.attn_impl not in ("auto", "eager", "sdpa", "mps"):
-            raise ConfigError(
-                f"attn_impl={c.attn_impl!r} is not available with yoco: its kernel has no sliding-window mask; "
-                "use 'auto', 'sdpa' or 'eager' (YOCO's attention runs PyTorch SDPA, on the model's device)"
-            )
-        unsupported = [name for name in ("diff_attn", "mod") if getattr(c, name)]
-        if unsupported:
-            raise ConfigError(
-                f"yoco cannot be combined with {', '.join(unsupported)} yet (YOCO replaces every block's "
-                "attention with sliding-window / cross attention); switch one of them off"
-            )
         super().__init__(cfg, tokenizer)
 
     def build_extra(self) -> None:
         cfg = self.cfg
         self.n_self = cfg.n_layers // 2
         self.yoco_kv = YocoKV(cfg)
+        if cfg.diff_attn:
+            window_cls, cross_cls = DiffSlidingWindowAttention, DiffCrossAttention
+        else:
+            window_cls, cross_cls = SlidingWindowAttention, CrossAttention
         for i, block in enumerate(self.blocks):
-            block.attn = SlidingWindowAttention(cfg, i) if i < self.n_self else CrossAttention(cfg, i, self.yoco_kv)
+            block.attn = window_cls(cfg, i) if i < self.n_self else cross_cls(cfg, i, self.yoco_kv)
 
     def run_blocks(self, x: Tensor, cache: YocoCache | None) -> Tensor:
         """Self-decoder, shared K/V (computed once), cross-decoder: [batch, pos, d_model] -> same."""
@@ -341,7 +423,7 @@ class YocoGPT(GPT):
         if cache is not None:
             past = cache.length
             k, v = cache.update_global(k, v)
-        shared = SharedKV(k, v, past)
+        shared = SharedKV(k, v, past, cached=cache is not None)
         for block in self.blocks[self.n_self :]:
             x = block(x, shared)
         return x

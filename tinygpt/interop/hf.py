@@ -349,6 +349,8 @@ def hf_tokenizer(tokenizer: Tokenizer, n_ctx: int | None = None):
 
     if isinstance(tokenizer, ByteTokenizer):
         backend = HFTokenizer.from_str(byte_tokenizer_json())
+        if tokenizer.added_tokens:  # e.g. a chat template's tokens: ids 256, 257, ... as in tinygpt
+            backend.add_special_tokens(list(tokenizer.added_tokens))
     elif isinstance(tokenizer, BPETokenizer):
         backend = HFTokenizer.from_str(tokenizer.tok.to_str())  # a copy: transformers may set padding options
     else:
@@ -379,7 +381,8 @@ def tokenizer_from_hf_dir(directory: str | os.PathLike) -> Tokenizer:
                 f"{d} holds no tokenizer tinygpt can read (tokenizer.json, vocab.json + merges.txt, or a fast "
                 f"tokenizer): {e}; pass tokenizer= explicitly"
             ) from e
-    return ByteTokenizer() if vocab_mismatch(tok, ByteTokenizer()) is None else tok
+    as_bytes = ByteTokenizer(t for t, _ in sorted(tok.special_tokens.items(), key=lambda kv: kv[1]))
+    return as_bytes if vocab_mismatch(tok, as_bytes) is None else tok
 
 
 # Tokenizer identity by content -----------------------------------------------------------------------

@@ -19,6 +19,12 @@ Modes:
 Reference activations are computed once, on the model as it is when the context is first entered (with
 whatever other hooks are active then). Several specs share one draw of reference rows per (row, position).
 
+Mixture-of-depths blocks (`mod=True`) compute only the tokens they route, and `hook_z` inside them holds those
+tokens only. A head ablation there acts on the routed tokens, by position: the mean is over the reference's
+routed tokens, and resample draws, for a token at position p, the head's output at p in a random reference row
+among those that routed p (the mean if none did). Layer, attention and MLP ablations edit the block's
+full-shape `hook_attn_out` / `hook_mlp_out` as in a dense block.
+
     with ablate(model, ["0.head1", "1.mlp:mean"], reference_tokens=val):
         loss = model(tokens, return_type="loss")
     ablated_loss(model, tokens, "1.attn")                            # a scalar tensor
@@ -35,6 +41,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from tinygpt.interp.attention import routed_slots
 
 COMPONENTS = ("layer", "attn", "mlp", "head")
 MODES = ("zero", "mean", "resample")
@@ -162,10 +170,27 @@ def parse_ablations(specs: Any, mode: str | None = None) -> list[Ablation]:
 
 
 # ------------------------------------------------------------------------------------- reference activations
+def _routed_layer(model, name: str) -> int | None:
+    """The layer of a hook inside a mixture-of-depths block's attention (its pos axis holds routed tokens only),
+    else None."""
+    parts = name.split(".")
+    if len(parts) > 3 and parts[0] == "blocks" and parts[2] == "attn":
+        layer = int(parts[1])
+        if f"blocks.{layer}.hook_routing_mask" in model.hook_dict:
+            return layer
+    return None
+
+
+def _mask_bool(mask: Tensor) -> Tensor:
+    return mask if mask.dtype == torch.bool else mask > 0.5
+
+
 class _Reference:
     """Reference activations for mean / resample ablations, computed lazily and once.
 
-    `means[(hook, head)]`: [d] (head None = the whole activation); `samples[(hook, head)]`: [R, T, d].
+    `means[(hook, head)]`: [d] (head None = the whole activation); `samples[(hook, head)]`: [R, T, d]. For a hook
+    inside a mixture-of-depths block, samples are at token positions and `routed[hook]` [R, T] says which
+    tokens the block computed (see the module docstring).
     """
 
     def __init__(self, model, tokens: Tensor | None):
@@ -173,6 +198,7 @@ class _Reference:
         self.tokens = tokens
         self.means: dict[tuple[str, int | None], Tensor] = {}
         self.samples: dict[tuple[str, int | None], Tensor] = {}
+        self.routed: dict[str, Tensor] = {}
 
     def prepare(self, specs: Sequence[Ablation]) -> None:
         need_mean = {(n, s.head) for s in specs if s.mode == "mean" for n in s.hook_names} - set(self.means)
@@ -188,13 +214,45 @@ class _Reference:
             )
         tokens = _as_tokens(self.model, self.tokens)
         names = sorted({n for n, _ in need_mean | need_res})
+        routed = {n: layer for n in names if (layer := _routed_layer(self.model, n)) is not None}
+        masks = sorted({f"blocks.{layer}.hook_routing_mask" for layer in routed.values()})
         with torch.no_grad():
-            _, cache = self.model.run_with_cache(tokens, names_filter=names, return_type=None)
+            _, cache = self.model.run_with_cache(tokens, names_filter=names + masks, return_type=None)
+        acts = {}
+        for name in names:
+            if name not in routed:
+                acts[name] = cache[name]
+                continue
+            # a routed block: its routed tokens' activations back at their positions
+            mask = _mask_bool(cache[f"blocks.{routed[name]}.hook_routing_mask"])
+            self.routed[name] = mask
+            full = torch.zeros(*mask.shape, *self._inner_shape(name), device=mask.device)
+            if name in cache.cache_dict:  # absent if the block routed no token of the reference batch
+                act = cache[name]
+                idx, valid = routed_slots(mask)
+                rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(idx)
+                full = full.to(act.dtype)
+                full[rows[valid], idx[valid]] = act[valid]
+            acts[name] = full
         for name, head in need_mean:
-            act = cache[name] if head is None else cache[name][:, :, head]
-            self.means[(name, head)] = act.float().mean(dim=(0, 1)).to(act.dtype)
+            act = acts[name] if head is None else acts[name][:, :, head]
+            if name in routed:  # the mean over the tokens the block computed
+                act = act[self.routed[name]] if bool(self.routed[name].any()) else act.reshape(-1, *act.shape[2:])
+                self.means[(name, head)] = act.float().mean(dim=0).to(act.dtype)
+            else:
+                self.means[(name, head)] = act.float().mean(dim=(0, 1)).to(act.dtype)
         for name, head in need_res:
-            self.samples[(name, head)] = cache[name] if head is None else cache[name][:, :, head]
+            self.samples[(name, head)] = acts[name] if head is None else acts[name][:, :, head]
+            if name in routed and (name, head) not in self.means:
+                act = self.samples[(name, head)]
+                sel = act[self.routed[name]] if bool(self.routed[name].any()) else act.reshape(-1, *act.shape[2:])
+                self.means[(name, head)] = sel.float().mean(dim=0).to(act.dtype)
+
+    def _inner_shape(self, name: str) -> tuple[int, ...]:
+        cfg = self.model.cfg
+        if name.endswith(("hook_z", "hook_q", "hook_k", "hook_v")):
+            return (cfg.n_heads, cfg.d_head)
+        raise AblationError(f"cannot place {name} of a mixture-of-depths block at token positions")
 
 
 def _as_tokens(model, tokens) -> Tensor:
@@ -227,6 +285,7 @@ class AblationContext:
         self.seed = int(seed)
         self._reference = _reference or _Reference(model, reference_tokens)
         self._offset = 0  # absolute position of the current forward's first token (KV-cache decoding)
+        self._masks: dict[str, Tensor] = {}  # routing masks of the current forward (mixture-of-depths resample)
         self._stack: list[tuple[Any, Any]] = []
 
     def __repr__(self) -> str:
@@ -240,16 +299,35 @@ class AblationContext:
     def fwd_hooks(self) -> list[tuple[str, Any]]:
         """The TransformerLens forward hooks `[(hook_name, fn)]` this context installs."""
         self._reference.prepare(self.specs)
-        return [(name, self._hook_fn(spec, name)) for spec in self.specs for name in spec.hook_names]
+        hooks = []
+        # resample inside a mixture-of-depths block needs the forward's routing mask (it runs before hook_z)
+        for layer in sorted(
+            {
+                layer
+                for s in self.specs
+                if s.mode == "resample"
+                for n in s.hook_names
+                if (layer := _routed_layer(self.model, n)) is not None
+            }
+        ):
+            hooks.append((f"blocks.{layer}.hook_routing_mask", self._keep_mask))
+        return hooks + [(name, self._hook_fn(spec, name)) for spec in self.specs for name in spec.hook_names]
+
+    def _keep_mask(self, mask: Tensor, hook) -> None:
+        self._masks[hook.name] = _mask_bool(mask)
 
     def _hook_fn(self, spec: Ablation, name: str):
         head, key = spec.head, (name, spec.head)
+        layer = _routed_layer(self.model, name)
 
         def replacement(act: Tensor) -> Tensor:  # the values for act (or act[:, :, head])
             if spec.mode == "zero":
                 return act.new_zeros(())
             if spec.mode == "mean":
                 return self._reference.means[key].to(act.dtype)
+            if layer is not None:
+                mask = self._masks[f"blocks.{layer}.hook_routing_mask"]
+                return self._resample_routed(key, mask, act.shape[1]).to(act.dtype)
             return self._resample(self._reference.samples[key], act.shape[0], act.shape[1]).to(act.dtype)
 
         def hook(act: Tensor, hook) -> Tensor:
@@ -274,6 +352,34 @@ class AblationContext:
         rows = torch.randint(0, n_ref, (batch, ref_len), generator=gen)[:, start : start + t].to(ref.device)
         pos = torch.arange(start, start + t, device=ref.device)
         return ref[rows, pos[None, :].expand(batch, t)]
+
+    def _resample_routed(self, key: tuple[str, int | None], mask: Tensor, k: int) -> Tensor:
+        """Resampled values for the k slots of a routed block's sub-sequence [batch, k, ...]: the reference
+        activation at the slot's token position, from a random reference row that routed that position (seeded
+        per (row, position) like `_resample`; the reference mean where no row did)."""
+        ref, routed = self._reference.samples[key], self._reference.routed[key[0]]  # [R, T, ...], [R, T]
+        n_ref, ref_len = routed.shape
+        batch, t = mask.shape
+        start = self._offset
+        if start + t > ref_len:
+            raise AblationError(
+                f"resample ablation reached position {start + t - 1} but reference_tokens have only {ref_len} "
+                f"positions; pass reference tokens at least as long as the inputs (e.g. n_ctx={self.model.cfg.n_ctx})"
+            )
+        idx, _ = routed_slots(mask)  # [batch, k] positions of the slots (relative to this forward)
+        pos = (idx[:, :k] + start).to(ref.device)
+        gen = torch.Generator().manual_seed(self.seed)
+        u = torch.rand((batch, ref_len), generator=gen).to(ref.device)
+        counts = routed.sum(0)  # [T] reference rows that routed each position
+        order = torch.sort((~routed).to(torch.uint8), dim=0, stable=True).indices  # routed rows first, per position
+        pick = (u * counts).long().clamp(max=n_ref - 1)  # [batch, T]: the pick-th routed row at each position
+        rows = order.gather(0, pick)  # [batch, T] reference row per (row, position)
+        chosen = rows.gather(1, pos)  # [batch, k]
+        out = ref[chosen, pos]
+        none = counts[pos] == 0  # no reference row routed that position: the mean of the routed tokens
+        if bool(none.any()):
+            out[none] = self._reference.means[key].to(out.dtype)
+        return out
 
     def __enter__(self):
         hooks = self.fwd_hooks()

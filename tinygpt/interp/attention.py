@@ -10,9 +10,15 @@ Which maps are read is data, not code: `attention_maps(model, layer)` lists the 
 `blocks.{layer}.attn.hook_pattern*` the model has, so an attention variant with more than one map
 (differential attention's `hook_pattern1` / `hook_pattern2` beside its combined, signed `hook_pattern`)
 shows up in `AttentionResult.maps` and in `figure(..., map="pattern1")` without changes here; signed maps
-are drawn on a diverging scale. Routing (mixture-of-experts, mixture-of-depths) is not attention: a routing
-view belongs beside this one, built the same way (a result holding the router hook points' tensors, read
-with one filtered `run_with_cache`, plus `figure`).
+are drawn on a diverging scale, and differential attention's λ per layer (`attn.hook_lambda`) is kept in
+`AttentionResult.lambdas`.
+
+A mixture-of-depths block (`mod=True`) attends only among the tokens it routes: its `hook_pattern` is
+[batch, head, routed, routed]. `attention_patterns` reads the block's `hook_routing_mask` in the same forward
+and scatters the map back to token positions, NaN in the rows and columns of skipped tokens
+(`AttentionResult.routing_masks` keeps the masks); induction and previous-token scores average over the
+tokens the block computes (NaN if it computes none of them). The router's choices themselves (experts per
+token, routing masks, scores) are drawn by `tinygpt.widgets.AttentionViewer`.
 """
 
 from __future__ import annotations
@@ -48,6 +54,9 @@ class AttentionResult:
         maps: {map name: [n_selected_layers, n_heads, dest, src]}; "pattern" is the softmax attention.
         layers: the model layers the first axis covers.
         tokens: [pos] the prompt's tokens; str_tokens their strings.
+        lambdas: {layer: λ} for differential-attention layers (empty otherwise).
+        routing_masks: {layer: [pos] bool} for mixture-of-depths blocks: the tokens the block computes (its map
+            is NaN in the rows and columns of the others).
     """
 
     maps: dict[str, Tensor]
@@ -55,6 +64,8 @@ class AttentionResult:
     tokens: Tensor
     str_tokens: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    lambdas: dict[int, float] = field(default_factory=dict)
+    routing_masks: dict[int, Tensor] = field(default_factory=dict)
 
     @property
     def patterns(self) -> Tensor:
@@ -78,6 +89,10 @@ class AttentionResult:
     def _ticks(self) -> list[str]:
         return [f"{i} {s!r}" for i, s in enumerate(self.str_tokens)]
 
+    def _signed(self, map: str) -> bool:
+        """The combined map of differential attention (A1 - λ A2) is signed."""
+        return map == MAIN_MAP and len(self.maps) > 1
+
     def __repr__(self) -> str:
         L, H, T, _ = self.patterns.shape
         return f"AttentionResult(layers={self.layers}, heads={H}, pos={T}, maps={sorted(self.maps)})"
@@ -90,10 +105,10 @@ class AttentionResult:
         ticks = self._ticks()
         fig = go.Figure(
             go.Heatmap(
-                z=z.tolist(),
+                z=_rows(z),
                 x=ticks,
                 y=ticks,
-                **_color(z),
+                **_color(z, signed=self._signed(map)),
                 hovertemplate="dest %{y}<br>src %{x}<br>%{z:.3f}<extra></extra>",
             )
         )
@@ -127,7 +142,7 @@ class AttentionResult:
                 z = self.head(layer, h, map).float().cpu()
                 fig.add_trace(
                     go.Heatmap(
-                        z=z.tolist(),
+                        z=_rows(z),
                         x=ticks,
                         y=ticks,
                         coloraxis="coloraxis",
@@ -138,7 +153,7 @@ class AttentionResult:
                 )
                 fig.update_xaxes(showticklabels=False, type="category", row=r, col=c)
                 fig.update_yaxes(showticklabels=False, type="category", autorange="reversed", row=r, col=c)
-        color = _color(self._map(map))
+        color = _color(self._map(map), signed=self._signed(map))
         fig.update_layout(
             title=f"Attention {map}: {len(layers)} layers x {len(heads)} heads",
             coloraxis=dict(colorscale=color["colorscale"], cmin=color["zmin"], cmax=color["zmax"]),
@@ -148,13 +163,98 @@ class AttentionResult:
         return fig
 
 
-def _color(z: Tensor) -> dict[str, Any]:
-    """Blues on [0, max] for probabilities; a diverging scale around 0 for signed maps (e.g. A1 - λ A2)."""
-    lo, hi = float(z.min()), float(z.max())
-    if lo >= 0:
+def _rows(z: Tensor) -> list[list[float | None]]:
+    """A [rows, cols] map as nested lists, NaN (a token a routed block skipped) as None: a blank cell."""
+    return [[None if v != v else v for v in row] for row in z.tolist()]
+
+
+def _color(z: Tensor, signed: bool = False) -> dict[str, Any]:
+    """Blues on [0, max] for probabilities; a diverging scale around 0 for signed maps (differential attention's
+    A1 - λ A2, drawn on it even when a prompt's values happen to be non-negative). NaN entries (skipped tokens
+    of a routed block) are ignored."""
+    finite = z[torch.isfinite(z)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
+    if lo >= 0 and not signed:
         return dict(colorscale="Blues", zmin=0.0, zmax=max(hi, 1e-9))
-    lim = max(abs(lo), abs(hi))
+    lim = max(abs(lo), abs(hi), 1e-9)
     return dict(colorscale="RdBu_r", zmin=-lim, zmax=lim)
+
+
+def routed_layers(model) -> list[int]:
+    """Layers whose block computes only some tokens (mixture-of-depths): they have `hook_routing_mask`."""
+    return [i for i in range(model.cfg.n_layers) if f"blocks.{i}.hook_routing_mask" in model.hook_dict]
+
+
+def routed_slots(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """A routed block's sub-sequence layout for its routing mask [batch, pos] (bool, or float > 0.5 = routed).
+
+    Returns:
+        (positions [batch, routed] int64: the token position each slot of the block's sub-sequence holds --
+        routed tokens in causal order, then skipped ones as padding, as `MoDBlock` gathers them;
+        valid [batch, routed] bool: the slot holds a routed token).
+    """
+    mask = mask if mask.dtype == torch.bool else mask > 0.5
+    counts = mask.sum(1)
+    kmax = int(counts.max()) if mask.numel() else 0
+    idx = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :kmax]
+    valid = torch.arange(kmax, device=mask.device)[None] < counts[:, None]
+    return idx, valid
+
+
+def scatter_routed(pattern: Tensor, mask: Tensor) -> Tensor:
+    """A routed block's attention map back at token positions.
+
+    Args:
+        pattern: [batch, heads, routed, routed] the block's `attn.hook_pattern*` (routed tokens in causal order;
+            rows shorter than `routed` are padded at the end, as the block pads them).
+        mask: [batch, pos] the block's `hook_routing_mask` (bool, or float > 0.5 = routed).
+    Returns:
+        [batch, heads, pos, pos] float32, NaN in the rows and columns of tokens the block skipped.
+    """
+    mask = mask if mask.dtype == torch.bool else mask > 0.5
+    b, t = mask.shape
+    out = torch.full((b, pattern.shape[1], t, t), float("nan"), device=pattern.device)
+    for row in range(b):
+        idx = mask[row].nonzero()[:, 0]  # routed positions, in causal order (the block's sub-sequence)
+        k = len(idx)
+        if k:
+            out[row][:, idx[:, None], idx[None, :]] = pattern[row, :, :k, :k].float()
+    return out
+
+
+def _read_maps(model, tokens: Tensor, layers: list[int]) -> tuple[dict, Any]:
+    """One forward: {layer: {map name: [batch, H, pos, pos]}} (routed blocks scattered to positions), and the
+    cache, which also holds the routing masks of routed blocks and differential attention's λ."""
+    n = model.cfg.n_layers
+    for x in layers:
+        if not -n <= x < n:
+            raise ValueError(f"layer {x} is out of range; the model has {n} layers (0..{n - 1})")
+    layers = [x % n for x in layers]
+    hooks = {layer: attention_maps(model, layer) for layer in layers}
+    names = [h for per in hooks.values() for h in per.values()]
+    if not names:
+        raise ValueError("this model exposes no attention-pattern hook points (blocks.{i}.attn.hook_pattern)")
+    routed = [i for i in routed_layers(model) if i in hooks]
+    names += [f"blocks.{i}.hook_routing_mask" for i in routed]
+    names += [h for i in layers if (h := f"blocks.{i}.attn.hook_lambda") in model.hook_dict]
+    was_training = model.training
+    model.eval()
+    try:
+        _, cache = model.run_with_cache(tokens, names_filter=names, return_type=None)
+    finally:
+        model.train(was_training)
+    b, t = tokens.shape
+    maps: dict[int, dict[str, Tensor]] = {}
+    for layer, per in hooks.items():
+        maps[layer] = {}
+        for m, h in per.items():
+            if layer not in routed:
+                maps[layer][m] = _full(cache[h], t, layer)
+            elif h in cache.cache_dict:
+                maps[layer][m] = scatter_routed(cache[h], cache[f"blocks.{layer}.hook_routing_mask"])
+            else:  # the block routed no token at all: its attention never ran
+                maps[layer][m] = torch.full((b, model.cfg.n_heads, t, t), float("nan"), device=tokens.device)
+    return maps, cache
 
 
 @torch.no_grad()
@@ -166,61 +266,52 @@ def attention_patterns(model, prompt: Any, layers: list[int] | None = None, batc
         prompt: text, or tokens [pos] / [batch, pos] (row `batch_index` is kept).
         layers: model layer indices (negative counts from the end).
     Returns:
-        An `AttentionResult`; `.patterns` is [n_layers, n_heads, dest, src].
+        An `AttentionResult`; `.patterns` is [n_layers, n_heads, dest, src]. A mixture-of-depths block's maps are
+        scattered back to token positions, NaN where the block skipped the query or the key token.
     """
-    n = model.cfg.n_layers
-    layer_list = list(range(n)) if layers is None else [int(x) for x in layers]
-    for x in layer_list:
-        if not -n <= x < n:
-            raise ValueError(f"layer {x} is out of range; the model has {n} layers (0..{n - 1})")
-    layer_list = [x % n for x in layer_list]
+    layer_list = list(range(model.cfg.n_layers)) if layers is None else [int(x) for x in layers]
     tokens = model.to_tokens(prompt) if isinstance(prompt, str) else torch.as_tensor(prompt)
     if tokens.ndim == 1:
         tokens = tokens[None]
     tokens = tokens[batch_index : batch_index + 1].to(model.embed.weight.device)
-    hooks = {layer: attention_maps(model, layer) for layer in layer_list}
-    names = [h for per in hooks.values() for h in per.values()]
-    if not names:
-        raise ValueError("this model exposes no attention-pattern hook points (blocks.{i}.attn.hook_pattern)")
-    was_training = model.training
-    model.eval()
-    try:
-        _, cache = model.run_with_cache(tokens, names_filter=names, return_type=None)
-    finally:
-        model.train(was_training)
-    map_names = sorted({m for per in hooks.values() for m in per}, key=lambda m: (m != MAIN_MAP, m))
-    t = tokens.shape[1]
+    per_layer, cache = _read_maps(model, tokens, layer_list)
+    layer_list = list(per_layer)
+    map_names = sorted({m for per in per_layer.values() for m in per}, key=lambda m: (m != MAIN_MAP, m))
     maps = {
-        m: torch.stack([_full(cache[hooks[layer][m]], t, layer)[0] for layer in layer_list])
+        m: torch.stack([per_layer[layer][m][0].float().cpu() for layer in layer_list])
         for m in map_names
-        if all(m in hooks[layer] for layer in layer_list)
+        if all(m in per_layer[layer] for layer in layer_list)
     }
+    lambdas = {
+        layer: float(cache[f"blocks.{layer}.attn.hook_lambda"])
+        for layer in layer_list
+        if f"blocks.{layer}.attn.hook_lambda" in cache
+    }
+    masks = {}
+    for layer in layer_list:
+        if (name := f"blocks.{layer}.hook_routing_mask") in cache:
+            mask = cache[name][0].cpu()
+            masks[layer] = mask if mask.dtype == torch.bool else mask > 0.5
     try:
         str_tokens = model.to_str_tokens(tokens[0])
     except ValueError:  # no tokenizer attached
         str_tokens = [str(int(t)) for t in tokens[0]]
-    return AttentionResult(maps, layer_list, tokens[0].cpu(), str_tokens)
+    return AttentionResult(maps, layer_list, tokens[0].cpu(), str_tokens, lambdas=lambdas, routing_masks=masks)
 
 
 @torch.no_grad()
 def _patterns_on(model, tokens: Tensor) -> Tensor:
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
-    was_training = model.training
-    model.eval()
-    try:
-        _, cache = model.run_with_cache(tokens.to(model.embed.weight.device), names_filter=names, return_type=None)
-    finally:
-        model.train(was_training)
-    return torch.stack([_full(cache[n], tokens.shape[1], i) for i, n in enumerate(names)])  # [L, batch, H, T, T]
+    """[L, batch, H, T, T] main maps of every layer (NaN at tokens a routed block skipped)."""
+    per_layer, _ = _read_maps(model, tokens.to(model.embed.weight.device), list(range(model.cfg.n_layers)))
+    return torch.stack([per_layer[i][MAIN_MAP].float() for i in range(model.cfg.n_layers)])
 
 
 def _full(pattern: Tensor, t: int, layer: int) -> Tensor:
-    """`pattern` if it covers every position, else a clear error (a block that routes only some tokens)."""
+    """`pattern` if it covers every position, else a clear error."""
     if pattern.shape[-1] != t or pattern.shape[-2] != t:
         raise ValueError(
-            f"layer {layer}'s attention map covers {pattern.shape[-2]} of {t} positions (the block routes only "
-            "some tokens, as mixture-of-depths does); pass layers= without it, or read its hook_pattern from "
-            "run_with_cache alongside the block's routing mask"
+            f"layer {layer}'s attention map covers {pattern.shape[-2]} of {t} positions, and the block has no "
+            "hook_routing_mask to place them; read its hook_pattern from run_with_cache directly"
         )
     return pattern
 
@@ -230,14 +321,15 @@ def induction_scores(model, seq_len: int = 20, batch: int = 8, seed: int = 0) ->
 
     On `batch` sequences of `seq_len` random tokens repeated twice, the mean attention from each token of the
     second copy to the token right after that token's first occurrence (position i - seq_len + 1).
-    A perfect induction head scores 1.
+    A perfect induction head scores 1. A mixture-of-depths block is scored on the tokens it computes (NaN for
+    a block that computes none of the scored pairs).
     """
     if 2 * seq_len > model.cfg.n_ctx or seq_len < 2:
         raise ValueError(f"seq_len must be in [2, n_ctx // 2 = {model.cfg.n_ctx // 2}], got {seq_len}")
     tokens = repeated_tokens(batch, seq_len, model.cfg.d_vocab, seed=seed)
     pat = _patterns_on(model, tokens)
     dest = torch.arange(seq_len, 2 * seq_len)
-    return pat[:, :, :, dest, dest - seq_len + 1].mean(dim=(1, 3)).float().cpu()
+    return pat[:, :, :, dest, dest - seq_len + 1].nanmean(dim=(1, 3)).float().cpu()
 
 
 def previous_token_scores(model, seq_len: int = 40, batch: int = 8, seed: int = 0) -> Tensor:
@@ -249,4 +341,4 @@ def previous_token_scores(model, seq_len: int = 40, batch: int = 8, seed: int = 
     tokens = torch.randint(0, model.cfg.d_vocab, (batch, seq_len), generator=gen)
     pat = _patterns_on(model, tokens)
     dest = torch.arange(1, seq_len)
-    return pat[:, :, :, dest, dest - 1].mean(dim=(1, 3)).float().cpu()
+    return pat[:, :, :, dest, dest - 1].nanmean(dim=(1, 3)).float().cpu()

@@ -20,6 +20,13 @@ The metric maps logits [batch, pos, d_vocab] of a (patched) corrupted run to a s
 strings; if omitted, the clean and corrupted runs' own top predictions). `normalize=True` reports
 (value - corrupted) / (clean - corrupted): 0 = no effect, 1 = fully restores the clean run, as in
 TransformerLens' IOI demos.
+
+Mixture-of-depths blocks (`mod=True`) compute only the tokens they route, so inside them `hook_z` holds the
+routed tokens only ([batch, routed, n_heads, d_head]), and the clean and corrupted runs may route different
+tokens. Head sweeps there patch by token position: the clean output of a head at position p replaces the
+corrupted one at p when both runs route p through the block; a token either run skips keeps its corrupted
+value (the clean run has no head output there, or the corrupted run does not compute the token). The
+residual-stream sites keep their full shape in every variant and need nothing special.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from tinygpt.interp.attention import routed_slots
 
 Metric = Callable[[Tensor], Tensor | float]
 
@@ -368,6 +377,42 @@ def _mask(site: str, cells: list[tuple[int, ...]], act_shape: torch.Size, device
     return m
 
 
+def _routed_head_hook(site: str, chunk: list[tuple[int, ...]], b: int, layer: int, clean_cache, corrupted_cache):
+    """The patching hook for `hook_z` of a mixture-of-depths block (see the module docstring): replica i patches
+    cell chunk[i] by token position, where both runs route the token."""
+    mask_name, z_name = f"blocks.{layer}.hook_routing_mask", f"blocks.{layer}.attn.hook_z"
+    clean_mask = clean_cache[mask_name]
+    clean_mask = clean_mask if clean_mask.dtype == torch.bool else clean_mask > 0.5
+    corrupted_mask = corrupted_cache[mask_name]
+    corrupted_mask = corrupted_mask if corrupted_mask.dtype == torch.bool else corrupted_mask > 0.5
+    t = clean_mask.shape[1]
+    c_idx, c_valid = routed_slots(clean_mask)
+    z = clean_cache[z_name] if z_name in clean_cache.cache_dict else None
+    clean_full = None
+    if z is not None:  # the clean head outputs at token positions [b, t, H, d]
+        clean_full = torch.zeros(b, t, *z.shape[2:], dtype=z.dtype, device=z.device)
+        rows = torch.arange(b, device=z.device)[:, None].expand_as(c_idx)
+        clean_full[rows[c_valid], c_idx[c_valid]] = z[c_valid]
+    k_idx, k_valid = routed_slots(corrupted_mask)
+    ok = k_valid & clean_mask.gather(1, k_idx)  # [b, K]: slots whose token both runs route
+    n = len(chunk)
+
+    def hook(act: Tensor, hook) -> Tensor:
+        if clean_full is None or act.shape[1] != k_idx.shape[1]:
+            return act  # nothing routed in the clean run (or this forward routes differently): nothing to patch
+        shaped = act.view(n, b, *act.shape[1:])  # [n, b, K, H, d]
+        src = clean_full.gather(1, k_idx[..., None, None].expand(-1, -1, *clean_full.shape[2:]))  # [b, K, H, d]
+        cell = torch.zeros(n, b, act.shape[1], act.shape[2], 1, dtype=torch.bool, device=act.device)
+        for i, c in enumerate(chunk):
+            if site == "head":
+                cell[i, :, :, c[0]] = ok[..., None]
+            else:
+                cell[i, :, :, c[1]] = (ok & (k_idx == c[0]))[..., None]
+        return torch.where(cell, src[None].to(act.dtype), shaped).reshape(act.shape)
+
+    return hook
+
+
 @torch.no_grad()
 def _sweep(
     model,
@@ -400,15 +445,17 @@ def _sweep(
         chunk = cells[start : start + batch_cells]
         n = len(chunk)
         name = hook_tpl.format(layer=layer)
-        clean_act = clean_cache[name]
         # Positions before the chunk's first patched position are the corrupted run's: with a plain block
         # stack, only the later positions are run (on the corrupted keys and values of the earlier ones).
         first = min(c[0] for c in chunk) if by_pos and resume else 0
+        if site in ("head", "head_by_pos") and f"blocks.{layer}.hook_routing_mask" in model.hook_dict:
+            hook = _routed_head_hook(site, chunk, b, layer, clean_cache, corrupted_cache)
+        else:
 
-        def hook(act: Tensor, hook, chunk=chunk, clean_act=clean_act[:, first:], first=first) -> Tensor:
-            shaped = act.view(len(chunk), b, *act.shape[1:])
-            mask = _mask(site, chunk, act.shape, act.device, offset=first)
-            return torch.where(mask, clean_act[None].to(act.dtype), shaped).reshape(act.shape)
+            def hook(act: Tensor, hook, chunk=chunk, clean_act=clean_cache[name][:, first:], first=first) -> Tensor:
+                shaped = act.view(len(chunk), b, *act.shape[1:])
+                mask = _mask(site, chunk, act.shape, act.device, offset=first)
+                return torch.where(mask, clean_act[None].to(act.dtype), shaped).reshape(act.shape)
 
         with model.hooks(fwd_hooks=[(name, hook)]):
             if resume:
@@ -483,10 +530,15 @@ def _patch(
     try:
         with torch.no_grad():
             names = sorted({SITES[s][0].format(layer=layer) for s in sites for layer in layer_list})
-            clean_logits, clean_cache = model.run_with_cache(clean_t, names_filter=names)
-            resid = []
+            masks = [  # mixture-of-depths blocks: head sweeps patch by token position (see the module docstring)
+                f"blocks.{layer}.hook_routing_mask"
+                for layer in layer_list
+                if f"blocks.{layer}.hook_routing_mask" in model.hook_dict and {"head", "head_by_pos"} & set(sites)
+            ]
+            clean_logits, clean_cache = model.run_with_cache(clean_t, names_filter=names + masks)
+            resid = list(masks)
             if _can_resume(model):
-                resid = [f"blocks.{layer}.hook_resid_pre" for layer in layer_list]
+                resid += [f"blocks.{layer}.hook_resid_pre" for layer in layer_list]
                 if any("pos" in SITES[s][1] for s in sites):  # prefix keys/values (see _sweep)
                     later = range(min(layer_list), n_layers)
                     resid += [f"blocks.{i}.attn.hook_{kv}" for i in later for kv in ("k", "v")]

@@ -8,7 +8,9 @@
     model.save("tiny-4bit.tinygpt")                                    # factored / packed layers load back
 
 Targets are named relative to a block: mlp.fc_in, mlp.fc_out, attn.q_proj, attn.k_proj, attn.v_proj,
-attn.o_proj (groups: mlp, attn, all). Layers: an int, a list, "8-11", "0,2,5" or None (all).
+attn.o_proj (groups: mlp, attn, all). Layers: an int, a list, "8-11", "0,2,5" or None (all). On MoE blocks
+mlp.* stand for every expert's matrix (moe.experts.{j}.fc_in / fc_out, also nameable directly); blocks that
+lack a matrix (YOCO's cross-decoder: no attn.k_proj / attn.v_proj) are skipped by groups. See docs/surgery.md.
 """
 
 from tinygpt.surgery.common import TARGET_GROUPS, TARGETS, resolve_layers, resolve_targets, validation_loss

@@ -21,6 +21,12 @@ def _targets(values: list[str] | None) -> list[str] | None:
     return [t for v in values for t in v.split(",") if t.strip()] or values
 
 
+_TARGET_HELP = (
+    "mlp.fc_in, mlp.fc_out, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, or mlp/attn/all; on MoE models "
+    "mlp.* means every expert's matrix, and moe.experts.J.fc_in / moe.experts.J.fc_out names expert J"
+)
+
+
 def add_parsers(sub) -> None:
     """Register the `laser` and `hqq` subcommands on an argparse subparsers object."""
     p = sub.add_parser("laser", help="LASER: replace weight matrices by low-rank approximations (new file)")
@@ -31,7 +37,7 @@ def add_parsers(sub) -> None:
         dest="targets",
         nargs="+",
         required=True,
-        help="mlp.fc_in, mlp.fc_out, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, or mlp/attn/all",
+        help=_TARGET_HELP,
     )
     p.add_argument("--layers", default=None, help="e.g. 8-11, 0,2,5 or all (default all)")
     p.add_argument("--rank-fraction", type=float, required=True, help="ρ in (0, 1]: fraction of the rank kept")
@@ -48,7 +54,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--rtn", action="store_true", help="plain round-to-nearest, no HQQ optimisation")
     p.add_argument("--layers", default=None, help="e.g. 0-11, 0,2,5 or all (default all)")
-    p.add_argument("--target", "--targets", dest="targets", nargs="+", default=None, help="default: all")
+    p.add_argument(
+        "--target", "--targets", dest="targets", nargs="+", default=None, help=_TARGET_HELP + " (default: all)"
+    )
     p.add_argument("--packed", action="store_true", help="store bit-packed codes (file really shrinks)")
     p.add_argument("--out", required=True, help="output .tinygpt")
 

@@ -18,6 +18,7 @@ Every function here validates all of its arguments before anything is modified.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -54,14 +55,26 @@ def valid_target_names() -> str:
     )
 
 
-def _moe_key(name: str) -> tuple[int, int]:
+def target_sort_key(name: str) -> tuple[int, int, int, str]:
+    """Sort key of block-relative target names: `TARGETS` order first, then MoE expert matrices leaf-major
+    (every expert's fc_in, then every expert's fc_out, by expert index; "every expert" before expert 0),
+    then anything else alphabetically. Accepts canonical names ("mlp.fc_in"), expert names
+    ("moe.experts.fc_in", "moe.experts.3.fc_in") and any other module path."""
+    if name in TARGETS:
+        return (0, TARGETS.index(name), 0, "")
     m = _MOE_TARGET.match(name)
-    assert m is not None
-    return (-1 if m.group(1) is None else int(m.group(1)), 0 if m.group(2) == "fc_in" else 1)
+    if m is not None:
+        return (1, 0 if m.group(2) == "fc_in" else 1, -1 if m.group(1) is None else int(m.group(1)), "")
+    return (2, 0, 0, name)
+
+
+def sort_targets(names: Iterable[str]) -> list[str]:
+    """Distinct target names in `target_sort_key` order."""
+    return sorted(set(names), key=target_sort_key)
 
 
 def resolve_targets(spec: TargetSpec, default: TargetSpec = "all") -> list[str]:
-    """Expand a target spec into canonical names, in `TARGETS` order, without duplicates.
+    """Expand a target spec into canonical names, in `target_sort_key` order, without duplicates.
 
     Args:
         spec: a name ("mlp.fc_out" or "fc_out"), a group ("mlp", "attn", "all"), a MoE expert name
@@ -71,27 +84,34 @@ def resolve_targets(spec: TargetSpec, default: TargetSpec = "all") -> list[str]:
     Raises:
         ValueError: an unknown name (the message lists the valid ones) or an empty spec.
     """
+    return _expand_targets(spec, default)[0]
+
+
+def _expand_targets(spec: TargetSpec, default: TargetSpec = "all") -> tuple[list[str], set[str]]:
+    """(`resolve_targets(spec)`, the names given one by one rather than through a group)."""
     if spec is None:
         spec = default
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     chosen: set[str] = set()
+    explicit: set[str] = set()
     for raw in items:
         if not isinstance(raw, str):
             raise ValueError(f"targets must be strings, got {raw!r}; valid targets: {valid_target_names()}")
         name = raw.strip()
         if name in TARGET_GROUPS:
             chosen.update(TARGET_GROUPS[name])
-        elif name in TARGETS:
-            chosen.add(name)
+            continue
+        if name in TARGETS or _MOE_TARGET.match(name):
+            canonical = name
         elif name in _LEAF:
-            chosen.add(_LEAF[name])
-        elif _MOE_TARGET.match(name):
-            chosen.add(name)
+            canonical = _LEAF[name]
         else:
             raise ValueError(f"unknown target {raw!r}; valid targets: {valid_target_names()}")
+        chosen.add(canonical)
+        explicit.add(canonical)
     if not chosen:
         raise ValueError(f"no targets given; valid targets: {valid_target_names()}")
-    return [t for t in TARGETS if t in chosen] + sorted(chosen.difference(TARGETS), key=_moe_key)
+    return sort_targets(chosen), explicit
 
 
 def block_targets(model: nn.Module, layer: int, targets: Sequence[str]) -> list[str]:
@@ -214,58 +234,137 @@ def check_model(model: nn.Module) -> int:
     return len(model.blocks)
 
 
-def select_linears(model: nn.Module, targets: TargetSpec, layers: LayerSpec) -> list[tuple[int, str, nn.Linear]]:
-    """(layer, target, nn.Linear) for every selected matrix, layer-major; validates everything first.
+def _find_module(model: nn.Module, layer: int, target: str) -> nn.Module | None:
+    try:
+        return get_module(model, layer, target)
+    except AttributeError:
+        return None
+
+
+def _block_matrices(model: nn.Module, layer: int) -> list[str]:
+    """The target names block `layer` really has (for error messages)."""
+    names = [t for t in TARGETS if _find_module(model, layer, t) is not None]
+    experts = getattr(getattr(model.blocks[layer], "moe", None), "experts", None)
+    if experts is not None:
+        names += [f"moe.experts.{{0..{len(experts) - 1}}}.{leaf}" for leaf in ("fc_in", "fc_out")]
+    return names
+
+
+def select_modules(
+    model: nn.Module, targets: TargetSpec, layers: LayerSpec, *, dense_only: bool = True
+) -> list[tuple[int, str, nn.Module]]:
+    """(layer, target, module) for every selected weight matrix, layer-major; validates everything first.
 
     `target` is the concrete block-relative path (on MoE blocks one entry per expert matrix, e.g.
     "moe.experts.2.fc_out"; see `block_targets`), so `module_name(layer, target)` is unique per matrix.
+    A block that lacks a matrix is skipped for it (YOCO's cross-decoder blocks have no `attn.k_proj` /
+    `attn.v_proj`: they attend to the shared `yoco_kv`), but a target named on its own (not through a group
+    such as "attn" or "all") must exist in at least one selected block.
 
+    Args:
+        dense_only: require plain `nn.Linear` modules (what LASER and HQQ operate on); False also returns
+            factored (`LowRankLinear`), packed (`PackedQuantLinear`) and LoRA layers, which all have `weight`.
     Raises:
-        ValueError: bad targets or layers, or a selected module that is not a plain `nn.Linear` (for
+        ValueError: bad targets or layers, a target named on its own that no selected block has, nothing
+            selected at all, or (with `dense_only`) a selected module that is not a plain `nn.Linear` (for
             example one already replaced by `LowRankLinear` or `PackedQuantLinear`).
     """
     n = check_model(model)
-    tgt = resolve_targets(targets)
+    tgt, explicit = _expand_targets(targets)
     lay = resolve_layers(layers, n)
     out = []
+    found: set[str] = set()
+    seen: set[tuple[int, str]] = set()
     for layer in lay:
-        for t in block_targets(model, layer, tgt):
-            mod = get_module(model, layer, t)
-            if type(mod) is not nn.Linear:
-                raise ValueError(
-                    f"{module_name(layer, t)} is a {type(mod).__name__}, not a dense nn.Linear (it was already "
-                    "factored or packed); reload the original model to operate on it again"
-                )
-            out.append((layer, t, mod))
+        for t in tgt:
+            for concrete in block_targets(model, layer, [t]):
+                mod = _find_module(model, layer, concrete)
+                if mod is None:
+                    continue
+                found.add(t)
+                if (layer, concrete) in seen:  # e.g. "mlp" and "moe.experts.1.fc_in" together
+                    continue
+                if dense_only and type(mod) is not nn.Linear:
+                    raise ValueError(
+                        f"{module_name(layer, concrete)} is a {type(mod).__name__}, not a dense nn.Linear (it was "
+                        "already factored or packed); reload the original model to operate on it again"
+                    )
+                seen.add((layer, concrete))
+                out.append((layer, concrete, mod))
+    for t in sorted(explicit - found, key=target_sort_key):
+        yoco = (
+            " (YOCO cross-decoder blocks take keys and values from the model's shared `yoco_kv`)"
+            if t in ("attn.k_proj", "attn.v_proj") and hasattr(model, "yoco_kv")
+            else ""
+        )
+        raise ValueError(
+            f"target {t!r} is in none of the selected blocks (layers {layers_text(lay)}){yoco}; block {lay[0]} "
+            f"has {', '.join(_block_matrices(model, lay[0]))}"
+        )
+    if not out:
+        raise ValueError(f"no weight matrices selected (layers {layers_text(lay)}, targets {', '.join(tgt)})")
     return out
 
 
-class Restorer:
-    """Remembers weights and modules before surgery and puts them back exactly (bitwise)."""
+def select_linears(model: nn.Module, targets: TargetSpec, layers: LayerSpec) -> list[tuple[int, str, nn.Linear]]:
+    """(layer, target, nn.Linear) for every selected matrix: `select_modules` with `dense_only=True`."""
+    return select_modules(model, targets, layers, dense_only=True)
 
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.weights: list[tuple[nn.Linear, Tensor]] = []
+
+def concrete_targets(chosen: Iterable[tuple[int, str, Any]]) -> tuple[list[str], list[int]]:
+    """The distinct targets (in `target_sort_key` order) and layers (sorted) of a selection."""
+    chosen = list(chosen)
+    return sort_targets(t for _, t, _ in chosen), sorted({ly for ly, _, _ in chosen})
+
+
+class Restorer:
+    """Makes the changes of one surgery operation and, when `active`, remembers what they replaced so that
+    `restore()` puts it back exactly (bitwise). An inactive one (in-place `laser_` / `hqq_`) only makes them."""
+
+    def __init__(self, model: nn.Module, active: bool = True):
+        self.model, self.active = model, active
+        self.weights: dict[int, tuple[nn.Linear, Tensor]] = {}  # id -> (module, weight before the first write)
         self.modules: list[tuple[str, nn.Module]] = []
         self.log_len = len(getattr(model, "surgery_log", []) or [])
 
-    def save_weight(self, lin: nn.Linear) -> None:
-        self.weights.append((lin, lin.weight.detach().clone()))
+    @torch.no_grad()
+    def write_weight(self, lin: nn.Linear, value: Tensor) -> None:
+        """Overwrite `lin.weight` with `value` (cast to its dtype); the first write to `lin` saves the original."""
+        if self.active and id(lin) not in self.weights:
+            self.weights[id(lin)] = (lin, lin.weight.detach().clone())
+        lin.weight.copy_(value.to(lin.weight.dtype))
+
+    def original(self, lin: nn.Linear) -> Tensor:
+        """`lin.weight` as it was before this restorer first wrote it."""
+        return self.weights[id(lin)][1] if id(lin) in self.weights else lin.weight.detach()
 
     def swap(self, name: str, new: nn.Module) -> None:
-        self.modules.append((name, set_module(self.model, name, new)))
+        """Replace the module at `name` by `new`."""
+        old = set_module(self.model, name, new)
+        if self.active:
+            self.modules.append((name, old))
 
     @torch.no_grad()
     def restore(self) -> None:
-        for lin, w in reversed(self.weights):
+        for lin, w in self.weights.values():
             lin.weight.copy_(w)
         for name, old in reversed(self.modules):
             set_module(self.model, name, old)
         log = getattr(self.model, "surgery_log", None)
-        if log is not None:
+        if log is not None and self.active:
             del log[self.log_len :]
         self.weights.clear()
         self.modules.clear()
+
+
+@contextlib.contextmanager
+def restoring(model: nn.Module) -> Iterator[Restorer]:
+    """A `Restorer` whose changes are undone when the block exits (also on an exception)."""
+    restorer = Restorer(model)
+    try:
+        yield restorer
+    finally:
+        restorer.restore()
 
 
 def record(model: nn.Module, entry: dict[str, Any]) -> None:
@@ -291,6 +390,33 @@ def layers_text(layers: Iterable[int]) -> str:
 
 
 # -------------------------------------------------------------------------------- checkpoints
+class SwappedLinear(nn.Module):
+    """Base of the modules surgery puts in place of an `nn.Linear` (factored, packed), rebuilt on load from
+    the manifest's `surgery` record. Subclasses set `kind` and `spec_fields` (their int constructor
+    arguments after in_features and out_features, kept as attributes of the same names)."""
+
+    kind: str = "?"
+    spec_fields: tuple[str, ...] = ()
+    in_features: int
+    out_features: int
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], like: nn.Linear) -> SwappedLinear:
+        """An empty module shaped by a manifest `spec`, in the dtype/device of the Linear it replaces."""
+        if (spec.get("in_features"), spec.get("out_features")) != (like.in_features, like.out_features):
+            raise ValueError(
+                f"{cls.kind} record {spec} does not match a Linear {like.in_features}->{like.out_features}"
+            )
+        w = like.weight
+        args = (int(spec[k]) for k in cls.spec_fields)
+        return cls(like.in_features, like.out_features, *args, like.bias is not None, device=w.device, dtype=w.dtype)
+
+    def surgery_spec(self) -> dict[str, Any]:
+        """The manifest entry `from_spec` rebuilds this module from."""
+        fields = {k: getattr(self, k) for k in self.spec_fields}
+        return {"type": self.kind, **fields, "in_features": self.in_features, "out_features": self.out_features}
+
+
 def surgery_record(model: nn.Module) -> dict[str, Any] | None:
     """The manifest entry describing structural surgery (factored / packed modules) and the log, or None."""
     modules = {name: m.surgery_spec() for name, m in model.named_modules() if hasattr(m, "surgery_spec")}

@@ -39,15 +39,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tinygpt.surgery.common import (
-    TARGETS,
     LayerSpec,
     Restorer,
+    SwappedLinear,
     TargetSpec,
+    concrete_targets,
     layers_text,
     module_name,
     record,
+    restoring,
     select_linears,
-    set_module,
+    sort_targets,
 )
 
 
@@ -263,15 +265,17 @@ def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
     return codes.to(torch.uint8).reshape(-1)[:n]
 
 
-class PackedQuantLinear(nn.Module):
+class PackedQuantLinear(SwappedLinear):
     """A Linear layer whose weight is stored as bit-packed `bits`-bit codes plus per-group scale and zero.
 
     Buffers (saved in the state dict): `packed` uint8 [ceil(out·in·bits/8)], `scale` and `zero` fp32
     [out, in/group_size]; parameter `bias` [out]. The weight is dequantized at every forward; `weight`
-    is a read-only property returning it [out, in].
+    is a read-only property returning it [out, in]. `impl = "triton"` (4-bit layers, CUDA or Triton's
+    interpreter) computes the forward with the fused kernel of `tinygpt.surgery.hqq_triton` instead.
     """
 
     kind = "packed_quant"
+    spec_fields = ("bits", "group_size")
 
     def __init__(
         self,
@@ -296,6 +300,7 @@ class PackedQuantLinear(nn.Module):
         self.register_buffer("scale", torch.zeros(out_features, n_groups, dtype=torch.float32, device=device))
         self.register_buffer("zero", torch.zeros(out_features, n_groups, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self.impl = "torch"  # or "triton" (4-bit only; see `tinygpt.surgery.hqq_triton.use_triton`)
 
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor, bias: Tensor | None = None, dtype=None) -> PackedQuantLinear:
@@ -317,31 +322,6 @@ class PackedQuantLinear(nn.Module):
             if bias is not None:
                 new.bias.copy_(bias)
         return new
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any], like: nn.Linear) -> PackedQuantLinear:
-        """An empty module shaped by a manifest `spec`, in the dtype/device of the Linear it replaces."""
-        if (spec.get("in_features"), spec.get("out_features")) != (like.in_features, like.out_features):
-            raise ValueError(f"packed record {spec} does not match a Linear {like.in_features}->{like.out_features}")
-        w = like.weight
-        return cls(
-            like.in_features,
-            like.out_features,
-            int(spec["bits"]),
-            int(spec["group_size"]),
-            like.bias is not None,
-            device=w.device,
-            dtype=w.dtype,
-        )
-
-    def surgery_spec(self) -> dict[str, Any]:
-        return {
-            "type": self.kind,
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-        }
 
     def quantized(self) -> QuantizedTensor:
         """The stored `QuantizedTensor` (codes unpacked)."""
@@ -365,7 +345,11 @@ class PackedQuantLinear(nn.Module):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dequantize(x.dtype), self.bias)
+        if self.impl == "triton":  # 4-bit only: dequantise-and-multiply in one kernel (tinygpt.surgery.hqq_triton)
+            from tinygpt.surgery.hqq_triton import packed4_linear
+
+            return packed4_linear(x, self)
+        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (
@@ -445,7 +429,7 @@ def _validate(model, bits, group_size, targets, layers, p, beta, kappa, iters):
 
 @torch.no_grad()
 def _apply(
-    model, bits, group_size, targets, layers, p, beta, kappa, iters, optimize, packed, restorer: Restorer | None
+    model, bits, group_size, targets, layers, p, beta, kappa, iters, optimize, packed, restorer: Restorer
 ) -> HQQReport:
     chosen = _validate(model, bits, group_size, targets, layers, p, beta, kappa, iters)
     report = HQQReport(bits, group_size, "hqq" if optimize else "rtn", packed)
@@ -465,24 +449,17 @@ def _apply(
                 qt.nbytes,
             )
         )
-        name = module_name(layer, target)
         if packed:
-            new = PackedQuantLinear.from_quantized(qt, lin.bias, dtype=W.dtype)
-            if restorer is not None:
-                restorer.swap(name, new)
-            else:
-                set_module(model, name, new)
+            restorer.swap(module_name(layer, target), PackedQuantLinear.from_quantized(qt, lin.bias, dtype=W.dtype))
         else:
-            if restorer is not None:
-                restorer.save_weight(lin)
-            W.copy_(qt.dequantize(W.dtype))
+            restorer.write_weight(lin, qt.dequantize(W.dtype))
     record(
         model,
         {
             "op": report.method,
             "bits": bits,
             "group_size": group_size,
-            "targets": sorted({t for _, t, _ in chosen}),
+            "targets": sort_targets(t for _, t, _ in chosen),
             "layers": layers_text(x for x, _, _ in chosen),
             "p": p,
             "beta": beta,
@@ -526,7 +503,9 @@ def hqq_(
     Raises:
         ValueError: bad bits, group size, targets, layers or hyperparameters; nothing is modified.
     """
-    return _apply(model, bits, group_size, targets, layers, p, beta, kappa, iters, optimize, packed, None)
+    return _apply(
+        model, bits, group_size, targets, layers, p, beta, kappa, iters, optimize, packed, Restorer(model, active=False)
+    )
 
 
 @contextlib.contextmanager
@@ -548,11 +527,8 @@ def hqq(
 
     Yields the `HQQReport`. Arguments as for `hqq_`.
     """
-    restorer = Restorer(model)
-    try:
+    with restoring(model) as restorer:
         yield _apply(model, bits, group_size, targets, layers, p, beta, kappa, iters, optimize, packed, restorer)
-    finally:
-        restorer.restore()
 
 
 # ------------------------------------------------------------------------------------- error grids
@@ -835,8 +811,7 @@ def hqq_error_grid(
                 f"group size {g} divides none of the selected matrices (in_features {in_features}); "
                 "choose divisors of those"
             )
-    tgts = sorted({t for _, t, _ in chosen}, key=list(TARGETS).index)
-    lays = sorted({ly for ly, _, _ in chosen})
+    tgts, lays = concrete_targets(chosen)
     params = {"p": p, "beta": beta, "kappa": kappa, "iters": iters}
     shape = lambda: [[[math.nan] * len(groups) for _ in bits_l] for _ in lays]  # noqa: E731
     rtn = {t: shape() for t in tgts}
@@ -959,8 +934,7 @@ def hqq_loss_curve(
                 bar.update()
     finally:
         bar.close()
-    tgts = sorted({t for _, t, _ in chosen}, key=list(TARGETS).index)
-    lays = sorted({ly for ly, _, _ in chosen})
+    tgts, lays = concrete_targets(chosen)
     return HqqLossCurve(
         base, bits_l, group_size, losses["rtn"], losses["hqq"], errors["rtn"], errors["hqq"], tgts, lays, data.n_tokens
     )

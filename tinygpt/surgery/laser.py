@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,9 @@ from tinygpt.surgery.common import (
     EvalData,
     LayerSpec,
     Restorer,
+    SwappedLinear,
     TargetSpec,
+    concrete_targets,
     eval_data,
     eval_loss,
     layers_text,
@@ -44,8 +46,10 @@ from tinygpt.surgery.common import (
     record,
     resolve_layers,
     resolve_targets,
+    restoring,
     select_linears,
-    set_module,
+    select_modules,
+    sort_targets,
 )
 
 #: The paper's rank fractions ρ (fraction of the maximal rank kept): reductions of 10%, 20%, 40%, 60%,
@@ -85,6 +89,11 @@ def _svd(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         torch.set_num_threads(n)
 
 
+def _truncate(U: Tensor, S: Tensor, Vh: Tensor, r: int) -> Tensor:
+    """U_r diag(S_r) Vh_r [m, n] (fp32)."""
+    return (U[:, :r] * S[:r]) @ Vh[:r]
+
+
 def _factors(U: Tensor, S: Tensor, Vh: Tensor, r: int) -> tuple[Tensor, Tensor]:
     """Balanced factors with B @ A = U_r diag(S_r) Vh_r: A [r, n], B [m, r]."""
     root = S[:r].sqrt()
@@ -113,7 +122,7 @@ def low_rank(W: Tensor, rank_fraction: float | None = None, *, rank: int | None 
         raise ValueError(f"low_rank expects a matrix [out, in], got shape {tuple(W.shape)}")
     r = _rank_arg(W.shape, rank_fraction, rank)
     U, S, Vh = _svd(W)
-    return ((U[:, :r] * S[:r]) @ Vh[:r]).to(W.dtype)
+    return _truncate(U, S, Vh, r).to(W.dtype)
 
 
 def _rank_arg(shape, rank_fraction, rank) -> int:
@@ -127,7 +136,7 @@ def _rank_arg(shape, rank_fraction, rank) -> int:
     return rank
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(SwappedLinear):
     """A Linear layer stored as two factors: y = x Aᵀ Bᵀ + bias, with A [rank, in] and B [out, rank].
 
     `weight` is a read-only property giving the dense product B @ A [out, in], so TransformerLens-style
@@ -135,6 +144,7 @@ class LowRankLinear(nn.Module):
     """
 
     kind = "low_rank"
+    spec_fields = ("rank",)
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *, device=None, dtype=None):
         super().__init__()
@@ -156,29 +166,6 @@ class LowRankLinear(nn.Module):
             if lin.bias is not None:
                 new.bias.copy_(lin.bias)
         return new
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any], like: nn.Linear) -> LowRankLinear:
-        """An empty module shaped by a manifest `spec`, in the dtype/device of the Linear it replaces."""
-        w = like.weight
-        if (spec.get("in_features"), spec.get("out_features")) != (like.in_features, like.out_features):
-            raise ValueError(f"low-rank record {spec} does not match a Linear {like.in_features}->{like.out_features}")
-        return cls(
-            like.in_features,
-            like.out_features,
-            int(spec["rank"]),
-            like.bias is not None,
-            device=w.device,
-            dtype=w.dtype,
-        )
-
-    def surgery_spec(self) -> dict[str, Any]:
-        return {
-            "type": self.kind,
-            "rank": self.rank,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-        }
 
     @property
     def weight(self) -> Tensor:  # [out, in]
@@ -247,7 +234,7 @@ class LaserReport:
 
 # ------------------------------------------------------------------------------------- on a model
 @torch.no_grad()
-def _apply(model, targets, layers, rank_fraction, factored, restorer: Restorer | None) -> LaserReport:
+def _apply(model, targets, layers, rank_fraction, factored, restorer: Restorer) -> LaserReport:
     _check_fraction(rank_fraction)
     chosen = select_linears(model, targets, layers)  # validates everything before any change
     report = LaserReport(rank_fraction=float(rank_fraction), factored=factored)
@@ -259,10 +246,7 @@ def _apply(model, targets, layers, rank_fraction, factored, restorer: Restorer |
         before = lin.weight.numel()
         if factored:
             new = LowRankLinear.from_linear(lin, r, (U, S, Vh))
-            if restorer is not None:
-                restorer.swap(module_name(layer, target), new)
-            else:
-                set_module(model, module_name(layer, target), new)
+            restorer.swap(module_name(layer, target), new)
             after = new.A.numel() + new.B.numel()
             if after >= before:
                 warnings.warn(
@@ -272,16 +256,14 @@ def _apply(model, targets, layers, rank_fraction, factored, restorer: Restorer |
                     stacklevel=3,
                 )
         else:
-            if restorer is not None:
-                restorer.save_weight(lin)
-            lin.weight.copy_(((U[:, :r] * S[:r]) @ Vh[:r]).to(lin.weight.dtype))
+            restorer.write_weight(lin, _truncate(U, S, Vh, r))
             after = before
         report.entries.append(LaserEntry(layer, target, (m, n), numerical_rank(S, (m, n)), r, energy, before, after))
     record(
         model,
         {
             "op": "laser",
-            "targets": sorted({t for _, t, _ in chosen}),
+            "targets": sort_targets(t for _, t, _ in chosen),
             "layers": layers_text(x for x, _, _ in chosen),
             "rank_fraction": float(rank_fraction),
             "factored": bool(factored),
@@ -313,7 +295,7 @@ def laser_(
     Raises:
         ValueError: bad target, layer or fraction; nothing is modified in that case.
     """
-    return _apply(model, target, layers, rank_fraction, factored, None)
+    return _apply(model, target, layers, rank_fraction, factored, Restorer(model, active=False))
 
 
 @contextlib.contextmanager
@@ -329,12 +311,8 @@ def laser(
 
     Yields the `LaserReport`. Arguments as for `laser_`.
     """
-    restorer = Restorer(model)
-    try:
-        report = _apply(model, target, layers, rank_fraction, factored, restorer)
-        yield report
-    finally:
-        restorer.restore()
+    with restoring(model) as restorer:
+        yield _apply(model, target, layers, rank_fraction, factored, restorer)
 
 
 # ------------------------------------------------------------------------------------- sweeps
@@ -351,7 +329,11 @@ class Intervention:
 class LaserSweepResult:
     """Validation loss of every single intervention (target, layer, ρ), and of the unmodified model.
 
-    `losses[target][i][j]` is the loss with layer `layers[i]` reduced to fraction `fractions[j]`.
+    `losses[target][i][j]` is the loss with layer `layers[i]` reduced to fraction `fractions[j]`; NaN where
+    block `layers[i]` has no such matrix (e.g. `attn.k_proj` in a YOCO cross-decoder block). Targets are
+    concrete block-relative paths: on MoE models one per expert matrix ("moe.experts.2.fc_out").
+    With a task `metric`, `metrics[target][i][j]` holds its value for the same intervention and `base_metric`
+    its value on the unmodified model (both None without one).
     """
 
     base_loss: float
@@ -360,21 +342,41 @@ class LaserSweepResult:
     fractions: list[float]
     losses: dict[str, list[list[float]]]
     n_tokens: int
+    base_metric: float | None = None
+    metrics: dict[str, list[list[float]]] | None = None
 
     def loss(self, target: str, layer: int, rank_fraction: float) -> float:
         return self.losses[target][self.layers.index(layer)][self.fractions.index(rank_fraction)]
 
-    def rows(self) -> list[dict[str, Any]]:
-        """One dict per intervention: target, layer, rank_fraction, loss, delta (loss − base)."""
+    def swept(self) -> list[tuple[str, int, list[float]]]:
+        """(target, layer, losses over `fractions`) of every matrix that was swept (blocks lacking one are left out)."""
         return [
-            {"target": t, "layer": layer, "rank_fraction": f, "loss": v, "delta": v - self.base_loss}
+            (t, layer, row)
             for t in self.targets
             for layer, row in zip(self.layers, self.losses[t])
-            for f, v in zip(self.fractions, row)
+            if not all(math.isnan(v) for v in row)
         ]
 
-    def best(self, target: str | None = None, layer: int | None = None) -> tuple[Intervention, float]:
-        """The intervention with the lowest validation loss (optionally for one target and/or layer)."""
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per intervention: target, layer, rank_fraction, loss, delta (loss − base), and `metric`
+        when the sweep had one."""
+        out = []
+        for t, layer, row in self.swept():
+            for j, (f, v) in enumerate(zip(self.fractions, row)):
+                r = {"target": t, "layer": layer, "rank_fraction": f, "loss": v, "delta": v - self.base_loss}
+                if self.metrics is not None:
+                    r["metric"] = self.metrics[t][self.layers.index(layer)][j]
+                out.append(r)
+        return out
+
+    def best(self, target: str | None = None, layer: int | None = None, by: str = "loss") -> tuple[Intervention, float]:
+        """The best intervention (optionally for one target and/or layer) and its score.
+
+        Args:
+            by: "loss" (the lowest validation loss) or "metric" (the highest task metric).
+        """
+        if by not in ("loss", "metric") or (by == "metric" and self.metrics is None):
+            raise ValueError(f"by must be 'loss' or (for a sweep run with metric=) 'metric', got {by!r}")
         rows = [
             r
             for r in self.rows()
@@ -382,8 +384,8 @@ class LaserSweepResult:
         ]
         if not rows:
             raise ValueError(f"no sweep results for target={target!r}, layer={layer!r}")
-        r = min(rows, key=lambda r: r["loss"])
-        return Intervention(r["layer"], r["target"], r["rank_fraction"]), r["loss"]
+        r = min(rows, key=lambda r: r["loss"]) if by == "loss" else max(rows, key=lambda r: r["metric"])
+        return Intervention(r["layer"], r["target"], r["rank_fraction"]), r[by]
 
     def figure(self):
         """Plotly figure: loss-vs-ρ curves (one per target and layer) and a heatmap of loss − base."""
@@ -397,25 +399,25 @@ class LaserSweepResult:
             horizontal_spacing=0.14,
             subplot_titles=("validation loss vs ρ (rank kept)", "loss − base"),
         )
-        for t in self.targets:
-            for layer, row in zip(self.layers, self.losses[t]):
-                fig.add_trace(
-                    go.Scatter(
-                        x=self.fractions,
-                        y=row,
-                        mode="lines+markers",
-                        name=f"L{layer} {t}",
-                        legendgroup=t,
-                        hovertemplate="ρ=%{x}<br>loss=%{y:.4f}",
-                    ),
-                    1,
-                    1,
-                )
+        swept = self.swept()
+        for t, layer, row in swept:
+            fig.add_trace(
+                go.Scatter(
+                    x=self.fractions,
+                    y=row,
+                    mode="lines+markers",
+                    name=f"L{layer} {t}",
+                    legendgroup=t,
+                    hovertemplate="ρ=%{x}<br>loss=%{y:.4f}",
+                ),
+                1,
+                1,
+            )
         fig.add_hline(y=self.base_loss, line_dash="dash", annotation_text="base", row=1, col=1)
         fig.update_xaxes(type="log", title_text="ρ (fraction of rank kept)", row=1, col=1)
         fig.update_yaxes(title_text="loss", row=1, col=1)
-        labels = [f"L{layer} {t}" for t in self.targets for layer in self.layers]
-        z = [[v - self.base_loss for v in row] for t in self.targets for row in self.losses[t]]
+        labels = [f"L{layer} {t}" for t, layer, _ in swept]
+        z = [[v - self.base_loss for v in row] for _, _, row in swept]
         big = max((abs(v) for row in z for v in row), default=1.0) or 1.0
         fig.add_trace(
             go.Heatmap(
@@ -477,9 +479,11 @@ def laser_sweep(
     ctx: int | None = None,
     n_windows: int = 16,
     batch_size: int = 8,
+    metric: Callable[[Any], float] | None = None,
     progress: bool = True,
 ) -> LaserSweepResult:
-    """Validation loss for every single LASER intervention; the model is left exactly as it was.
+    """Validation loss (and optionally a task metric) for every single LASER intervention; the model is left
+    exactly as it was.
 
     Args:
         model: a `tinygpt.GPT`.
@@ -488,35 +492,59 @@ def laser_sweep(
         targets, layers: which matrices to try (see `laser_`).
         fractions: ρ values to try (default: the paper's `PAPER_GRID`).
         ctx, n_windows, batch_size: how validation windows are cut from a stream.
+        metric: an optional task metric, `metric(model) -> float` (higher is better, e.g. accuracy on a probe
+            set), called once on the unmodified model and once per intervention (the model in eval mode,
+            under `torch.no_grad`); `result.best(by="metric")` ranks by it.
         progress: show a tqdm progress bar.
     """
-    from tqdm.auto import tqdm
+    fr, chosen, data, base = _sweep_setup(
+        model, tokens_or_corpus, targets, layers, fractions, ctx, n_windows, batch_size
+    )
+    tgts, lays = concrete_targets(chosen)
+    losses = {t: [[math.nan] * len(fr) for _ in lays] for t in tgts}
+    metrics = None if metric is None else {t: [[math.nan] * len(fr) for _ in lays] for t in tgts}
+    base_metric = None if metric is None else _score(model, metric)
+    with restoring(model) as restorer, _bar(len(chosen) * len(fr), "LASER sweep", progress) as bar:
+        for layer, target, lin in chosen:
+            U, S, Vh = _svd(lin.weight)
+            for j, f in enumerate(fr):
+                restorer.write_weight(lin, _truncate(U, S, Vh, kept_rank(lin.weight.shape, f)))
+                losses[target][lays.index(layer)][j] = eval_loss(model, data)
+                if metrics is not None:
+                    metrics[target][lays.index(layer)][j] = _score(model, metric)
+                bar.update()
+            restorer.write_weight(lin, restorer.original(lin))
+    return LaserSweepResult(base, tgts, lays, fr, losses, data.n_tokens, base_metric, metrics)
 
+
+def _score(model, metric: Callable[[Any], float]) -> float:
+    """`metric(model)` as a float, in eval mode and without gradients (the mode is restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return float(metric(model))
+    finally:
+        model.train(was_training)
+
+
+def _sweep_setup(model, tokens_or_corpus, targets, layers, fractions, ctx, n_windows, batch_size):
+    """Validated (fractions, selected matrices, validation windows, base loss) of a sweep."""
     fr = _check_fractions(fractions)
     chosen = select_linears(model, targets, layers)
     data = eval_data(model, tokens_or_corpus, ctx=ctx, n_windows=n_windows, batch_size=batch_size)
-    tgts = resolve_targets(targets)
-    lays = resolve_layers(layers, len(model.blocks))
-    base = eval_loss(model, data)
-    losses = {t: [[math.nan] * len(fr) for _ in lays] for t in tgts}
-    bar = tqdm(total=len(chosen) * len(fr), desc="LASER sweep", disable=not progress)
+    return fr, chosen, data, eval_loss(model, data)
+
+
+@contextlib.contextmanager
+def _bar(total: int, desc: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, disable=not progress)
     try:
-        for layer, target, lin in chosen:
-            U, S, Vh = _svd(lin.weight)
-            orig = lin.weight.detach().clone()
-            try:
-                for j, f in enumerate(fr):
-                    r = kept_rank(lin.weight.shape, f)
-                    with torch.no_grad():
-                        lin.weight.copy_(((U[:, :r] * S[:r]) @ Vh[:r]).to(orig.dtype))
-                    losses[target][lays.index(layer)][j] = eval_loss(model, data)
-                    bar.update()
-            finally:
-                with torch.no_grad():
-                    lin.weight.copy_(orig)
+        yield bar
     finally:
         bar.close()
-    return LaserSweepResult(base, tgts, lays, fr, losses, data.n_tokens)
 
 
 @dataclass
@@ -567,52 +595,39 @@ def laser_greedy(
 
     Args: as for `laser_sweep`.
     """
-    from tqdm.auto import tqdm
-
-    fr = _check_fractions(fractions)
-    chosen = select_linears(model, targets, layers)
-    data = eval_data(model, tokens_or_corpus, ctx=ctx, n_windows=n_windows, batch_size=batch_size)
-    order = sorted(chosen, key=lambda c: -c[0])  # last layer first; targets in TARGETS order within a layer
-    current = base = eval_loss(model, data)
+    fr, chosen, data, base = _sweep_setup(
+        model, tokens_or_corpus, targets, layers, fractions, ctx, n_windows, batch_size
+    )
+    order = sorted(chosen, key=lambda c: -c[0])  # last layer first; targets in selection order within a layer
+    current = base
     kept: list[Intervention] = []
     steps: list[dict[str, Any]] = []
-    saved = [(lin, lin.weight.detach().clone()) for _, _, lin in chosen]
-    bar = tqdm(total=len(chosen) * len(fr), desc="LASER greedy", disable=not progress)
-    try:
-        with torch.no_grad():
-            for layer, target, lin in order:
-                U, S, Vh = _svd(lin.weight)
-                orig = lin.weight.detach().clone()
-                trials = []
-                for f in fr:
-                    r = kept_rank(lin.weight.shape, f)
-                    lin.weight.copy_(((U[:, :r] * S[:r]) @ Vh[:r]).to(orig.dtype))
-                    trials.append((eval_loss(model, data), f))
-                    bar.update()
-                loss, f = min(trials)
-                keep = loss < current
-                steps.append(
-                    {
-                        "layer": layer,
-                        "target": target,
-                        "rank_fraction": f,
-                        "loss_before": current,
-                        "loss_after": loss,
-                        "kept": keep,
-                    }
-                )
-                if keep:
-                    r = kept_rank(lin.weight.shape, f)
-                    lin.weight.copy_(((U[:, :r] * S[:r]) @ Vh[:r]).to(orig.dtype))
-                    kept.append(Intervention(layer, target, f))
-                    current = loss
-                else:
-                    lin.weight.copy_(orig)
-    finally:
-        bar.close()
-        with torch.no_grad():
-            for lin, w in saved:
-                lin.weight.copy_(w)
+    with restoring(model) as restorer, _bar(len(chosen) * len(fr), "LASER greedy", progress) as bar:
+        for layer, target, lin in order:
+            U, S, Vh = _svd(lin.weight)
+            trials = []
+            for f in fr:
+                restorer.write_weight(lin, _truncate(U, S, Vh, kept_rank(lin.weight.shape, f)))
+                trials.append((eval_loss(model, data), f))
+                bar.update()
+            loss, f = min(trials)
+            keep = loss < current
+            steps.append(
+                {
+                    "layer": layer,
+                    "target": target,
+                    "rank_fraction": f,
+                    "loss_before": current,
+                    "loss_after": loss,
+                    "kept": keep,
+                }
+            )
+            if keep:
+                restorer.write_weight(lin, _truncate(U, S, Vh, kept_rank(lin.weight.shape, f)))
+                kept.append(Intervention(layer, target, f))
+                current = loss
+            else:
+                restorer.write_weight(lin, restorer.original(lin))
     return LaserGreedyResult(base, current, kept, steps)
 
 
@@ -621,8 +636,10 @@ def laser_greedy(
 class SpectrumResult:
     """Singular values of the selected matrices, largest first.
 
-    `spectra[target][i]` holds the σ of `blocks.{layers[i]}.{target}` (min(out, in) values); `shapes[target]`
-    is that matrix's [out, in]. Keeping the first r = floor(ρ · min(out, in)) values is what LASER at
+    `spectra[target][i]` holds the σ of `blocks.{layers[i]}.{target}` (min(out, in) values; an empty list
+    where that block has no such matrix, e.g. `attn.k_proj` in a YOCO cross-decoder block); `shapes[target]`
+    is that matrix's [out, in]. Targets are concrete block-relative paths: on MoE models one per expert
+    matrix ("moe.experts.2.fc_in"). Keeping the first r = floor(ρ · min(out, in)) values is what LASER at
     fraction ρ does, so the figures put ρ-like x coordinates (i + 1) / min(out, in) on the x axis.
     """
 
@@ -635,6 +652,10 @@ class SpectrumResult:
         """σ of one matrix, descending."""
         return self.spectra[target][self.layers.index(layer)]
 
+    def layers_of(self, target: str) -> list[int]:
+        """The layers whose block has `target`."""
+        return [ly for ly, s in zip(self.layers, self.spectra[target]) if s]
+
     def rank_fractions(self, target: str) -> list[float]:
         """x coordinates of the spectrum of `target`: (i + 1) / min(out, in) for i = 0 .. min(out, in) − 1."""
         k = min(self.shapes[target])
@@ -642,7 +663,10 @@ class SpectrumResult:
 
     def energy_kept(self, target: str, layer: int, rank_fraction: float) -> float:
         """Σ_{i<r} σ_i² / Σ σ_i² at LASER fraction ρ (= 1 − relative Frobenius error²)."""
-        s = torch.tensor(self.spectrum(target, layer), dtype=torch.float64)
+        values = self.spectrum(target, layer)
+        if not values:
+            raise ValueError(f"block {layer} has no {target} (the spectra hold it for layers {self.layers_of(target)})")
+        s = torch.tensor(values, dtype=torch.float64)
         total = float((s**2).sum())
         if total == 0.0:
             return 1.0
@@ -650,7 +674,10 @@ class SpectrumResult:
         return float((s[:r] ** 2).sum()) / total
 
     def traces(self, layer: int | None = None, target: str | None = None, normalize: bool = False) -> list[dict]:
-        """Line data for plotting: one dict (name, x, y) per target of `layer`, or per layer of `target`."""
+        """Line data for plotting: one dict (name, x, y) per target of `layer`, or per layer of `target`.
+
+        A matrix the block does not have gives empty x and y (so the lines keep their positions).
+        """
         if (layer is None) == (target is None):
             raise ValueError("give exactly one of layer (one line per target) and target (one line per layer)")
         pairs = [(t, layer) for t in self.targets] if layer is not None else [(target, ly) for ly in self.layers]
@@ -659,7 +686,8 @@ class SpectrumResult:
             s = self.spectrum(t, ly)
             top = s[0] if s and s[0] > 0 else 1.0
             y = [v / top for v in s] if normalize else list(s)
-            out.append({"name": t if layer is not None else f"layer {ly}", "x": self.rank_fractions(t), "y": y})
+            x = self.rank_fractions(t) if s else []
+            out.append({"name": t if layer is not None else f"layer {ly}", "x": x, "y": y})
         return out
 
     def figure(self, layer: int | None = None, normalize: bool = False):
@@ -739,20 +767,16 @@ def singular_values(
     Returns:
         A `SpectrumResult`; `.figure()` plots it.
     """
-    from tqdm.auto import tqdm
-
-    from tinygpt.surgery.common import check_model, get_module
-
-    tgts = resolve_targets(targets)
-    lays = resolve_layers(layers, check_model(model))
-    spectra: dict[str, list[list[float]]] = {t: [] for t in tgts}
+    chosen = select_modules(model, targets, layers, dense_only=False)
+    tgts, lays = concrete_targets(chosen)
+    spectra: dict[str, list[list[float]]] = {t: [[] for _ in lays] for t in tgts}
     shapes: dict[str, tuple[int, int]] = {}
-    with torch.no_grad():
-        for layer in tqdm(lays, desc="singular values", disable=not progress):
-            for t in tgts:
-                W = get_module(model, layer, t).weight
-                shapes[t] = (int(W.shape[0]), int(W.shape[1]))
-                spectra[t].append(torch.linalg.svdvals(W.detach().float().cpu()).tolist())
+    with torch.no_grad(), _bar(len(chosen), "singular values", progress) as bar:
+        for layer, t, mod in chosen:
+            W = mod.weight
+            shapes[t] = (int(W.shape[0]), int(W.shape[1]))
+            spectra[t][lays.index(layer)] = torch.linalg.svdvals(W.detach().float().cpu()).tolist()
+            bar.update()
     return SpectrumResult(tgts, lays, spectra, shapes)
 
 
@@ -779,15 +803,21 @@ class LaserComparison:
         """An HTML summary: the losses and the two samples side by side."""
         import html
 
-        iv, e = self.intervention, self.report.entries[0]
+        iv, entries = self.intervention, self.report.entries
         pre = "white-space:pre-wrap;font-family:monospace;font-size:12px;margin:0"
+        if len(entries) == 1:
+            e = entries[0]
+            what = f"rank {e.rank_before} → {e.rank_kept}, relative error {e.rel_error:.4f}"
+        else:  # e.g. mlp.fc_in of a MoE block: every expert's matrix
+            err = sum(e.rel_error for e in entries) / len(entries)
+            what = f"{len(entries)} matrices, rank kept {entries[0].rank_kept}, mean relative error {err:.4f}"
 
         def col(title: str, text: str) -> str:
             return f"<div style='flex:1;min-width:0'><b>{title}</b><pre style='{pre}'>{html.escape(text)}</pre></div>"
 
         return (
-            f"<div><b>layer {iv.layer} {iv.target}, ρ = {iv.rank_fraction}</b> (rank {e.rank_before} → "
-            f"{e.rank_kept}, relative error {e.rel_error:.4f})<br>validation loss {self.loss_before:.4f} → "
+            f"<div><b>layer {iv.layer} {iv.target}, ρ = {iv.rank_fraction}</b> ({what})<br>validation loss "
+            f"{self.loss_before:.4f} → "
             f"{self.loss_after:.4f} (Δ {self.delta:+.4f}, {self.n_tokens:,} tokens)</div>"
             f"<div style='display:flex;gap:16px'>{col('before', self.sample_before)}"
             f"{col('after', self.sample_after)}</div>"
@@ -824,7 +854,8 @@ def laser_compare(
 
     Args:
         model: a `tinygpt.GPT` with a tokenizer.
-        target: one matrix name ("mlp.fc_in", ...); layer: one layer; rank_fraction: ρ.
+        target: one matrix name ("mlp.fc_in", "moe.experts.2.fc_out", ...; on a MoE block "mlp.fc_in" reduces
+            every expert's fc_in together); layer: one layer; rank_fraction: ρ.
         tokens_or_corpus: validation data (see `laser_sweep`); an `EvalData` is used as it is.
         prompt, max_new_tokens, temperature, seed: the sample (the same seed before and after).
     """

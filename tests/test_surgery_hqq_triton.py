@@ -1,0 +1,138 @@
+"""The 4-bit dequantise-and-multiply Triton kernel (`tinygpt.surgery.hqq_triton`), in Triton's CPU interpreter.
+
+Triton settles interpreter vs compiler once, at its first import, from `TRITON_INTERPRET`: this module sets it
+while importing triton (unless another test file already did) and restores it at once, as
+tests/test_arch_triton.py does; if triton was already imported in compiled mode, the file re-runs itself in a
+fresh process. Shapes stay tiny (the interpreter is thousands of times slower than a GPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed (it is in the dev extras: pip install -e '.[dev]')", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[1]
+if "triton" not in sys.modules:
+    _saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    try:
+        import triton.language  # noqa: F401  (settles: interpreter)
+    finally:
+        for _k, _v in _saved.items():
+            if _v is None:
+                os.environ.pop(_k, None)
+            else:
+                os.environ[_k] = _v
+
+import tinygpt  # noqa: E402
+from tinygpt.arch import triton_attn  # noqa: E402
+from tinygpt.surgery import PackedQuantLinear, hqq_, hqq_quantize, quantize_rtn  # noqa: E402
+from tinygpt.surgery.hqq_triton import packed4_linear, use_triton  # noqa: E402
+
+INTERPRETED = triton_attn.interpreting()
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETED, reason="triton was imported in compiled mode first: checked by test_in_a_fresh_process"
+)
+
+if not INTERPRETED:  # only then: the checks below are skipped in this process and run in a fresh one
+
+    def test_in_a_fresh_process():
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-4000:]
+
+
+def packed_layer(out: int, inp: int, group: int, *, hqq: bool = True, bias: bool = True, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out, inp, generator=g) * 0.02
+    qt = hqq_quantize(W, 4, group) if hqq else quantize_rtn(W, 4, group)
+    b = torch.randn(out, generator=g) * 0.1 if bias else None
+    return PackedQuantLinear.from_quantized(qt, b)
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "out,inp,group,lead,bias",
+    [(24, 32, 16, (5,), True), (40, 64, 64, (2, 3), False), (16, 96, 32, (1,), True), (70, 48, 8, (33,), True)],
+)
+def test_kernel_matches_dequantise_then_linear(out, inp, group, lead, bias):
+    layer = packed_layer(out, inp, group, bias=bias)
+    x = torch.randn(*lead, inp, generator=torch.Generator().manual_seed(1))
+    want = F.linear(x.double(), layer.dequantize(torch.float64), None if layer.bias is None else layer.bias.double())
+    got = packed4_linear(x, layer)
+    assert got.shape == (*lead, out) and got.dtype == x.dtype
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)  # blocks that do not divide are masked
+
+
+@needs_interpreter
+def test_bf16_input_and_errors():
+    layer = packed_layer(32, 64, 32, hqq=False)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    got = packed4_linear(x, layer)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), F.linear(x.float(), layer.dequantize(), layer.bias), atol=2e-2, rtol=2e-2)
+    three = PackedQuantLinear.from_quantized(quantize_rtn(torch.randn(8, 16), 3, 16))
+    with pytest.raises(ValueError, match="handles 4-bit packed layers, this one has 3 bits"):
+        packed4_linear(torch.randn(2, 16), three)
+    with pytest.raises(ValueError, match="x has 63 features, the layer expects 64"):
+        packed4_linear(torch.randn(2, 63), layer)
+
+
+@needs_interpreter
+def test_a_packed_model_computes_the_same_with_the_kernel(tokens):
+    torch.manual_seed(0)
+    model = tinygpt.GPT(tinygpt.GPTConfig(n_layers=1, d_model=32, n_heads=2, n_ctx=64, moe_experts=2)).eval()
+    hqq_(model, 4, 16, packed=True)
+    x = tokens[:1, :8]
+    with torch.no_grad():
+        want = model(x)
+        assert use_triton(model) == 4 + 2 * 2  # attention + both experts' matrices
+        got = model(x)
+        use_triton(model, on=False)
+        assert torch.equal(model(x), want)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+COMPILE_FOR_H100 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tinygpt.surgery import hqq_triton
+
+fn = hqq_triton.kernels().packed4_linear_kernel
+for dt, precision in (("fp32", "tf32"), ("bf16", "ieee"), ("fp16", "ieee")):
+    for has_bias in (True, False):
+        consts = dict(HAS_BIAS=has_bias, PRECISION=precision, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
+        ptrs = {"X": dt, "Y": dt, "B": dt, "P": "u8", "S": "fp32", "Z": "fp32"}
+        sig = {a: "constexpr" if a in consts else "*" + ptrs[a] if a in ptrs else "i32" for a in fn.arg_names}
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
+        assert len(compiled.asm["cubin"]) > 1000
+        print(dt, has_bias, "ok")
+"""
+
+
+@pytest.mark.slow
+def test_kernel_compiles_for_an_h100_without_a_gpu(tmp_path):
+    """The compiled (not interpreted) kernel builds for sm_90 with triton's own ptxas: no GPU needed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton-cache"), TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPILE_FOR_H100], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(" ok") == 6, proc.stdout

@@ -1,0 +1,202 @@
+"""`tinygpt sft`, `tinygpt finetune` and `tinygpt magpie`.
+
+    tinygpt sft base.tinygpt --data data/sft_small.jsonl --template chatml --steps 300 --out chat.tinygpt
+    tinygpt sft base.tinygpt --data FILE.jsonl --min-length 20 --max-repetition 0.5 --near-dedup 0.8 --packing \\
+        --out chat.tinygpt
+    tinygpt sft base.tinygpt --out chat.tinygpt --steps 600 --resume          # data and template from the run
+    tinygpt finetune base.tinygpt --corpus sonnets.txt --steps 300 --out sonnets.tinygpt
+    tinygpt magpie chat.tinygpt --count 500 --template chatml --temperature 0.9 --out magpie.jsonl
+    tinygpt sft base.tinygpt --data magpie.jsonl --out chat2.tinygpt          # Magpie's output feeds sft
+
+Training options left out keep the function's defaults (`SFT_DEFAULTS`, `FINETUNE_DEFAULTS`) or, with
+--resume, the saved run's. Under torchrun, sft and finetune run data-parallel like `train` (--strategy).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from tinygpt.distill_cli import _TRAIN_FLAGS
+
+
+def _training_flags(p: argparse.ArgumentParser, defaults: str) -> None:
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="autocast dtype")
+    p.add_argument("--batch", type=int, default=None, help="sequences per micro-batch (default 8)")
+    p.add_argument("--accum", type=int, default=None, help="gradient accumulation steps")
+    p.add_argument("--ctx", type=int, default=None, help="sequence length (default: the model's n_ctx)")
+    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps ({defaults})")
+    p.add_argument("--lr-schedule", default=None, choices=["cosine", "constant"])
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--max-lr", type=float, default=None, help="peak learning rate (default 3e-4)")
+    p.add_argument("--min-lr", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--grad-clip", type=float, default=None)
+    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--val-split", type=float, default=None)
+    p.add_argument("--val-every", type=int, default=None)
+    p.add_argument("--sample-every", type=int, default=None)
+    p.add_argument("--sample-prompt", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument(
+        "--strategy", default="ddp", choices=["ddp", "fsdp"], help="under torchrun: data parallel or fully sharded"
+    )
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", required=True, help="checkpoint to write (.tinygpt)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def add_parsers(sub) -> None:
+    """Register `sft`, `finetune` and `magpie` on an argparse subparsers object."""
+    p = sub.add_parser("sft", help="supervised fine-tuning on instruction/chat JSONL with a chat template")
+    p.add_argument("model", help="the .tinygpt model to fine-tune (ignored with --resume)")
+    p.add_argument("--data", default=None, help='JSONL: {"instruction", "response"} or {"messages": [...]} per line')
+    p.add_argument("--template", default=None, help="chat template: chatml (default), alpaca, or a .json file")
+    p.add_argument("--packing", action="store_true", default=None, help="pack conversations into rows (no padding)")
+    p.add_argument("--min-length", type=int, default=None, help="drop replies shorter than this many characters")
+    p.add_argument("--max-repetition", type=float, default=None, help="drop replies repeating more (e.g. 0.5)")
+    p.add_argument("--no-dedup", dest="dedup", action="store_false", default=None, help="keep exact duplicates")
+    p.add_argument("--near-dedup", type=float, default=None, help="drop near duplicates at this Jaccard (e.g. 0.8)")
+    p.add_argument(
+        "--train-on-prompt", action="store_true", default=None, help="loss on user/system turns too, not only replies"
+    )
+    _training_flags(p, "default 200")
+
+    p = sub.add_parser("finetune", help="continue next-token training of a .tinygpt model on new text")
+    p.add_argument("model", help="the .tinygpt model to fine-tune (ignored with --resume)")
+    p.add_argument("--corpus", default=None, help="text file, directory or .jsonl (default: built-in Shakespeare)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    _training_flags(p, "default 500")
+
+    p = sub.add_parser("magpie", help="synthesise instruction data from a chat model's template (Magpie)")
+    p.add_argument("model", help="a chat .tinygpt file (after sft) or a local Hugging Face chat model directory")
+    p.add_argument("--count", type=int, required=True, help="records to keep")
+    p.add_argument("--template", default="chatml", help="the model's chat template (default chatml)")
+    p.add_argument("--temperature", type=float, default=1.0, help="instruction sampling temperature (default 1)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--response-temperature", type=float, default=0.0, help="response temperature (default 0: greedy)")
+    p.add_argument("--response-top-p", type=float, default=1.0)
+    p.add_argument("--response-top-k", type=int, default=None)
+    p.add_argument("--max-instruction-tokens", type=int, default=128)
+    p.add_argument("--max-response-tokens", type=int, default=256)
+    p.add_argument("--system", default=None, help="system message in the pre-query prefix")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=16, help="instructions sampled at once")
+    p.add_argument(
+        "--max-attempts", type=int, default=None, help="instructions to try at most (default 4 x count + 16)"
+    )
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", required=True, help="JSONL to write (settings go to NAME.meta.json beside it)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _settings(a: argparse.Namespace) -> dict:
+    return {field: getattr(a, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(a, flag) is not None}
+
+
+def _summary(res, extra: list[str] = ()) -> str:
+    last = res.history[-1] if res.history else {}
+    parts = [f"step {res.step}"]
+    if "loss" in last:
+        parts.append(f"loss {last['loss']:.3f}")
+    if res.final_val_loss is not None:
+        parts.append(f"val loss {res.final_val_loss:.3f}")
+    parts += [*extra, f"{res.elapsed:.1f}s", f"saved {res.path}"]
+    return ("interrupted: " if res.interrupted else "done: ") + " | ".join(parts)
+
+
+def cmd_sft(a: argparse.Namespace) -> int:
+    from tinygpt import distributed
+    from tinygpt.sft import sft
+
+    if a.data is None and not a.resume:
+        raise ValueError("--data is required (a .jsonl file of instruction/response or messages records)")
+    res = sft(
+        None if a.resume else a.model,
+        a.data,
+        template=a.template,
+        packing=a.packing,
+        min_length=a.min_length,
+        max_repetition=a.max_repetition,
+        dedup=a.dedup,
+        near_dedup=a.near_dedup,
+        train_on_prompt=a.train_on_prompt,
+        out=a.out,
+        resume=a.resume,
+        device=a.device,
+        progress=not a.no_progress,
+        strategy=a.strategy,
+        **_settings(a),
+    )
+    if distributed.is_main():  # under torchrun, rank 0 reports
+        print(f"data: {res.describe_data()}")
+        print(_summary(res, [f"template {res.template.name}"]))
+    return 130 if res.interrupted else 0
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from tinygpt import distributed
+    from tinygpt.sft import finetune
+
+    corpus = a.corpus
+    if corpus is not None and a.text_field != "text":
+        from tinygpt.data import load_corpus
+
+        corpus = load_corpus(corpus, text_field=a.text_field)
+    res = finetune(
+        None if a.resume else a.model,
+        corpus,
+        out=a.out,
+        resume=a.resume,
+        device=a.device,
+        progress=not a.no_progress,
+        strategy=a.strategy,
+        **_settings(a),
+    )
+    if distributed.is_main():
+        print(_summary(res))
+    return 130 if res.interrupted else 0
+
+
+def cmd_magpie(a: argparse.Namespace) -> int:
+    import warnings
+
+    from tinygpt.magpie import STATUSES, magpie
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="magpie kept")  # reported below
+        res = magpie(
+            a.model,
+            a.count,
+            template=a.template,
+            temperature=a.temperature,
+            top_p=a.top_p,
+            top_k=a.top_k,
+            response_temperature=a.response_temperature,
+            response_top_p=a.response_top_p,
+            response_top_k=a.response_top_k,
+            max_instruction_tokens=a.max_instruction_tokens,
+            max_response_tokens=a.max_response_tokens,
+            system=a.system,
+            seed=a.seed,
+            batch_size=a.batch,
+            max_attempts=a.max_attempts,
+            out=a.out,
+            device=a.device,
+            progress=not a.no_progress,
+        )
+    s = res.stats
+    dropped = ", ".join(f"{k} {s[k]}" for k in STATUSES)
+    print(
+        f"done: {s['kept']} records from {s['attempts']} attempts (dropped: {dropped}) | {res.elapsed:.1f}s | "
+        f"saved {res.path} (settings in {res.meta_path})"
+    )
+    if s["kept"] < a.count:
+        print(f"warning: only {s['kept']} of {a.count} records; raise --max-attempts or the token budgets")
+    return 0 if s["kept"] else 1
+
+
+COMMANDS = {"sft": cmd_sft, "finetune": cmd_finetune, "magpie": cmd_magpie}
