@@ -24,11 +24,18 @@ from tinygpt import GPT, GPTConfig  # noqa: E402
 from tinygpt.interp import logit_diff, patch_resid_pre  # noqa: E402
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, rounds: int) -> tuple[float, object]:
     out, times = None, []
     for _ in range(rounds):
+        _sync()
         t0 = time.perf_counter()
         out = fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
 
@@ -42,20 +49,21 @@ def main(argv=None) -> None:
     p.add_argument("--prompt-len", default="24,64", help="tokens in the patching prompts (comma-separated)")
     p.add_argument("--prompts", type=int, default=1, help="clean/corrupted pairs in the patching batch")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = GPT(GPTConfig.preset(args.preset)).eval()
+    model = GPT(GPTConfig.preset(args.preset)).to(args.device).eval()
     cfg = model.cfg
     ctx = args.ctx or cfg.n_ctx
     print(
         f"model {args.preset}: {cfg.n_layers}L d{cfg.d_model} {cfg.n_heads}H n_ctx {cfg.n_ctx}, "
-        f"{model.n_params():,} params; torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"{model.n_params():,} params; torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads"
     )
 
     # ---------------------------------------------------------------- full cache vs forward
-    x = torch.randint(0, cfg.d_vocab, (args.batch, ctx))
+    x = torch.randint(0, cfg.d_vocab, (args.batch, ctx), device=args.device)
     with torch.no_grad():
         for _ in range(2):  # warm up both paths
             model(x)
@@ -82,7 +90,7 @@ def main(argv=None) -> None:
 def sweep(model, prompt_len: int, prompts: int, rounds: int) -> None:
     cfg = model.cfg
     gen = torch.Generator().manual_seed(1)
-    clean = torch.randint(0, cfg.d_vocab, (prompts, prompt_len), generator=gen)
+    clean = torch.randint(0, cfg.d_vocab, (prompts, prompt_len), generator=gen).to(model.W_E.device)
     corrupted = clean.clone()
     corrupted[:, prompt_len // 3] = (clean[:, prompt_len // 3] + 1) % cfg.d_vocab
     correct, incorrect = 11, 17

@@ -54,6 +54,23 @@ def loss_of():
     return _loss_of
 
 
+def _decode_in_chunks(model, tokens: torch.Tensor, chunks: list[int]) -> tuple[torch.Tensor, object]:
+    model_cache = model.make_cache(tokens.shape[0])
+    outs, s = [], 0
+    for n in chunks:
+        outs.append(model(tokens[:, s : s + n], past_kv_cache=model_cache))
+        s += n
+    assert s == tokens.shape[1] == model_cache.length
+    return torch.cat(outs, 1), model_cache
+
+
+@pytest.fixture(scope="session")
+def decode_in_chunks():
+    """`decode_in_chunks(model, tokens, chunks)`: feed tokens [batch, pos] through one KV cache in consecutive
+    chunks of the given lengths (which must add up to pos); returns (logits [batch, pos, vocab], the cache)."""
+    return _decode_in_chunks
+
+
 #: Tiny models of every architecture variant (GPTConfig knobs), for tests that must hold on all of them.
 ARCH_VARIANTS = {
     "dense": {},

@@ -212,23 +212,13 @@ def test_sdpa_refuses_pattern_hooks():
         )
 
 
-def _incremental(m: GPT, tokens: torch.Tensor, chunks: list[int]) -> torch.Tensor:
-    cache = m.make_cache(tokens.shape[0])
-    outs, s = [], 0
-    for c in chunks:
-        outs.append(m(tokens[:, s : s + c], past_kv_cache=cache))
-        s += c
-    assert s == tokens.shape[1] == cache.length
-    return torch.cat(outs, 1)
-
-
 @pytest.mark.parametrize("impl", ["auto", "eager"])
-def test_kv_cache_equals_full_forward(impl):
+def test_kv_cache_equals_full_forward(impl, decode_in_chunks):
     m = model(attn_impl=impl).eval()
     tokens = torch.randint(0, 256, (2, 17))
     with torch.no_grad():
         full = m(tokens)
-        inc = _incremental(m, tokens, [5, 1, 1, 4, 1, 5])  # prefill, single tokens, and chunks after a prefix
+        inc, _ = decode_in_chunks(m, tokens, [5, 1, 1, 4, 1, 5])  # prefill, single tokens, and chunks after a prefix
     torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-5)
 
 
@@ -268,7 +258,7 @@ def test_bfloat16_model_runs_and_tracks_float32():
     assert (a - b.float()).abs().max() < 0.1 * a.abs().max()
 
 
-def test_combined_with_moe_and_mod():
+def test_combined_with_moe_and_mod(decode_in_chunks):
     """diff-attn + MoE + MoD on one model: builds, trains a step, decodes with the cache like the full forward."""
     cfg = CFG.replace(n_layers=2, moe_experts=3, moe_topk=2, mod=True, mod_capacity=0.5)
     torch.manual_seed(0)
@@ -281,7 +271,7 @@ def test_combined_with_moe_and_mod():
     m.eval()
     with torch.no_grad():
         full, cache = m.run_with_cache(tokens)
-        inc = _incremental(m, tokens, [4, 1, 1, 6])
+        inc, _ = decode_in_chunks(m, tokens, [4, 1, 1, 6])
     torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-5)
     assert cache["blocks.0.attn.hook_pattern"].shape == (2, cfg.n_heads, 12, 12)
     assert "blocks.1.moe.hook_router_logits" in cache

@@ -211,24 +211,14 @@ def test_metrics_and_bce_training_raises_agreement():
     assert m.training  # routing_agreement restores the mode
 
 
-def _incremental(m: GPT, tokens: torch.Tensor, chunks: list[int]) -> torch.Tensor:
-    cache = m.make_cache(tokens.shape[0])
-    outs, s = [], 0
-    for c in chunks:
-        outs.append(m(tokens[:, s : s + c], past_kv_cache=cache))
-        s += c
-    assert s == tokens.shape[1]
-    return torch.cat(outs, 1), cache
-
-
-def test_kv_cache_equals_full_forward_with_predictor_routing():
+def test_kv_cache_equals_full_forward_with_predictor_routing(decode_in_chunks):
     m = balanced_router(model()).eval()
     tokens = torch.randint(0, 256, (3, 20))
     with torch.no_grad():
         full = m(tokens)  # eval: predictor routing
         with routing(m, "predictor"):
             assert torch.equal(m(tokens), full)
-        inc, cache = _incremental(m, tokens, [6] + [1] * 10 + [4])
+        inc, cache = decode_in_chunks(m, tokens, [6] + [1] * 10 + [4])
         _, hooks = m.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_routing_mask"))
     torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-5)
     # only routed tokens entered the routed layers' caches, and each row keeps its own length
@@ -239,7 +229,7 @@ def test_kv_cache_equals_full_forward_with_predictor_routing():
         assert 0 < min(st.lengths) < 20 and len(set(st.lengths)) > 1
     # batch 1, token by token
     with torch.no_grad():
-        inc1, _ = _incremental(m, tokens[1:2], [1] * 20)
+        inc1, _ = decode_in_chunks(m, tokens[1:2], [1] * 20)
     torch.testing.assert_close(inc1, full[1:2], atol=1e-5, rtol=1e-5)
 
 
@@ -262,7 +252,7 @@ def test_generation_cached_equals_uncached_also_after_context_crop():
     assert isinstance(text, str) and text.startswith("To be")
 
 
-def test_moe_plus_mod():
+def test_moe_plus_mod(decode_in_chunks):
     m = balanced_router(model(moe_experts=4, moe_topk=2)).train()
     assert isinstance(m.blocks[1], MoDBlock) and isinstance(m.blocks[1].moe, MoE)
     assert "blocks.1.moe.router.weight" in dict(m.named_parameters())
@@ -280,11 +270,11 @@ def test_moe_plus_mod():
     assert cache["blocks.1.moe.hook_router_logits"].shape == (2, int(mask.sum(1).max()), 4)
     with torch.no_grad():
         full = m(tokens)
-        inc, _ = _incremental(m, tokens, [5] + [1] * 11)
+        inc, _ = decode_in_chunks(m, tokens, [5] + [1] * 11)
     torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-5)
 
 
-def test_diff_attn_plus_mod_plus_moe():
+def test_diff_attn_plus_mod_plus_moe(decode_in_chunks):
     from tinygpt.arch.diff_attn import DiffAttention
 
     m = balanced_router(model(diff_attn=True, moe_experts=3, moe_topk=1)).train()
@@ -296,7 +286,7 @@ def test_diff_attn_plus_mod_plus_moe():
     m.eval()
     with torch.no_grad():
         full = m(tokens)
-        inc, _ = _incremental(m, tokens, [4] + [1] * 8)
+        inc, _ = decode_in_chunks(m, tokens, [4] + [1] * 8)
     torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-5)
     with torch.no_grad(), routing(m, "topk"):
         _, cache = m.run_with_cache(tokens)

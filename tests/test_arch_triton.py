@@ -1,9 +1,9 @@
 """Our Triton flash-attention kernel (`tinygpt.arch.triton_attn`), checked on CPU in Triton's interpreter.
 
 Triton chooses between its CPU interpreter and the GPU compiler once, when it is first imported, from
-`TRITON_INTERPRET`. So this module, when collected, sets `TRITON_INTERPRET=1`, imports triton (no other test
-file imports it) and restores the variable at once: other tests never see it. Should triton already have
-been imported in compiled mode, the file re-runs itself in a fresh process instead
+`TRITON_INTERPRET`. So this module, when collected, sets `TRITON_INTERPRET=1`, imports triton and restores the
+variable at once (`tests/_triton_helpers.import_triton_interpreted`): other tests never see it. Should triton
+already have been imported in compiled mode, the file re-runs itself in a fresh process instead
 (`test_in_a_fresh_process`). The interpreter is thousands of times slower than SDPA: shapes stay tiny
 (T <= 64, batch 1-2).
 
@@ -13,53 +13,27 @@ cubin with the `ptxas` it ships (a subprocess, outside the interpreter).
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from _triton_helpers import ROOT, compile_without_gpu, fresh_process_test, import_triton_interpreted
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed (it is in the dev extras: pip install -e '.[dev]')", allow_module_level=True)
-
-ROOT = Path(__file__).resolve().parents[1]
-if "triton" not in sys.modules:
-    _saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
-    os.environ["TRITON_INTERPRET"] = "1"
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's notice; 1 is its default
-    try:
-        import triton.language  # noqa: F401  (settles: interpreter)
-    finally:
-        for _k, _v in _saved.items():
-            if _v is None:
-                os.environ.pop(_k, None)
-            else:
-                os.environ[_k] = _v
+INTERPRETED = import_triton_interpreted()  # before anything imports triton
 
 from tinygpt import GPT, GPTConfig  # noqa: E402
 from tinygpt.arch import triton_attn  # noqa: E402
 from tinygpt.arch.triton_attn import diff_flash_attention, flash_attention  # noqa: E402
 
-INTERPRETED = triton_attn.interpreting()
 needs_interpreter = pytest.mark.skipif(
     not INTERPRETED, reason="triton was imported in compiled mode first: checked by test_in_a_fresh_process"
 )
-
-
 if not INTERPRETED:  # only then: the checks below are skipped in this process and run in a fresh one
-
-    def test_in_a_fresh_process():
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stdout[-4000:]
+    test_in_a_fresh_process = fresh_process_test(__file__)
 
 
 def reference(q, k, v, causal=True, dtype=torch.float64):
@@ -401,10 +375,5 @@ for dt, dqk, dv, precision, windowed, has_qpos in variants:
 @pytest.mark.slow
 def test_kernels_compile_for_an_h100_without_a_gpu(tmp_path):
     """The compiled (not interpreted) kernels build for sm_90 with triton's own ptxas: no GPU needed."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton-cache"), TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", COMPILE_FOR_H100], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count(" ok") == 14, proc.stdout
+    stdout = compile_without_gpu(COMPILE_FOR_H100, tmp_path)
+    assert stdout.count(" ok") == 14, stdout

@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,23 +20,16 @@ import torch
 if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
     pytest.skip("needs a CUDA GPU and triton", allow_module_level=True)
 
+from _triton_helpers import fresh_process_test  # noqa: E402
+
 from tinygpt import GPT, GPTConfig  # noqa: E402
 from tinygpt.arch import backends, triton_attn  # noqa: E402
 from tinygpt.arch.triton_attn import flash_attention  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 COMPILED = not triton_attn.interpreting()
 needs_compiled = pytest.mark.skipif(not COMPILED, reason="triton runs interpreted here: see test_in_a_fresh_process")
-
 if not COMPILED:
-
-    def test_in_a_fresh_process():
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stdout[-4000:]
+    test_in_a_fresh_process = fresh_process_test(__file__, timeout=1200)
 
 
 def reference(q, k, v, window=None, q_pos=None):

@@ -453,25 +453,15 @@ def test_combination_fast_and_eager_agree_on_logits_and_gradients(name):
         torch.testing.assert_close(runs["auto"][1][n], g, atol=1e-5, rtol=1e-4, msg=n)
 
 
-def _incremental(model: YocoGPT, toks: torch.Tensor, chunks: list[int]) -> tuple[torch.Tensor, YocoCache]:
-    cache = model.make_cache(toks.shape[0])
-    outs, s = [], 0
-    for n in chunks:
-        outs.append(model(toks[:, s : s + n], past_kv_cache=cache))
-        s += n
-    assert s == toks.shape[1] == cache.length
-    return torch.cat(outs, 1), cache
-
-
 @pytest.mark.parametrize("impl", ["auto", "eager"])
 @pytest.mark.parametrize("name", list(COMBOS))
-def test_combination_incremental_decoding_equals_the_full_forward(name, impl):
+def test_combination_incremental_decoding_equals_the_full_forward(name, impl, decode_in_chunks):
     model = combo(name, attn_impl=impl)
     toks = tokens(2, 40)  # more than six windows
     with torch.no_grad():
         full = model(toks)  # eval mode: MoD's causal predictor, the routing generation uses
-        steps, cache = _incremental(model, toks, [1] * 40)
-        chunked, _ = _incremental(model, toks, [3, 1, 9, 5, 6, 13, 1, 1, 1])  # chunks shorter and longer than W
+        steps, cache = decode_in_chunks(model, toks, [1] * 40)
+        chunked, _ = decode_in_chunks(model, toks, [3, 1, 9, 5, 6, 13, 1, 1, 1])  # chunks shorter and longer than W
     # float rounding only (experts and projections run on different token counts): logits are O(1) here
     torch.testing.assert_close(steps, full, atol=5e-5, rtol=1e-4)
     torch.testing.assert_close(chunked, full, atol=5e-5, rtol=1e-4)
@@ -587,11 +577,11 @@ def test_yoco_mod_hooks_inside_routed_blocks():
     assert set(agreement) >= {"mod/l1/agreement", "mod/l3/agreement", "mod/agreement"}
 
 
-def test_yoco_mod_cache_memory_stays_windowed():
+def test_yoco_mod_cache_memory_stays_windowed(decode_in_chunks):
     model = combo("mod-every-block")
     toks = tokens(1, 40)
     with torch.no_grad():
-        _, cache = _incremental(model, toks, [1] * 40)
+        _, cache = decode_in_chunks(model, toks, [1] * 40)
     plain = model.make_cache(1)
     extra = cache.nbytes - plain.nbytes
     ring = 2 * 3 * W * 8 * 4  # k and v, n_heads * W slots * d_head, fp32, one row

@@ -154,7 +154,7 @@ def test_single_process_is_untouched(monkeypatch):
 # ------------------------------------------------------------------------------- 2 processes (torchrun)
 WRITE_LOGGER = """
 import os, sys
-import tinygpt.checkpoint as ck, tinygpt.data as data
+import tinygpt.data as data, tinygpt.io as io
 from tinygpt import cli
 
 LOG = os.path.join(sys.argv[1], f"writes-rank{os.environ['RANK']}.txt")
@@ -163,9 +163,9 @@ def log(path):
     with open(LOG, "a") as f:
         f.write(f"{path}\\n")
 
-real_bytes, real_writer = ck.atomic_write_bytes, data.atomic_writer
-ck.atomic_write_bytes = lambda path, b: (log(path), real_bytes(path, b))[1]
-data.atomic_writer = lambda path, *a, **k: (log(path), real_writer(path, *a, **k))[1]
+# every file tinygpt writes goes through tinygpt.io.atomic_writer (checkpoints, adapters, the token cache)
+real_writer = io.atomic_writer
+io.atomic_writer = data.atomic_writer = lambda path, *a, **k: (log(path), real_writer(path, *a, **k))[1]
 sys.exit(cli.main(sys.argv[2:]))
 """
 
@@ -380,3 +380,51 @@ def test_sft_in_two_processes_matches_one_process_with_twice_the_accumulation(tm
         assert diff <= WEIGHT_TOL
         assert load(out).tokenizer.special_tokens == {"<|im_start|>": 256, "<|im_end|>": 257}
         assert text.count("done: step 4") == 1 and text.count("data: 175 records") == 1
+
+
+# ------------------------------------------------------------------------------- LoRA
+LORA = dict(steps=4, batch_size=4, accum=2, ctx=32, warmup=1, max_lr=1e-2, val_every=2, val_split=0.1)
+
+
+@pytest.mark.slow
+def test_lora_in_two_processes_matches_one_process_and_only_rank0_writes(corpus, tmp_path):
+    """`tinygpt lora` under torchrun (DDP and FSDP, gloo; the base frozen, sharded too under FSDP): 2 processes with
+    --accum 2 (one micro-batch each) equal one process accumulating both: the same losses, validation losses,
+    adapters and merged model; rank 0 alone writes the run checkpoint, the adapter and the merged model, once."""
+    from tinygpt.lora import lora_finetune, read_lora
+
+    base = train(corpus=corpus, preset="nano", out=tmp_path / "base.tinygpt", device="cpu", progress=False,
+                 steps=2, batch_size=4, ctx=32, val_every=0)  # fmt: skip
+    lora = dict(targets="attn.q_proj,mlp.fc_in", rank=4)
+    ref = lora_finetune(base.path, corpus, out=tmp_path / "ref.lora", merge_out=tmp_path / "ref-merged.tinygpt",
+                        device="cpu", progress=False, **lora, **LORA)  # fmt: skip
+    ref_adapter = read_lora(ref.adapter_path)
+    assert max(t.abs().max().item() for k, t in ref_adapter.tensors.items() if k.endswith("lora_B")) > 0  # trained
+    script = tmp_path / "logged_tinygpt.py"
+    script.write_text(WRITE_LOGGER)
+    names = {k: "--batch" if k == "batch_size" else "--" + k.replace("_", "-") for k in LORA}
+    flags = [x for k, v in LORA.items() for x in (names[k], str(v))]
+    for strategy in ("ddp", "fsdp"):
+        d = tmp_path / strategy
+        d.mkdir()
+        out, merged = d / "a.lora", d / "merged.tinygpt"
+        args = [str(script), str(d), "lora", str(base.path), "--corpus", str(corpus), "--targets", lora["targets"],
+                "--rank", "4", *flags, "--strategy", strategy, "--device", "cpu", "--no-progress",
+                "--out", str(out), "--merge-out", str(merged)]  # fmt: skip
+        rc, text, secs = torchrun(args, tmp_path)
+        assert rc == 0, text
+        run = read_checkpoint(d / "a.lora.run.tinygpt")
+        assert run.train_state["world_size"] == 2 and run.train_state["strategy"] == strategy
+        assert_matches(run.train_state["history"], ref.history)
+        adapter = read_lora(out)
+        assert adapter.base == ref_adapter.base  # pinned to the same base (sha256, config, source)
+        assert sorted(adapter.tensors) == sorted(ref_adapter.tensors)
+        diff = max((adapter.tensors[k] - ref_adapter.tensors[k]).abs().max().item() for k in adapter.tensors)
+        merged_diff = max_weight_diff(merged, ref.merged_path)
+        print(f"lora {strategy} 2 processes: {secs:.1f}s; max |loss diff| {_max_loss_diff(run, ref.result)}, "
+              f"max |adapter diff| {diff}, max |merged weight diff| {merged_diff}")  # fmt: skip
+        assert diff <= WEIGHT_TOL and merged_diff <= WEIGHT_TOL
+        assert text.count("done: step 4") == 1 and text.count(f"saved {out}") == 1  # rank 0 alone prints
+        assert not (d / "writes-rank1.txt").exists()
+        writes = (d / "writes-rank0.txt").read_text().split()
+        assert [writes.count(str(p)) for p in (out, merged, d / "a.lora.run.tinygpt")] == [1, 1, 1], writes

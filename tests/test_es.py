@@ -339,6 +339,9 @@ def test_word_list_reward(tmp_path):
     r2 = word_list_reward(f, min_words=1)
     assert r2("night watch") == 0.5
     assert words_of("o'er the hills, thou'rt") == ["o'er", "the", "hills", "thou'rt"]
+    r3 = word_list_reward(["the", "king", "love"], distinct=True)
+    assert r3("the the the the") == 0.25 and r3("the king the love") == 0.75
+    assert word_list_reward(["the"])("the the the the") == 1.0  # what distinct=True guards against
     with pytest.raises(ValueError, match="not a file"):
         word_list_reward(str(tmp_path / "missing.txt"))
 

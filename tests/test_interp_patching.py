@@ -80,7 +80,7 @@ def test_block_every_matches_transformer_lens(model, pair):
 
 
 def test_sweep_is_batched(model, pair):
-    """One forward per layer (plus the clean and corrupted caching runs), not one per cell."""
+    """A few forwards per layer (position chunks; plus the clean and corrupted caching runs), not one per cell."""
     clean, corrupted = pair
     calls = []
     handle = model.blocks[-1].register_forward_hook(lambda mod, inp, out: calls.append(out.shape[0]))
@@ -89,7 +89,7 @@ def test_sweep_is_batched(model, pair):
     finally:
         handle.remove()
     cells = N_LAYERS * POS * N_HEADS
-    assert len(calls) == N_LAYERS + 2 < cells
+    assert len(calls) <= N_LAYERS * 8 + 2 < cells
     assert sum(calls) == 2 * 2 + cells * 2  # every cell still ran the whole corrupted batch of 2
     assert res.values.shape == (N_LAYERS, POS, N_HEADS)
 
@@ -102,7 +102,9 @@ def test_text_prompts_default_metric_and_normalisation(model):
     # layer 0: patching a position the prompts share changes nothing; patching all differing positions at
     # once would restore the clean run, and each alone restores part of it
     same = [i for i in range(len(clean)) if clean[i] == corrupted[i]]
-    torch.testing.assert_close(res.values[0, same], torch.zeros(len(same)), rtol=0, atol=1e-5)
+    # (1e-4: later position chunks run on the corrupted keys/values of the earlier positions, whose matmul
+    # shapes differ from the full forward's, so the fp32 rounding does too)
+    torch.testing.assert_close(res.values[0, same], torch.zeros(len(same)), rtol=0, atol=1e-4)
     # the pos labels show the clean token, and both where the prompts differ
     assert res.labels["pos"][0] == "0 'T'" and res.labels["pos"][4] == "4 'c'/'d'"
     # patching the final residual stream at the last position restores the clean metric exactly

@@ -85,7 +85,7 @@ def test_builtin_templates_load_and_render():
     assert text.startswith(alpaca.default_system + "\n\n### Instruction:\nName a play.\n\n### Response:\nHamlet.")
     assert text.endswith("<|endoftext|>\n\n")
     # a template file given by path, and the dict round trip
-    assert load_template(ROOT / "data" / "templates" / "chatml.json").to_dict() == chatml.to_dict()
+    assert load_template(ROOT / "tinygpt" / "chat_templates" / "chatml.json").to_dict() == chatml.to_dict()
     assert load_template(chatml.to_dict()) == chatml
 
 

@@ -1,59 +1,29 @@
 """The 4-bit dequantise-and-multiply Triton kernel (`tinygpt.surgery.hqq_triton`), in Triton's CPU interpreter.
 
-Triton settles interpreter vs compiler once, at its first import, from `TRITON_INTERPRET`: this module sets it
-while importing triton (unless another test file already did) and restores it at once, as
+Triton settles interpreter vs compiler once, at its first import, from `TRITON_INTERPRET`: this module imports
+it in interpreter mode (unless another test file already did) with tests/_triton_helpers.py, as
 tests/test_arch_triton.py does; if triton was already imported in compiled mode, the file re-runs itself in a
 fresh process. Shapes stay tiny (the interpreter is thousands of times slower than a GPU).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _triton_helpers import compile_without_gpu, fresh_process_test, import_triton_interpreted
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed (it is in the dev extras: pip install -e '.[dev]')", allow_module_level=True)
-
-ROOT = Path(__file__).resolve().parents[1]
-if "triton" not in sys.modules:
-    _saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
-    os.environ["TRITON_INTERPRET"] = "1"
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    try:
-        import triton.language  # noqa: F401  (settles: interpreter)
-    finally:
-        for _k, _v in _saved.items():
-            if _v is None:
-                os.environ.pop(_k, None)
-            else:
-                os.environ[_k] = _v
+INTERPRETED = import_triton_interpreted()  # before anything imports triton
 
 import tinygpt  # noqa: E402
-from tinygpt.arch import triton_attn  # noqa: E402
 from tinygpt.surgery import PackedQuantLinear, hqq_, hqq_quantize, quantize_rtn  # noqa: E402
 from tinygpt.surgery.hqq_triton import packed4_linear, use_triton  # noqa: E402
 
-INTERPRETED = triton_attn.interpreting()
 needs_interpreter = pytest.mark.skipif(
     not INTERPRETED, reason="triton was imported in compiled mode first: checked by test_in_a_fresh_process"
 )
-
 if not INTERPRETED:  # only then: the checks below are skipped in this process and run in a fresh one
-
-    def test_in_a_fresh_process():
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stdout[-4000:]
+    test_in_a_fresh_process = fresh_process_test(__file__)
 
 
 def packed_layer(out: int, inp: int, group: int, *, hqq: bool = True, bias: bool = True, seed: int = 0):
@@ -129,10 +99,5 @@ for dt, precision in (("fp32", "tf32"), ("bf16", "ieee"), ("fp16", "ieee")):
 @pytest.mark.slow
 def test_kernel_compiles_for_an_h100_without_a_gpu(tmp_path):
     """The compiled (not interpreted) kernel builds for sm_90 with triton's own ptxas: no GPU needed."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton-cache"), TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", COMPILE_FOR_H100], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count(" ok") == 6, proc.stdout
+    stdout = compile_without_gpu(COMPILE_FOR_H100, tmp_path)
+    assert stdout.count(" ok") == 6, stdout

@@ -105,13 +105,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
         defaults = vars(build_parser().parse_args(["train"]))
         flag = {"batch_size": "batch"}
         settings = {k: v for k, v in settings.items() if getattr(a, flag.get(k, k)) != defaults[flag.get(k, k)]}
-    corpus = a.corpus
-    if corpus is not None and a.text_field != "text":
-        from tinygpt.data import load_corpus
-
-        corpus = load_corpus(corpus, text_field=a.text_field)
     res = train(
-        corpus=corpus,
+        corpus=distill_cli.corpus_arg(a),
         tokenizer=a.tokenizer,
         preset=a.preset,
         model_config=_model_config(a),
@@ -122,20 +117,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         strategy=a.strategy,
         **settings,
     )
-    from tinygpt import distributed
-
-    if not distributed.is_main():  # under torchrun, rank 0 reports
-        return 130 if res.interrupted else 0
-    last = res.history[-1] if res.history else {}
-    parts = [f"step {res.step}"]
-    if "loss" in last:
-        parts.append(f"loss {last['loss']:.3f}")
-    if res.final_val_loss is not None:
-        parts.append(f"val loss {res.final_val_loss:.3f}")
-    parts.append(f"{res.elapsed:.1f}s")
-    parts.append(f"saved {res.path}")
-    print(("interrupted: " if res.interrupted else "done: ") + " | ".join(parts))
-    return 130 if res.interrupted else 0
+    return distill_cli.report(res, ("loss",), (f"saved {res.path}",))  # under torchrun, rank 0 reports
 
 
 _ARCH_FLAGS = (

@@ -6,13 +6,18 @@
 
 STUDENT is an existing .tinygpt file, or a preset name (nano, tiny, ...) for a fresh student with the
 teacher's tokenizer. Options left out keep `TrainConfig`'s defaults (or, with --resume, the saved run's).
+
+This module also holds what the other fine-tuning commands (`lora`, `sft`, `finetune`) share with it: the
+training flags (`add_training_flags`, `add_run_flags`, `run_options`), `--corpus`/`--text-field`
+(`corpus_arg`) and the rank-0 final line (`report`).
 """
 
 from __future__ import annotations
 
 import argparse
 
-# flag -> TrainConfig field, for the training options distill shares with `train`
+# flag -> TrainConfig field, for the training options the fine-tuning commands (distill, lora, sft, finetune)
+# share with `train`; `add_training_flags` declares them, `training_settings` reads them back
 _TRAIN_FLAGS = {
     "batch": "batch_size",
     "accum": "accum",
@@ -34,6 +39,52 @@ _TRAIN_FLAGS = {
 }
 
 
+def add_training_flags(
+    p: argparse.ArgumentParser,
+    *,
+    ctx: str = "the model's n_ctx",
+    steps: str = "500",
+    max_lr: str | None = None,
+    weight_decay: str | None = None,
+) -> None:
+    """Declare the `_TRAIN_FLAGS` options on a subcommand's parser.
+
+    Every one defaults to None, so that only the flags given reach the training function (its own defaults,
+    or with --resume the saved run's, stand for the rest). The keyword arguments are the defaults to name in
+    the help text where the command's differ from `TrainConfig`'s.
+    """
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="autocast dtype")
+    p.add_argument("--batch", type=int, default=None, help="sequences per micro-batch (default 8)")
+    p.add_argument("--accum", type=int, default=None, help="gradient accumulation steps")
+    p.add_argument("--ctx", type=int, default=None, help=f"sequence length (default: {ctx})")
+    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {steps})")
+    p.add_argument("--lr-schedule", default=None, choices=["cosine", "constant"])
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--max-lr", type=float, default=None, help=max_lr and f"peak learning rate (default {max_lr})")
+    p.add_argument("--min-lr", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None, help=weight_decay and f"default {weight_decay}")
+    p.add_argument("--grad-clip", type=float, default=None)
+    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--val-split", type=float, default=None)
+    p.add_argument("--val-every", type=int, default=None)
+    p.add_argument("--sample-every", type=int, default=None)
+    p.add_argument("--sample-prompt", default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def add_run_flags(p: argparse.ArgumentParser, *, out: str, resume: str = "continue the run saved in --out") -> None:
+    """Declare the options of a training run besides its settings: --out (required), --resume, --device,
+    --strategy, --threads and --no-progress."""
+    p.add_argument("--out", required=True, help=out)
+    p.add_argument("--resume", action="store_true", help=resume)
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    p.add_argument(
+        "--strategy", default="ddp", choices=["ddp", "fsdp"], help="under torchrun: data parallel or fully sharded"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def add_parsers(sub) -> None:
     """Register the `distill` subcommand on an argparse subparsers object."""
     p = sub.add_parser("distill", help="distil a teacher (.tinygpt or Hugging Face directory) into a student")
@@ -46,31 +97,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--alpha", type=float, default=None, help="weight of the KL term; 1-alpha weighs NLL (default 0.5)")
     p.add_argument("--reverse-kl", action="store_true", default=None, help="KL(student || teacher) (MiniLLM)")
     p.add_argument("--on-policy", type=float, default=None, help="fraction of student-generated batches (GKD)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="autocast dtype")
-    p.add_argument("--batch", type=int, default=None, help="sequences per micro-batch (default 8)")
-    p.add_argument("--accum", type=int, default=None, help="gradient accumulation steps")
-    p.add_argument("--ctx", type=int, default=None, help="sequence length (default: the shorter model context)")
-    p.add_argument("--steps", type=int, default=None, help="default 500")
-    p.add_argument("--lr-schedule", default=None, choices=["cosine", "constant"])
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--max-lr", type=float, default=None)
-    p.add_argument("--min-lr", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--grad-clip", type=float, default=None)
-    p.add_argument("--save-every", type=int, default=None)
-    p.add_argument("--val-split", type=float, default=None)
-    p.add_argument("--val-every", type=int, default=None)
-    p.add_argument("--sample-every", type=int, default=None)
-    p.add_argument("--sample-prompt", default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--resume", action="store_true", help="continue the distillation saved in --out")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
-    p.add_argument(
-        "--strategy", default="ddp", choices=["ddp", "fsdp"], help="under torchrun: data parallel or fully sharded"
-    )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--out", required=True, help="student checkpoint to write (.tinygpt)")
-    p.add_argument("--no-progress", action="store_true")
+    add_training_flags(p, ctx="the shorter model context")
+    add_run_flags(p, out="student checkpoint to write (.tinygpt)", resume="continue the distillation saved in --out")
 
 
 def corpus_arg(a: argparse.Namespace):
@@ -87,12 +115,28 @@ def training_settings(a: argparse.Namespace) -> dict:
     return {field: getattr(a, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(a, flag) is not None}
 
 
-def report(res, keys: tuple[str, ...] = ("loss",), extra: tuple[str, ...] = ()) -> int:
-    """Print `done: step N | <keys of the last record> | val loss | seconds | <extra>` and return the exit code
-    (130 when interrupted). Under torchrun only rank 0 prints; every process returns the same code."""
+def run_options(a: argparse.Namespace) -> dict:
+    """The keyword arguments the flags of `add_run_flags` and `add_training_flags` give a training function:
+    out, resume, device, progress, strategy and the `TrainConfig` fields whose flags were given."""
+    return dict(
+        out=a.out,
+        resume=a.resume,
+        device=a.device,
+        progress=not a.no_progress,
+        strategy=a.strategy,
+        **training_settings(a),
+    )
+
+
+def report(res, keys: tuple[str, ...] = ("loss",), extra: tuple[str, ...] = (), before: tuple[str, ...] = ()) -> int:
+    """Print the `before` lines, then `done: step N | <keys of the last record> | val loss | seconds | <extra>`,
+    and return the exit code (130 when interrupted). Under torchrun only rank 0 prints; every process returns
+    the same code."""
     from tinygpt import distributed
 
     if distributed.is_main():
+        for line in before:
+            print(line)
         last = res.history[-1] if res.history else {}
         parts = [f"step {res.step}"] + [f"{k} {last[k]:.3f}" for k in keys if k in last]
         if res.final_val_loss is not None:
@@ -116,12 +160,7 @@ def cmd_distill(a: argparse.Namespace) -> int:
         reverse_kl=a.reverse_kl,
         on_policy=a.on_policy,
         tokenizer=a.tokenizer,
-        out=a.out,
-        resume=a.resume,
-        device=a.device,
-        progress=not a.no_progress,
-        strategy=a.strategy,
-        **training_settings(a),
+        **run_options(a),
     )
     return report(res, ("loss", "kl", "nll"), (f"saved {res.path}",))
 

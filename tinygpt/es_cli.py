@@ -24,6 +24,9 @@ def add_parsers(sub) -> None:
         default=None,
         help="reward generated text instead: the fraction of its words (3+ letters) found in this file of words",
     )
+    p.add_argument(
+        "--distinct", action="store_true", help="with --word-list: count each listed word once per text (no repeats)"
+    )
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--population", type=int, default=40, help="members per step (even: antithetic pairs)")
     p.add_argument("--sigma", type=float, default=0.02, help="noise scale")
@@ -61,7 +64,7 @@ def cmd_es(a: argparse.Namespace) -> int:
     if a.word_list is not None and a.corpus is not None:
         raise ValueError("give either --corpus (loss reward) or --word-list (text reward), not both")
     if a.word_list is not None:
-        objective = word_list_reward(a.word_list)
+        objective = word_list_reward(a.word_list, distinct=a.distinct)
     elif a.corpus is not None and a.text_field != "text":
         from tinygpt.data import load_corpus
 

@@ -31,13 +31,14 @@ adapters were trained against all of them) and its config. `load_lora` refuses a
 `.tinygpt` (the adapters are recorded like other module surgery and rebuilt by `tinygpt.load`).
 
 ## Training
-`lora_finetune` is `tinygpt.train.fit` (schedule, clipping, accumulation, progress, callbacks, atomic saves)
-with every base parameter frozen, so only the adapters are in the optimizer and the base stays bitwise
-unchanged. Its defaults differ from `train()` in two places: `max_lr=1e-3` and `weight_decay=0.0`. While
-training, the run's checkpoint is a full `.tinygpt` of the adapted model with the optimizer state, written to
-`<out>.run.tinygpt` (atomic, every `save_every` steps and at the end) so `resume=True` continues exactly; the
-adapter file `out` is written at the end (also after an interrupt). Delete the run file when you no longer
-need to resume.
+`lora_finetune` is `tinygpt.train.fit` (schedule, clipping, accumulation, progress, callbacks, atomic saves,
+`strategy=` "ddp"/"fsdp" under torchrun) with every base parameter frozen, so only the adapters are in the
+optimizer and the base stays bitwise unchanged. Its defaults differ from `train()` in two places:
+`max_lr=1e-3` and `weight_decay=0.0`. While training, the run's checkpoint is a full `.tinygpt` of the adapted
+model with the optimizer state, written to `<out>.run.tinygpt` (atomic, every `save_every` steps and at the
+end) so `resume=True` continues exactly; the adapter file `out` is written at the end (also after an
+interrupt). Delete the run file when you no longer need to resume. Under torchrun, rank 0 alone writes the run
+checkpoint, the adapter and the merged model (under FSDP the full weights are gathered onto rank 0's CPU first).
 
 ## Why not `peft`
 `peft` 0.21 works on this model (checked: `LoraConfig(target_modules=["q_proj", "fc_in"])` + `get_peft_model`
@@ -67,6 +68,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from tinygpt import distributed
 from tinygpt.checkpoint import _MAGIC_HINTS, FORMAT, CheckpointError, content_hash
 from tinygpt.io import atomic_write_bytes
 from tinygpt.surgery.common import TARGET_GROUPS, TARGETS, LayerSpec, resolve_layers, set_module
@@ -601,6 +603,7 @@ def lora_finetune(
     device: str | None = None,
     progress: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    strategy: str = "ddp",
     **settings: Any,
 ) -> LoRATrainResult:
     """Fine-tune LoRA adapters on a corpus with `tinygpt.train.fit`; the base weights stay frozen.
@@ -618,8 +621,11 @@ def lora_finetune(
         config, **settings: a `TrainConfig` and/or its fields (`steps`, `max_lr`, `batch_size`, ...); the
             defaults are `train()`'s except `max_lr=1e-3` and `weight_decay=0.0`.
         callbacks, device, progress, cache_dir: as for `train()`.
+        strategy: under torchrun, "ddp" (default) or "fsdp" (the frozen base and the adapters sharded); see
+            `tinygpt.distributed`. Each process takes its share of a step's `batch_size × accum` sequences, so
+            the run equals a single-process run with the same settings. Rank 0 alone writes files.
     Returns:
-        `LoRATrainResult`.
+        `LoRATrainResult` (its paths are set on every process; the files are complete when it returns).
     """
     from tinygpt.checkpoint import load, save
     from tinygpt.data import load_corpus, tokenize_corpus
@@ -633,6 +639,8 @@ def lora_finetune(
         resume_run,
     )
 
+    if strategy not in distributed.STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(distributed.STRATEGIES)}, got {strategy!r}")
     device = device or default_device()
     out = Path(out) if out is not None else None
     if checkpoint is True:
@@ -699,6 +707,7 @@ def lora_finetune(
         progress=progress,
         state=state,
         desc="lora",
+        strategy=strategy,
     )
     model.train_state["lora"] = lora_rec
     res = LoRATrainResult(
@@ -710,12 +719,45 @@ def lora_finetune(
     )
     # interrupted inside an optimizer update: the adapters may be half-updated, so no file is written
     half_updated = result.interrupted and "train_config" not in model.train_state
-    if out is not None and not half_updated:
-        notes = {k: v for k, v in model.train_state.items() if k in ("step", "loss", "train_config")}
-        notes["corpus"] = state["corpus"]
-        res.adapter_path = save_lora(model, out, train_state=notes, base_source=base_source, base_sha256=base_sha)
-    if merge_out is not None and not half_updated:
-        merged_model = merged_copy(model)
-        merged_model.train_state = {"lora_merged": {"adapter": str(out) if out else None, **lora_rec}}
-        res.merged_path = save(merged_model, merge_out)
+    if half_updated or (out is None and merge_out is None):
+        return res
+    full = _full_model_on_main(model)  # under FSDP every process gathers; rank 0 gets the whole model
+    if full is not None:  # rank 0 (or a single process) writes
+        if out is not None:
+            notes = {k: v for k, v in model.train_state.items() if k in ("step", "loss", "train_config")}
+            notes["corpus"] = state["corpus"]
+            save_lora(full, out, train_state=notes, base_source=base_source, base_sha256=base_sha)
+        if merge_out is not None:
+            merged_model = merged_copy(full)
+            merged_model.train_state = {"lora_merged": {"adapter": str(out) if out else None, **lora_rec}}
+            save(merged_model, merge_out)
+    distributed.barrier()  # the files are complete before any process returns
+    res.adapter_path = out
+    res.merged_path = Path(merge_out) if merge_out is not None else None
     return res
+
+
+def _full_model_on_main(model: nn.Module) -> nn.Module | None:
+    """`model` itself unless FSDP sharded it (its parameters are DTensors); then a plain copy with the full
+    weights on rank 0's CPU (every process must call: the weights are gathered) and None on the other ranks."""
+    if not distributed.active():
+        return model
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return model if distributed.is_main() else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not distributed.is_main():
+        return None
+    from tinygpt.config import GPTConfig
+    from tinygpt.model import GPT
+    from tinygpt.surgery.common import apply_surgery_record, surgery_record
+
+    full = GPT(GPTConfig.from_dict(model.cfg.to_dict()), tokenizer=model.tokenizer)
+    apply_surgery_record(full, surgery_record(model))  # the adapters (and any other surgery) as in `model`
+    full.load_state_dict(weights, strict=True)
+    mark_only_lora_trainable(full)
+    full.train_state, full.source_path = dict(model.train_state), getattr(model, "source_path", None)
+    return full.eval()

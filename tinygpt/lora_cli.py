@@ -6,14 +6,15 @@
     tinygpt lora-merge tiny.tinygpt tiny-sonnets.lora --out tiny-sonnets.tinygpt
 
 The run's full checkpoint (for --resume) is kept beside the adapter as ADAPTER.run.tinygpt (--no-checkpoint:
-none). Training options left out keep `lora_finetune`'s defaults (or, with --resume, the saved run's).
+none). Training options left out keep `lora_finetune`'s defaults (or, with --resume, the saved run's). Under
+torchrun, lora runs data-parallel like `train` (--strategy ddp or fsdp); rank 0 alone writes the files.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from tinygpt.distill_cli import corpus_arg, report, training_settings
+from tinygpt.distill_cli import add_run_flags, add_training_flags, corpus_arg, report, run_options
 
 
 def add_parsers(sub) -> None:
@@ -32,30 +33,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=None, help="update scale numerator (default 2 x rank)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapters' input")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="autocast dtype")
-    p.add_argument("--batch", type=int, default=None, help="sequences per micro-batch (default 8)")
-    p.add_argument("--accum", type=int, default=None)
-    p.add_argument("--ctx", type=int, default=None, help="sequence length (default: the model's n_ctx)")
-    p.add_argument("--steps", type=int, default=None, help="default 500")
-    p.add_argument("--lr-schedule", default=None, choices=["cosine", "constant"])
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--max-lr", type=float, default=None, help="default 1e-3")
-    p.add_argument("--min-lr", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=None, help="default 0")
-    p.add_argument("--grad-clip", type=float, default=None)
-    p.add_argument("--save-every", type=int, default=None)
-    p.add_argument("--val-split", type=float, default=None)
-    p.add_argument("--val-every", type=int, default=None)
-    p.add_argument("--sample-every", type=int, default=None)
-    p.add_argument("--sample-prompt", default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--out", required=True, help="the adapter file to write (.lora)")
+    add_training_flags(p, max_lr="1e-3", weight_decay="0")
+    add_run_flags(p, out="the adapter file to write (.lora)", resume="continue the run kept in OUT.run.tinygpt")
     p.add_argument("--merge-out", default=None, help="also write the merged model as a plain .tinygpt")
-    p.add_argument("--resume", action="store_true", help="continue the run kept in OUT.run.tinygpt")
     p.add_argument("--no-checkpoint", action="store_true", help="keep no run checkpoint (no --resume later)")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("lora-merge", help="fold a LoRA adapter file into its base model (writes a .tinygpt)")
     p.add_argument("model", help="the base .tinygpt file the adapter was trained on")
@@ -75,13 +56,9 @@ def cmd_lora(a: argparse.Namespace) -> int:
         alpha=a.alpha,
         dropout=a.dropout,
         layers=a.layers,
-        out=a.out,
         merge_out=a.merge_out,
         checkpoint=not a.no_checkpoint,
-        resume=a.resume,
-        device=a.device,
-        progress=not a.no_progress,
-        **training_settings(a),
+        **run_options(a),
     )
     extra = [f"{res.n_trainable:,} of {res.n_total:,} parameters trained in {len(res.modules)} modules"]
     extra.append(f"saved {res.adapter_path}")

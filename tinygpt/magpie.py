@@ -281,27 +281,44 @@ def chat(
     """
     backend = load_backend(model, device)
     tmpl = _resolve_template(template, backend)
-    if isinstance(messages, str):
-        msgs = ([{"role": "system", "content": system}] if system is not None else []) + [
-            {"role": "user", "content": messages}
-        ]
-    else:
-        msgs = [dict(m) for m in messages]
-    prompt, _ = tmpl.encode(msgs, backend.tokenizer, add_generation_prompt=True)
+    msgs = _user_turn(messages, system) if isinstance(messages, str) else [dict(m) for m in messages]
     gen = _generator(backend, seed)
-    turn = generate_turns(
+    return reply(
+        backend, tmpl, msgs, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen
+    ).text
+
+
+def reply(
+    backend: ChatBackend,
+    template: Template,
+    messages: Sequence[dict[str, str]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Turn:
+    """The assistant's next turn after `messages` (the template's generation prompt appended), cut at its
+    end-of-turn (`template.stop`)."""
+    prompt, _ = template.encode(list(messages), backend.tokenizer, add_generation_prompt=True)
+    return generate_turns(
         backend,
-        tmpl,
+        template,
         prompt,
         1,
         max_new_tokens,
-        stop=tmpl.stop,
+        stop=template.stop,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
-        generator=gen,
+        generator=generator,
     )[0]
-    return turn.text
+
+
+def _user_turn(text: str, system: str | None) -> list[dict[str, str]]:
+    """[system message (when given), user message `text`]."""
+    return ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": text}]
 
 
 def _resolve_template(template: Any, backend: ChatBackend) -> Template:
@@ -489,22 +506,16 @@ def magpie(
                 if why is None and key in seen:
                     why = "duplicate"
                 if why is None:
-                    msgs = ([{"role": "system", "content": sys_msg}] if sys_msg is not None else []) + [
-                        {"role": "user", "content": text}
-                    ]
-                    prompt, _ = tmpl.encode(msgs, tok, add_generation_prompt=True)
-                    resp = generate_turns(
+                    resp = reply(
                         backend,
                         tmpl,
-                        prompt,
-                        1,
+                        _user_turn(text, sys_msg),
                         max_response_tokens,
-                        stop=tmpl.stop,
                         temperature=response_temperature,
                         top_k=response_top_k,
                         top_p=response_top_p,
                         generator=res_gen,
-                    )[0]
+                    )
                     answer = resp.text.strip()
                     why = _drop_reason(resp, answer)
                 if why is not None:

@@ -131,10 +131,14 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)
         p_drop = cfg.dropout if self.training else 0.0
         if backends.use_eager(cfg.attn_impl, self.needs_eager(), x.device):
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(cfg.d_head)  # [b, H, t, past + t]
-            src = torch.arange(past + t, device=x.device)
-            mask = src[None, :] <= (past + torch.arange(t, device=x.device))[:, None]
-            scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
+            # One fused kernel: scores = causal bias (-inf above the diagonal) + q·kᵀ/√d_head  [b, H, t, past + t]
+            n = past + t
+            bias = torch.full((t, n), float("-inf"), device=x.device, dtype=q.dtype).triu_(past + 1)
+            scores = torch.baddbmm(
+                bias, q.reshape(b * cfg.n_heads, t, -1), k.reshape(b * cfg.n_heads, n, -1).transpose(1, 2),
+                alpha=1 / math.sqrt(cfg.d_head),
+            ).view(b, cfg.n_heads, t, n)  # fmt: skip
+            scores = self.hook_attn_scores(scores)
             # Softmax in at least fp32 (bf16 is upcast; float64 stays float64 for gradcheck/double runs).
             pattern = self.hook_pattern(
                 scores.softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)

@@ -16,35 +16,12 @@ from __future__ import annotations
 
 import argparse
 
-from tinygpt.distill_cli import _TRAIN_FLAGS
+from tinygpt.distill_cli import add_run_flags, add_training_flags, corpus_arg, report, run_options
 
 
-def _training_flags(p: argparse.ArgumentParser, defaults: str) -> None:
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="autocast dtype")
-    p.add_argument("--batch", type=int, default=None, help="sequences per micro-batch (default 8)")
-    p.add_argument("--accum", type=int, default=None, help="gradient accumulation steps")
-    p.add_argument("--ctx", type=int, default=None, help="sequence length (default: the model's n_ctx)")
-    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps ({defaults})")
-    p.add_argument("--lr-schedule", default=None, choices=["cosine", "constant"])
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--max-lr", type=float, default=None, help="peak learning rate (default 3e-4)")
-    p.add_argument("--min-lr", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--grad-clip", type=float, default=None)
-    p.add_argument("--save-every", type=int, default=None)
-    p.add_argument("--val-split", type=float, default=None)
-    p.add_argument("--val-every", type=int, default=None)
-    p.add_argument("--sample-every", type=int, default=None)
-    p.add_argument("--sample-prompt", default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    p.add_argument(
-        "--strategy", default="ddp", choices=["ddp", "fsdp"], help="under torchrun: data parallel or fully sharded"
-    )
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--out", required=True, help="checkpoint to write (.tinygpt)")
-    p.add_argument("--no-progress", action="store_true")
+def _training_flags(p: argparse.ArgumentParser, steps: str) -> None:
+    add_training_flags(p, steps=steps, max_lr="3e-4")
+    add_run_flags(p, out="checkpoint to write (.tinygpt)")
 
 
 def add_parsers(sub) -> None:
@@ -61,13 +38,13 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--train-on-prompt", action="store_true", default=None, help="loss on user/system turns too, not only replies"
     )
-    _training_flags(p, "default 200")
+    _training_flags(p, "200")
 
     p = sub.add_parser("finetune", help="continue next-token training of a .tinygpt model on new text")
     p.add_argument("model", help="the .tinygpt model to fine-tune (ignored with --resume)")
     p.add_argument("--corpus", default=None, help="text file, directory or .jsonl (default: built-in Shakespeare)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    _training_flags(p, "default 500")
+    _training_flags(p, "500")
 
     p = sub.add_parser("magpie", help="synthesise instruction data from a chat model's template (Magpie)")
     p.add_argument("model", help="a chat .tinygpt file (after sft) or a local Hugging Face chat model directory")
@@ -93,23 +70,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _settings(a: argparse.Namespace) -> dict:
-    return {field: getattr(a, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(a, flag) is not None}
-
-
-def _summary(res, extra: list[str] = ()) -> str:
-    last = res.history[-1] if res.history else {}
-    parts = [f"step {res.step}"]
-    if "loss" in last:
-        parts.append(f"loss {last['loss']:.3f}")
-    if res.final_val_loss is not None:
-        parts.append(f"val loss {res.final_val_loss:.3f}")
-    parts += [*extra, f"{res.elapsed:.1f}s", f"saved {res.path}"]
-    return ("interrupted: " if res.interrupted else "done: ") + " | ".join(parts)
-
-
 def cmd_sft(a: argparse.Namespace) -> int:
-    from tinygpt import distributed
     from tinygpt.sft import sft
 
     if a.data is None and not a.resume:
@@ -124,41 +85,21 @@ def cmd_sft(a: argparse.Namespace) -> int:
         dedup=a.dedup,
         near_dedup=a.near_dedup,
         train_on_prompt=a.train_on_prompt,
-        out=a.out,
-        resume=a.resume,
-        device=a.device,
-        progress=not a.no_progress,
-        strategy=a.strategy,
-        **_settings(a),
+        **run_options(a),
     )
-    if distributed.is_main():  # under torchrun, rank 0 reports
-        print(f"data: {res.describe_data()}")
-        print(_summary(res, [f"template {res.template.name}"]))
-    return 130 if res.interrupted else 0
+    extra = (f"template {res.template.name}", f"saved {res.path}")
+    return report(res, ("loss",), extra, before=(f"data: {res.describe_data()}",))
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
-    from tinygpt import distributed
     from tinygpt.sft import finetune
 
-    corpus = a.corpus
-    if corpus is not None and a.text_field != "text":
-        from tinygpt.data import load_corpus
-
-        corpus = load_corpus(corpus, text_field=a.text_field)
     res = finetune(
         None if a.resume else a.model,
-        corpus,
-        out=a.out,
-        resume=a.resume,
-        device=a.device,
-        progress=not a.no_progress,
-        strategy=a.strategy,
-        **_settings(a),
+        corpus_arg(a),
+        **run_options(a),
     )
-    if distributed.is_main():
-        print(_summary(res))
-    return 130 if res.interrupted else 0
+    return report(res, ("loss",), (f"saved {res.path}",))
 
 
 def cmd_magpie(a: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """Chat templates as data: how a conversation becomes one token sequence, and which tokens carry the loss.
 
-A template is a small JSON file (`tinygpt/chat_templates/chatml.json`, `tinygpt/chat_templates/alpaca.json`, shipped in the package) selected by
-name, or any JSON file with the same fields, loaded with `load_template`:
+A template is a small JSON file shipped in the package (`tinygpt/chat_templates/chatml.json`,
+`tinygpt/chat_templates/alpaca.json`) selected by name, or any JSON file with the same fields, loaded with
+`load_template`:
 
     {
       "name": "chatml",

@@ -66,7 +66,12 @@ class EvalMatrixDashboard:
         self.prompt = W.Dropdown(options=self._options(), value=0, description="prompt", layout={"width": "60%"})
         retrieval = any("retrieval" in s for s in matrix.setups)
         self.k = W.IntSlider(
-            value=matrix.k, min=0, max=8, description="chunks (k)", continuous_update=False, disabled=not retrieval
+            value=matrix.k,
+            min=0,
+            max=max(8, matrix.k),
+            description="chunks (k)",
+            continuous_update=False,
+            disabled=not retrieval,
         )
         self.question = W.Text(placeholder="a new question", description="question", layout={"width": "45%"})
         self.reference = W.Text(placeholder="its reference answer (optional)", description="reference")

@@ -436,6 +436,10 @@ def _sweep(
         per_cell = b * t  # skips the unpatched prefixes), and logits of at most ~64M floats
         widest = max(model.cfg.d_vocab, model.cfg.d_mlp, 4 * model.cfg.d_model)
         batch_cells = max(1, min(4096 // per_cell, (1 << 26) // (per_cell * widest)))
+        if "pos" in axes and corrupted.device.type == "cpu" and _can_resume(model):
+            # CPU matmuls are compute-bound: ~8 position chunks per layer, so later chunks run fewer positions
+            # (on a GPU one wide batch per layer is faster: small forwards are launch-bound)
+            batch_cells = min(batch_cells, max(4, -(-len(cells) // 8)))
     resume = _can_resume(model)
     by_pos = "pos" in axes
     out = torch.empty(len(layers), len(cells))
