@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tinygpt.io import atomic_writer
+from tinygpt.io import atomic_writer, iter_jsonl
 from tinygpt.tokenizer import Tokenizer
 
 CACHE_VERSION = 1
@@ -123,20 +123,13 @@ def _iter_text_chunks(path: Path) -> Iterator[str]:
 
 
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
-                raise CorpusError(
-                    f"{path}:{lineno}: expected an object with a string field {text_field!r}"
-                    " (choose the field with text_field= / --text-field)"
-                )
-            yield rec[text_field]
+    for lineno, rec in iter_jsonl(path, CorpusError):
+        if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+            raise CorpusError(
+                f"{path}:{lineno}: expected an object with a string field {text_field!r}"
+                " (choose the field with text_field= / --text-field)"
+            )
+        yield rec[text_field]
 
 
 # --------------------------------------------------------------------------------- Shakespeare

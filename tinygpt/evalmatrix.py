@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import copy
 import html
-import json
 import math
 import os
 import re
@@ -64,6 +63,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from tinygpt.io import iter_jsonl
 
 DEFAULT_TEMPLATE = "Q: {instruction}\nA:"
 DEFAULT_ANSWER = " {response}"
@@ -83,19 +84,12 @@ def load_qa(path: str | os.PathLike) -> list[dict[str, str]]:
     if not path.is_file():
         raise ValueError(f"{path} does not exist; pass a JSONL file of {{'instruction', 'response'}} records")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str):
-                raise ValueError(f"{path}:{lineno}: expected an object with a string field 'instruction'")
-            if "response" in rec and not isinstance(rec["response"], str):
-                raise ValueError(f"{path}:{lineno}: 'response' must be a string")
-            out.append(rec)
+    for lineno, rec in iter_jsonl(path):
+        if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str):
+            raise ValueError(f"{path}:{lineno}: expected an object with a string field 'instruction'")
+        if "response" in rec and not isinstance(rec["response"], str):
+            raise ValueError(f"{path}:{lineno}: 'response' must be a string")
+        out.append(rec)
     if not out:
         raise ValueError(f"{path} holds no records")
     return out

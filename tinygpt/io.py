@@ -6,11 +6,12 @@ A failure at any point leaves the target untouched (either the old file or none)
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 
 @contextlib.contextmanager
@@ -65,3 +66,27 @@ def _fsync_dir(d: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def iter_jsonl(
+    path: str | os.PathLike, error: type[Exception] = ValueError, hint: str = ""
+) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) for each non-blank line of a UTF-8 JSONL file.
+
+    Raises:
+        error: naming `path:line` for a line that is not JSON (followed by `hint`, e.g. an example record), or
+            the file for text that is not UTF-8.
+    """
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise error(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}){hint}") from None
+                yield n, rec
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e}); save the file as UTF-8") from None

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tinygpt.checkpoint import CheckpointError, load
+from tinygpt.io import iter_jsonl
 from tinygpt.model import GPT
 from tinygpt.templates import Template, TemplateError, load_template
 from tinygpt.train import (
@@ -170,20 +171,8 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     p = Path(path)
     if not p.is_file():
         raise SFTDataError(f"SFT data file {p} does not exist (or is not a file); pass a .jsonl file")
-    try:
-        with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield n, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SFTDataError(
-                        f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno}); each line must hold one JSON "
-                        f"object, e.g. {_EXAMPLE}"
-                    ) from None
-    except UnicodeDecodeError as e:
-        raise SFTDataError(f"{p}: not UTF-8 text ({e}); save the file as UTF-8") from None
+    hint = f"; each line must hold one JSON object, e.g. {_EXAMPLE}"
+    yield from iter_jsonl(p, SFTDataError, hint)
 
 
 def load_sft_data(data: str | os.PathLike | Sequence[Any]) -> list[Conversation]:

@@ -342,12 +342,35 @@ class _PrefixKV:
         return torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
 
 
-def _run_from(model, layer: int, resid: Tensor, cache: _PrefixKV | None = None) -> Tensor:
+class _TailKV:
+    """The final block's keys and values of every position but the last, for running the last position alone."""
+
+    def __init__(self, k: Tensor, v: Tensor):
+        self.k, self.v, self.length = k, v, k.shape[2]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+
+
+def _run_from(model, layer: int, resid: Tensor, cache: _PrefixKV | None = None, last_only: bool = False) -> Tensor:
     """Logits of the blocks from `layer` on, given `blocks.{layer}.hook_resid_pre` [batch, pos, d_model]
-    (of the positions after `cache.length` when a prefix cache is given)."""
+    (of the positions after `cache.length` when a prefix cache is given). With `last_only` (for a metric that
+    reads the last position; no hook in the final block), the final block computes only the keys and values of
+    the other positions and the last position itself: logits [batch, 1, d_vocab]."""
     x = resid
-    for block in model.blocks[layer:]:
+    blocks = list(model.blocks[layer:])
+    final = blocks.pop() if last_only and len(blocks) > 1 else None
+    for block in blocks:
         x = block(x, cache)
+    if final is not None:
+        attn, cfg = final.attn, model.cfg
+        h = final.ln1(x[:, :-1])
+        b, t, _ = h.shape
+        k = attn.k_proj(h).view(b, t, cfg.n_heads, cfg.d_head).transpose(1, 2)
+        v = attn.v_proj(h).view(b, t, cfg.n_heads, cfg.d_head).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(cfg.n_layers - 1, k, v)
+        x = final(x[:, -1:], _TailKV(k, v))
     return model.unembed(model.ln_final(x))
 
 
@@ -437,9 +460,10 @@ def _sweep(
         widest = max(model.cfg.d_vocab, model.cfg.d_mlp, 4 * model.cfg.d_model)
         batch_cells = max(1, min(4096 // per_cell, (1 << 26) // (per_cell * widest)))
         if "pos" in axes and corrupted.device.type == "cpu" and _can_resume(model):
-            # CPU matmuls are compute-bound: ~8 position chunks per layer, so later chunks run fewer positions
-            # (on a GPU one wide batch per layer is faster: small forwards are launch-bound)
-            batch_cells = min(batch_cells, max(4, -(-len(cells) // 8)))
+            # CPU matmuls are compute-bound: position chunks of ~400 tokens (at most ~16 per layer), so later
+            # chunks run fewer positions (on a GPU one wide batch per layer is faster: small forwards are
+            # launch-bound)
+            batch_cells = min(batch_cells, max(4, 384 // per_cell, -(-len(cells) // 16)))
     resume = _can_resume(model)
     by_pos = "pos" in axes
     out = torch.empty(len(layers), len(cells))
@@ -465,8 +489,10 @@ def _sweep(
             if resume:
                 resid = corrupted_cache[f"blocks.{layer}.hook_resid_pre"][:, first:]
                 kv = _PrefixKV(corrupted_cache, range(layer, model.cfg.n_layers), first, n) if first else None
-                logits = _run_from(model, layer, resid.repeat(n, 1, 1), kv)
-                if first:
+                # the default metric reads the last position only: the final block runs that position alone
+                last_only = isinstance(metric, _LogitDiff) and layer < model.cfg.n_layers - 1 and t - first > 1
+                logits = _run_from(model, layer, resid.repeat(n, 1, 1), kv, last_only)
+                if first and not last_only:
                     logits = torch.cat([corrupted_logits[:, :first].repeat(n, 1, 1), logits], dim=1)
             else:
                 logits = model(corrupted.repeat(n, 1))
