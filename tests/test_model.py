@@ -219,6 +219,17 @@ def test_ln_hook_scale_is_used_when_hooked(model, tokens):
     assert torch.allclose(cache["ln_final.hook_scale"], (var + model.cfg.layer_norm_eps).sqrt(), atol=1e-6)
 
 
+def test_ln_hook_scale_edited_in_place_is_used(model, tokens):
+    def double_in_place(scale, hook):
+        scale.mul_(2)  # returns None: the edit is in place
+
+    with torch.no_grad():
+        want = model.run_with_hooks(tokens, fwd_hooks=[("ln_final.hook_scale", lambda s, hook: s * 2)])
+        got = model.run_with_hooks(tokens, fwd_hooks=[("ln_final.hook_scale", double_in_place)])
+        plain = model(tokens)
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, plain, atol=1e-2)
+
+
 # ------------------------------------------------------------------------------------- numerics
 def test_random_init_loss_is_near_log_vocab():
     torch.manual_seed(0)

@@ -93,9 +93,13 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if observed(self.hook_scale):
-            x = x - x.mean(-1, keepdim=True)
-            scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-            x = x / scale * self.weight + self.bias
+            # one fused kernel gives the output and its statistics: scale = sqrt(var + eps) = 1 / rstd
+            out, mean, rstd = torch.native_layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+            scale = rstd.reciprocal()
+            version = scale._version
+            hooked = self.hook_scale(scale)
+            edited = hooked is not scale or scale._version != version  # replaced, or changed in place
+            x = (x - mean) / hooked * self.weight + self.bias if edited else out
         else:
             x = F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
         return self.hook_normalized(x)
