@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,62 +178,97 @@ _MAGIC_HINTS = {
 }
 
 
-def read_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
-    """Parse and validate a `.tinygpt` file without building a model."""
-    path = Path(path)
+def read_manifest(
+    path: Path,
+    *,
+    key: str,
+    max_version: int,
+    label: str,
+    desc: str,
+    error: type[Exception],
+    missing: Callable[[dict[str, str]], str],
+    directory: str | None = None,
+    version_name: str = "format",
+    manifest_name: str = "tinygpt",
+) -> dict[str, Any]:
+    """Validate the framing of a tinygpt safetensors file (`.tinygpt`, `.lenses`) and return its manifest.
+
+    Reads only the header: checks the file exists and is not a directory, is not a pickle/zip/GGUF/NumPy file,
+    that the header length fits, the header is JSON with a `key` manifest in its metadata, the tensor table
+    fits the file, and the manifest names format `key` at a version this tinygpt reads.
+
+    Args:
+        label: the file kind in messages (".tinygpt"); desc: what the manifest describes ("tinygpt checkpoint").
+        error: the exception class to raise; missing: the message when the metadata has no `key` manifest.
+        directory: the message for a directory (default: "{path} is a directory, not a {label} file").
+        version_name, manifest_name: words for the version and manifest in messages ("lens format", "lens").
+    """
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
+        raise error(f"{path}: no such file")
     if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a .tinygpt file")
+        raise error(directory or f"{path} is a directory, not a {label} file")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"{path} is not a .tinygpt file: only {size} bytes (empty or truncated)")
+            raise error(f"{path} is not a {label} file: only {size} bytes (empty or truncated)")
         (n,) = struct.unpack("<Q", head)
         raw = f.read(n) if n <= size - 8 and n <= 100_000_000 else b""
         # a safetensors header length can begin with a pickle's magic bytes (e.g. 0x80 0x05): name other
         # formats only when the file is not a plausible safetensors file
         for magic, what in _MAGIC_HINTS.items():
             if head.startswith(magic) and not raw.startswith(b"{"):
-                raise CheckpointError(
-                    f"{path} is {what}, not a .tinygpt (safetensors) file; tinygpt never unpickles files"
-                )
+                raise error(f"{path} is {what}, not a {label} (safetensors) file; tinygpt never unpickles files")
         if n > size - 8 or n > 100_000_000:
-            raise CheckpointError(
-                f"{path} is not a .tinygpt file: header length {n} does not fit a {size}-byte file "
+            raise error(
+                f"{path} is not a {label} file: header length {n} does not fit a {size}-byte file "
                 "(truncated, corrupt or not safetensors)"
             )
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not a .tinygpt file: its header is not valid JSON ({e})") from e
+        raise error(f"{path} is not a {label} file: its header is not valid JSON ({e})") from e
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path} is not a .tinygpt file: unexpected header")
+        raise error(f"{path} is not a {label} file: unexpected header")
     meta = header.pop("__metadata__", None) or {}
-    if FORMAT not in meta:
-        raise CheckpointError(
-            f"{path} is a safetensors file but not a tinygpt checkpoint (no '{FORMAT}' manifest in its "
-            "metadata); save models with tinygpt.save(model, path)"
-        )
+    if key not in meta:
+        raise error(missing(meta))
     try:
         end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
     except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise CheckpointError(f"{path}: corrupt tensor table in header ({e})") from e
+        raise error(f"{path}: corrupt tensor table in header ({e})") from e
     if 8 + n + end > size:
-        raise CheckpointError(f"{path} is truncated: its header promises {8 + n + end} bytes but the file has {size}")
+        raise error(f"{path} is truncated: its header promises {8 + n + end} bytes but the file has {size}")
     try:
-        manifest = json.loads(meta[FORMAT])
+        manifest = json.loads(meta[key])
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: the tinygpt manifest is not valid JSON ({e})") from e
-    version = manifest.get("format_version")
-    if manifest.get("format") != FORMAT or not isinstance(version, int):
-        raise CheckpointError(f"{path}: the manifest does not describe a tinygpt checkpoint")
-    if version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} was written by a newer tinygpt (format {version}; this one reads up to "
-            f"{FORMAT_VERSION}); upgrade tinygpt"
+        raise error(f"{path}: the {manifest_name} manifest is not valid JSON ({e})") from e
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if not isinstance(version, int) or manifest.get("format") != key:
+        raise error(f"{path}: the manifest does not describe a {desc}")
+    if version > max_version:
+        raise error(
+            f"{path} was written by a newer tinygpt ({version_name} {version}; this one reads up to "
+            f"{max_version}); upgrade tinygpt"
         )
+    return manifest
+
+
+def read_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
+    """Parse and validate a `.tinygpt` file without building a model."""
+    path = Path(path)
+    manifest = read_manifest(
+        path,
+        key=FORMAT,
+        max_version=FORMAT_VERSION,
+        label=".tinygpt",
+        desc="tinygpt checkpoint",
+        error=CheckpointError,
+        missing=lambda meta: (
+            f"{path} is a safetensors file but not a tinygpt checkpoint (no '{FORMAT}' manifest in its "
+            "metadata); save models with tinygpt.save(model, path)"
+        ),
+    )
     from safetensors.torch import load_file
 
     try:

@@ -30,7 +30,6 @@ import html
 import json
 import math
 import os
-import struct
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from tinygpt.checkpoint import _MAGIC_HINTS, CheckpointError, content_hash
+from tinygpt.checkpoint import CheckpointError, content_hash, read_manifest
 from tinygpt.io import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -272,59 +271,29 @@ class TunedLens(nn.Module):
 
 def _read_lens_file(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Validate a `.lenses` file (the checks of `tinygpt.checkpoint.read_checkpoint`) and parse it."""
-    if not path.exists():
-        raise LensError(f"{path}: no such file")
-    if path.is_dir():
-        raise LensError(
-            f"{path} is a directory, not a .lenses file (tuned-lens package lenses are directories "
-            "with params.pt; tinygpt reads only its own safetensors .lenses files)"
-        )
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise LensError(f"{path} is not a .lenses file: only {size} bytes (empty or truncated)")
-        for magic, what in _MAGIC_HINTS.items():
-            if head.startswith(magic):
-                raise LensError(f"{path} is {what}, not a .lenses (safetensors) file; tinygpt never unpickles files")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
-            raise LensError(
-                f"{path} is not a .lenses file: header length {n} does not fit a {size}-byte file "
-                "(truncated, corrupt or not safetensors)"
-            )
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LensError(f"{path} is not a .lenses file: its header is not valid JSON ({e})") from e
-    if not isinstance(header, dict):
-        raise LensError(f"{path} is not a .lenses file: unexpected header")
-    meta = header.pop("__metadata__", None) or {}
-    if FORMAT not in meta:
+
+    def missing(meta: dict[str, str]) -> str:
         what = "a tinygpt model checkpoint (.tinygpt)" if "tinygpt" in meta else "a safetensors file"
-        raise LensError(
+        return (
             f"{path} is {what}, not a .lenses file (no '{FORMAT}' manifest in its metadata); "
             "write lenses with TunedLens.save(path) or `tinygpt tuned-lens`"
         )
-    try:
-        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise LensError(f"{path}: corrupt tensor table in header ({e})") from e
-    if 8 + n + end > size:
-        raise LensError(f"{path} is truncated: its header promises {8 + n + end} bytes but the file has {size}")
-    try:
-        manifest = json.loads(meta[FORMAT])
-    except json.JSONDecodeError as e:
-        raise LensError(f"{path}: the lens manifest is not valid JSON ({e})") from e
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if not isinstance(version, int) or manifest.get("format") != FORMAT:
-        raise LensError(f"{path}: the manifest does not describe a tinygpt lens file")
-    if version > FORMAT_VERSION:
-        raise LensError(
-            f"{path} was written by a newer tinygpt (lens format {version}; this one reads up to "
-            f"{FORMAT_VERSION}); upgrade tinygpt"
-        )
+
+    manifest = read_manifest(
+        path,
+        key=FORMAT,
+        max_version=FORMAT_VERSION,
+        label=".lenses",
+        desc="tinygpt lens file",
+        error=LensError,
+        missing=missing,
+        directory=(
+            f"{path} is a directory, not a .lenses file (tuned-lens package lenses are directories "
+            "with params.pt; tinygpt reads only its own safetensors .lenses files)"
+        ),
+        version_name="lens format",
+        manifest_name="lens",
+    )
     if manifest.get("kind") != "tuned":
         raise LensError(f"{path}: unknown lens kind {manifest.get('kind')!r} (this tinygpt reads 'tuned')")
     for k in ("d_model", "n_layers"):
