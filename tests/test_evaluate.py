@@ -14,7 +14,6 @@ from tinygpt import GPT, CorpusError, GPTConfig, save, train_bpe
 from tinygpt.cli import main
 from tinygpt.evaluate import (
     Text,
-    _byte_level_chars,
     evaluate,
     leaderboard,
     longest_common_prefix,
@@ -23,6 +22,7 @@ from tinygpt.evaluate import (
     scored_bytes,
     sliding_windows,
 )
+from tinygpt.tokenizer import unicode_to_bytes
 
 TEXT = (
     "Hark, the café's crème brûlée — naïve Zoë said “to be or not to be” 🙂.\n"
@@ -102,7 +102,7 @@ def byte_identical_bpe_pair():
     tok = train_bpe(["abc"], 256, special_tokens=(), progress=False)
     assert tok.vocab_size == 256
     perm = torch.empty(256, dtype=torch.long)
-    for ch, b in _byte_level_chars().items():
+    for ch, b in unicode_to_bytes().items():
         perm[b] = tok.tok.token_to_id(ch)
     byte_model = small(seed=3)
     with torch.no_grad():

@@ -46,7 +46,6 @@ import time
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +56,7 @@ from torch import Tensor
 
 from tinygpt.data import Corpus, CorpusError, load_corpus, shakespeare_to_text
 from tinygpt.io import atomic_write_text
-from tinygpt.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
+from tinygpt.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, unicode_to_bytes
 
 LN2 = math.log(2.0)
 DEFAULT_HELDOUT = 0.01
@@ -173,20 +172,6 @@ def resolve_text(
 
 
 # ------------------------------------------------------------------------------------------------ bytes
-@lru_cache(maxsize=1)
-def _byte_level_chars() -> dict[str, int]:
-    """GPT-2's bytes_to_unicode table inverted: the printable character standing for each byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
 _LENGTHS: dict[str, np.ndarray | None] = {}
 
 
@@ -209,7 +194,7 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray | None:
     dec = spec.get("decoder") or {}
     types = {dec.get("type")} | {d.get("type") for d in dec.get("decoders", []) or []}
     if "ByteLevel" in types and (spec.get("model") or {}).get("type") == "BPE":
-        table = _byte_level_chars()
+        table = unicode_to_bytes()
         added = {i: t.content for i, t in tokenizer.tok.get_added_tokens_decoder().items()}
         out = np.zeros(tokenizer.vocab_size, dtype=np.int64)
         for s, i in tokenizer.tok.get_vocab(with_added_tokens=True).items():

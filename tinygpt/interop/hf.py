@@ -40,7 +40,6 @@ import dataclasses
 import os
 import re
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +47,15 @@ import torch
 from torch import Tensor
 
 from tinygpt.config import GPTConfig
-from tinygpt.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer
+from tinygpt.tokenizer import (
+    BPETokenizer,
+    ByteTokenizer,
+    Tokenizer,
+    TokenizerError,
+    bytes_to_unicode,
+    load_tokenizer,
+    unicode_to_bytes,
+)
 
 if TYPE_CHECKING:
     from tinygpt.model import GPT
@@ -311,23 +318,6 @@ def from_hf(hf: Any, tokenizer: Tokenizer | None = None, *, dropout: float | Non
 
 
 # ----------------------------------------------------------------------------------------------- tokenizers
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = list(bs)
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-@lru_cache(maxsize=1)
-def _unicode_to_bytes() -> dict[str, int]:
-    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def byte_tokenizer_json() -> str:
@@ -395,7 +385,7 @@ def _canonical_token(s: str) -> bytes | str:
     m = _BYTE_TOKEN.fullmatch(s)
     if m:
         return bytes([int(m[1], 16)])
-    u2b = _unicode_to_bytes()
+    u2b = unicode_to_bytes()
     if s and all(c in u2b for c in s):
         return bytes(u2b[c] for c in s)
     return s
