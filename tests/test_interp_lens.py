@@ -8,6 +8,7 @@ import struct
 
 import pytest
 import torch
+from _lens_helpers import random_lens
 from safetensors.torch import save_file
 
 from tinygpt import GPT, GPTConfig, train
@@ -29,15 +30,6 @@ def tiny_model(seed: int = 0, **overrides) -> GPT:
     cfg = dict(n_layers=2, d_model=32, n_heads=2, n_ctx=64)
     cfg.update(overrides)
     return GPT(GPTConfig(**cfg)).eval()
-
-
-def random_lens(model: GPT, seed: int = 1, scale: float = 0.3) -> TunedLens:
-    lens = TunedLens.from_model(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lens.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale / p.shape[-1] ** 0.5)
-    return lens
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from _lens_helpers import random_lens
 
 from tinygpt import GPT, GPTConfig, train
-from tinygpt.interp import PatchingError, TunedLens, ablation_sweep, attention_patterns, logit_lens, patch_sweep
+from tinygpt.interp import PatchingError, ablation_sweep, attention_patterns, logit_lens, patch_sweep
 from tinygpt.sampling import generate
 from tinygpt.widgets import AblationExplorer, AttentionViewer, LensDashboard, PatchingDashboard, TrainingDashboard
 from tinygpt.widgets.training import ema
@@ -31,15 +32,6 @@ def tiny_model(seed: int = 0, **overrides) -> GPT:
 
 def as_array(z) -> np.ndarray:
     return np.array([[math.nan if v is None else v for v in row] for row in z], dtype=float)
-
-
-def random_lens(model: GPT, seed: int = 1, scale: float = 0.5) -> TunedLens:
-    lens = TunedLens.from_model(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lens.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale / p.shape[-1] ** 0.5)
-    return lens
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +70,7 @@ def test_lens_heatmap_is_the_logit_lens_of_the_typed_prompt(model):
 
 
 def test_lens_toggle_and_loading_a_lenses_file(model, tmp_path):
-    lens = random_lens(model)
+    lens = random_lens(model, scale=0.5)
     path = lens.save(tmp_path / "m.lenses")
     d = LensDashboard(model, prompt=PROMPT)
     logit_kl = as_array(d.fig.data[0].z)
@@ -109,7 +101,7 @@ def test_lens_toggle_and_loading_a_lenses_file(model, tmp_path):
 
 
 def test_lens_dashboard_takes_a_lens_and_reports_bad_prompts(model):
-    lens = random_lens(model, seed=3)
+    lens = random_lens(model, seed=3, scale=0.5)
     d = LensDashboard(model, lens=lens, prompt="abc", metric="entropy")
     assert d.lens_kind.value == "tuned"
     np.testing.assert_allclose(
