@@ -1,6 +1,8 @@
 """Interpretability overheads: a full `run_with_cache` against a plain forward, and a full (layer x position)
 resid_pre activation-patching sweep, ours (batched) against `transformer_lens.patching.get_act_patch_resid_pre`
 on the same model in the same run (which runs one forward per cell). The two sweeps' values are compared too.
+Each prompt length runs twice: prompts that differ in one token (a name swap; tinygpt skips the cells that
+patch identical activations) and prompts that differ in every token (no cell can be skipped: the worst case).
 
     python benchmarks/interp.py                          # tiny preset, 2 threads
     python benchmarks/interp.py --preset small --prompt-len 48,128 --rounds 5
@@ -84,15 +86,22 @@ def main(argv=None) -> None:
 
     # ---------------------------------------------------------------- patching sweep
     for prompt_len in [int(x) for x in str(args.prompt_len).split(",")]:
-        sweep(model, prompt_len, args.prompts, args.rounds)
+        for differ in ("one", "all"):
+            sweep(model, prompt_len, args.prompts, args.rounds, differ)
 
 
-def sweep(model, prompt_len: int, prompts: int, rounds: int) -> None:
+def sweep(model, prompt_len: int, prompts: int, rounds: int, differ: str) -> None:
+    """`differ="one"`: the prompts differ in one token a third of the way in (a name swap; the cells before it
+    and layer 0's other cells patch identical activations, which tinygpt skips); "all": every token differs
+    (no cell can be skipped: the worst case)."""
     cfg = model.cfg
     gen = torch.Generator().manual_seed(1)
     clean = torch.randint(0, cfg.d_vocab, (prompts, prompt_len), generator=gen).to(model.W_E.device)
     corrupted = clean.clone()
-    corrupted[:, prompt_len // 3] = (clean[:, prompt_len // 3] + 1) % cfg.d_vocab
+    if differ == "one":
+        corrupted[:, prompt_len // 3] = (clean[:, prompt_len // 3] + 1) % cfg.d_vocab
+    else:
+        corrupted = (clean + torch.randint(1, cfg.d_vocab, clean.shape, generator=gen).to(clean.device)) % cfg.d_vocab
     correct, incorrect = 11, 17
 
     def metric(logits):
@@ -117,8 +126,10 @@ def sweep(model, prompt_len: int, prompts: int, rounds: int) -> None:
     o, t = statistics.median(t_ours), statistics.median(t_tl)
     cells = cfg.n_layers * prompt_len
     diff = float((v_ours - v_tl.float().cpu()).abs().max())
+    what = "one token differs" if differ == "one" else "every token differs"
     print(
-        f"\nresid_pre patching sweep, {cfg.n_layers} layers x {prompt_len} positions = {cells} cells, batch {prompts}:"
+        f"\nresid_pre patching sweep, {cfg.n_layers} layers x {prompt_len} positions = {cells} cells, batch {prompts}, "
+        f"{what}:"
     )
     print(f"  transformer_lens get_act_patch_resid_pre (+ clean cache): {t * 1e3:8.1f} ms  ({cells} forwards)")
     print(f"  tinygpt patch_resid_pre (batched):                        {o * 1e3:8.1f} ms")

@@ -19,6 +19,7 @@ from tinygpt.interp import (
     patch_heads_by_pos,
     patch_mlp_out,
     patch_resid,
+    patch_resid_mid,
     patch_resid_pre,
     patch_sweep,
 )
@@ -48,6 +49,7 @@ def metric(logits):
 
 SWEEPS = [
     (patch_resid_pre, tlp.get_act_patch_resid_pre, (N_LAYERS, POS)),
+    (patch_resid_mid, tlp.get_act_patch_resid_mid, (N_LAYERS, POS)),
     (patch_attn_out, tlp.get_act_patch_attn_out, (N_LAYERS, POS)),
     (patch_mlp_out, tlp.get_act_patch_mlp_out, (N_LAYERS, POS)),
     (patch_heads, tlp.get_act_patch_attn_head_out_all_pos, (N_LAYERS, N_HEADS)),
@@ -79,8 +81,17 @@ def test_block_every_matches_transformer_lens(model, pair):
     torch.testing.assert_close(got.values, expected.float().cpu(), rtol=0, atol=1e-5)
 
 
+def _changed_cells(model, clean, corrupted, name: str) -> int:
+    """Cells (position x head) of hook_z where the clean and corrupted runs differ at all."""
+    _, c = model.run_with_cache(clean, names_filter=[name])
+    _, k = model.run_with_cache(corrupted, names_filter=[name])
+    return int((c[name] != k[name]).any(-1).any(0).sum())
+
+
 def test_sweep_is_batched(model, pair):
-    """A few forwards per layer (position chunks; plus the clean and corrupted caching runs), not one per cell."""
+    """A few forwards per layer (position chunks; plus the clean and corrupted caching runs), not one per cell;
+    cells whose clean and corrupted activations are identical (positions before the first difference) run none:
+    the patch changes nothing, so their value is the corrupted run's."""
     clean, corrupted = pair
     calls = []
     handle = model.blocks[-1].register_forward_hook(lambda mod, inp, out: calls.append(out.shape[0]))
@@ -89,9 +100,63 @@ def test_sweep_is_batched(model, pair):
     finally:
         handle.remove()
     cells = N_LAYERS * POS * N_HEADS
+    live = sum(_changed_cells(model, clean, corrupted, f"blocks.{i}.attn.hook_z") for i in range(N_LAYERS))
+    assert 0 < live < cells - N_LAYERS * 2 * N_HEADS + 1  # positions 0 and 1 are shared by the prompts
     assert len(calls) <= N_LAYERS * 16 + 2 < cells
-    assert sum(calls) == 2 * 2 + cells * 2  # every cell still ran the whole corrupted batch of 2
+    assert sum(calls) == 2 * 2 + live * 2  # every live cell ran the whole corrupted batch of 2
     assert res.values.shape == (N_LAYERS, POS, N_HEADS)
+    # the prompts differ from position 2: every earlier cell is the corrupted metric, exactly
+    assert (res.values[:, :2] == res.corrupted_metric).all()
+
+
+POSITION_SWEEPS = [patch_resid_pre, patch_resid_mid, patch_attn_out, patch_mlp_out]
+
+
+@pytest.mark.parametrize("ours", POSITION_SWEEPS, ids=lambda f: f.__name__)
+def test_position_sweeps_from_cached_activations(model, monkeypatch, ours):
+    """Position sweeps of a plain model compute the patched block's output from the two runs' caches and run
+    only later blocks, in a few batched calls; with the default logit-difference metric, only the final
+    block's last position. Every token differs here (no cell is skipped): values equal TransformerLens' with
+    the same metric, and the hook-based path taken when a hook is attached (which must then run)."""
+    import tinygpt.interp.patching as patching
+
+    gen = torch.Generator().manual_seed(11)
+    clean = torch.randint(0, 256, (2, POS), generator=gen)
+    corrupted = torch.randint(0, 256, (2, POS), generator=gen)
+    theirs = {
+        patch_resid_pre: tlp.get_act_patch_resid_pre,
+        patch_resid_mid: tlp.get_act_patch_resid_mid,
+        patch_attn_out: tlp.get_act_patch_attn_out,
+        patch_mlp_out: tlp.get_act_patch_mlp_out,
+    }[ours]
+    _, clean_cache = model.run_with_cache(clean)
+    expected = theirs(model, corrupted, clean_cache, metric)
+    assert expected.abs().max() > 0.05
+    rows = []
+    run_rows = patching._run_rows
+
+    def spy(m, layer, x, packed, *args):
+        rows.append((layer, packed.nb, x.shape[0], int((packed.q >= 0).sum())))
+        return run_rows(m, layer, x, packed, *args)
+
+    monkeypatch.setattr(patching, "_run_rows", spy)
+    got = ours(model, clean, corrupted, correct=[5, 6], incorrect=[7, 8], batch_cells=4)
+    torch.testing.assert_close(got.values, expected.float(), rtol=0, atol=1e-5)
+    assert len(rows) == N_LAYERS * -(-POS // 4)  # ragged chunks of 4 cells per layer
+    assert sum(r[1] for r in rows) == N_LAYERS * POS * 2  # replicas: one per cell and prompt
+    assert {r[0] for r in rows} == set(range(1, N_LAYERS + 1))  # from the block after the patched one
+    # packed: a cell at position p computes positions p.. only (the last alone after the final block)
+    assert sum(r[3] for r in rows) == N_LAYERS * 2 * sum(POS - p for p in range(POS))
+    assert all(r[2] in (r[1], r[3]) for r in rows)
+    # with a hook attached, the blocks run (and the hook sees every patched forward)
+    seen = []
+    model.blocks[-1].hook_resid_post.add_hook(lambda act, hook: seen.append(act.shape[0]))
+    try:
+        hooked = ours(model, clean, corrupted, correct=[5, 6], incorrect=[7, 8], batch_cells=4)
+    finally:
+        model.reset_hooks()
+    torch.testing.assert_close(hooked.values, got.values, rtol=0, atol=1e-5)
+    assert sum(seen) == 2 * 2 + N_LAYERS * POS * 2
 
 
 def test_text_prompts_default_metric_and_normalisation(model):

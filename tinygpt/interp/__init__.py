@@ -40,6 +40,7 @@ from tinygpt.interp.patching import (  # noqa: F401
     patch_heads_by_pos,
     patch_mlp_out,
     patch_resid,
+    patch_resid_mid,
     patch_resid_pre,
     patch_sweep,
 )

@@ -2,11 +2,17 @@
 
 Same semantics as `transformer_lens.patching` (`get_act_patch_resid_pre`, `..._attn_out`, `..._mlp_out`,
 `..._block_every`, `..._attn_head_out_all_pos`, `..._attn_head_out_by_pos`; the tests check agreement to 1e-5),
-but a sweep runs as a few *batched* forwards instead of one forward per cell: for each layer the corrupted
-input is replicated once per cell (chunked to bound memory), a single hook patches a different cell in each
-replica, and the forward starts at that layer from the cached corrupted residual stream (the blocks before it
-are unaffected by the patch). Position sweeps also start at the chunk's first patched position: earlier
-positions are unaffected too (causal attention), so their keys and values are taken from the corrupted run.
+but a sweep runs as a few *batched* forwards instead of one forward per cell, and skips work that cannot change
+the result. A cell whose clean and corrupted activations are identical (a position before the first token
+the prompts differ in; a shared token in layer 0's resid_pre) is a no-op: its value is the corrupted run's.
+The other cells are replicas of the corrupted run (chunked to bound memory): the blocks before the patched one
+are unaffected, so each replica starts there from the cached corrupted run, and computes only the patched
+position and the later ones (causal attention; the earlier positions' keys and values are the corrupted
+run's). For position sites of a plain model with nothing hooked, the patched block's output comes from the
+two runs' cached activations (e.g. patching `mlp_out` at p changes `resid_post` at p only; patching
+`resid_pre` at p changes the keys and values at p, not the other queries), later blocks run on the packed
+(replica, position) rows, and with the default metric the final block computes the last position only.
+Otherwise a hook patches a different cell in each replica.
 
     clean, corrupted = "When Mary and John went, John gave it to", "When Mary and John went, Mary gave it to"
     res = patch_resid_pre(model, clean, corrupted, correct=" Mary", incorrect=" John")
@@ -37,7 +43,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformer_lens.hook_points import HookPoint
 
+from tinygpt.arch import backends
 from tinygpt.interp.attention import routed_slots
 
 Metric = Callable[[Tensor], Tensor | float]
@@ -354,12 +362,13 @@ class _TailKV:
 
 def _run_from(model, layer: int, resid: Tensor, cache: _PrefixKV | None = None, last_only: bool = False) -> Tensor:
     """Logits of the blocks from `layer` on, given `blocks.{layer}.hook_resid_pre` [batch, pos, d_model]
-    (of the positions after `cache.length` when a prefix cache is given). With `last_only` (for a metric that
-    reads the last position; no hook in the final block), the final block computes only the keys and values of
-    the other positions and the last position itself: logits [batch, 1, d_vocab]."""
+    (of the positions after `cache.length` when a prefix cache is given; `layer == n_layers` just unembeds).
+    With `last_only` (for a metric that reads the last position; nothing observes the final block), the final
+    block computes only the keys and values of the other positions and the last position itself: logits
+    [batch, 1, d_vocab]."""
     x = resid
     blocks = list(model.blocks[layer:])
-    final = blocks.pop() if last_only and len(blocks) > 1 else None
+    final = blocks.pop() if last_only and blocks else None
     for block in blocks:
         x = block(x, cache)
     if final is not None:
@@ -371,6 +380,133 @@ def _run_from(model, layer: int, resid: Tensor, cache: _PrefixKV | None = None, 
         if cache is not None:
             k, v = cache.update(cfg.n_layers - 1, k, v)
         x = final(x[:, -1:], _TailKV(k, v))
+    elif last_only:
+        x = x[:, -1:]
+    return model.unembed(model.ln_final(x))
+
+
+def _quiet(model) -> bool:
+    """True if nothing watches the model's hook points or modules, so a sweep may compute a block's patched
+    output from cached activations instead of running the block."""
+    from tinygpt.model import observed
+
+    return not any(
+        m._forward_hooks or m._forward_pre_hooks or (isinstance(m, HookPoint) and observed(m)) for m in model.modules()
+    )
+
+
+# site -> (clean, corrupted) activations of the patched layer that `_patched_rows` computes its output from
+_DIRECT: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "resid_pre": (("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v"),) * 2,
+    "resid_mid": (("hook_resid_post",), ("hook_resid_post",)),
+    "attn_out": (("hook_attn_out",), ("hook_resid_pre", "hook_resid_post")),
+    "mlp_out": (("hook_mlp_out",), ("hook_resid_mid", "hook_resid_post")),
+}
+
+
+_ROW_BUDGET = {"cpu": 768, "gpu": 1 << 16}  # packed rows per position-sweep chunk (see _sweep)
+
+
+class _Rows:
+    """The (replica, position) rows a position sweep computes, packed: replica j (prompt j % batch of cell
+    j // batch) holds its cell's patched position `pos[j // batch]` and every later one; the earlier positions
+    are the corrupted run's (causal attention) and are not computed."""
+
+    def __init__(self, pos: list[int], batch: int, t: int, device):
+        p = torch.as_tensor(pos, device=device).repeat_interleave(batch)  # [nb] each replica's patched position
+        lengths = t - p
+        self.nb, self.t = p.numel(), t
+        self.r = torch.arange(self.nb, device=device).repeat_interleave(lengths)  # [N] replica of each row
+        start = torch.cumsum(lengths, 0) - lengths
+        self.q = torch.arange(self.r.numel(), device=device) - start[self.r] + p[self.r]  # [N] position of each row
+        self.prompt = self.r % batch
+        self.patched = self.q == p[self.r]  # [N] the rows at the patched position
+        self.last = self.q == t - 1  # [N] one row per replica
+
+    def take(self, act: Tensor) -> Tensor:  # an activation of the unpatched run [batch, t, ...] -> rows [N, ...]
+        return act[self.prompt, self.q]
+
+    def mix(self, clean: Tensor, corrupted: Tensor) -> Tensor:  # -> rows: clean at the patched positions
+        m = self.patched.view(-1, *([1] * (clean.ndim - 2)))
+        return torch.where(m, self.take(clean), self.take(corrupted))
+
+
+def _kv(corrupted, layer: int, rows: _Rows) -> tuple[Tensor, Tensor]:
+    """The corrupted run's keys and values of `layer` for every replica, [nb, t, H * d_head] (copies to write
+    the computed rows into)."""
+    k, v = corrupted[f"blocks.{layer}.attn.hook_k"], corrupted[f"blocks.{layer}.attn.hook_v"]  # [b, t, H, dh]
+    n = rows.nb // k.shape[0]
+    return k.flatten(2).repeat(n, 1, 1), v.flatten(2).repeat(n, 1, 1)
+
+
+def _block_rows(block, cfg, rows: _Rows, sel: Tensor | None, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The rest of a plain block for residual rows x [M, d_model] (rows `sel` of `rows`, all if None), given
+    their queries q [M, H * d_head] and every replica's keys and values k, v [nb, t, H * d_head]: the block's
+    output rows [M, d_model] (attention, output projection, MLP)."""
+    h, dh = cfg.n_heads, cfg.d_head
+    r, qp = (rows.r, rows.q) if sel is None else (rows.r[sel], rows.q[sel])
+    t0 = int(qp.min())
+    padded = q.new_zeros(rows.nb, rows.t - t0, h * dh)  # queries at their positions (zeros elsewhere: unused)
+    padded[r, qp - t0] = q
+    z = backends.attend(
+        padded.view(rows.nb, -1, h, dh).transpose(1, 2),
+        k.view(rows.nb, rows.t, h, dh).transpose(1, 2),
+        v.view(rows.nb, rows.t, h, dh).transpose(1, 2),
+        t0,
+        impl=cfg.attn_impl,
+    )  # [nb, H, t - t0, dh]
+    x = x + block.attn.o_proj(z.transpose(1, 2).reshape(rows.nb, -1, h * dh)[r, qp - t0])
+    return x + getattr(block, block._ffn_name)(block.ln2(x))
+
+
+def _patched_rows(model, site: str, layer: int, rows: _Rows, clean, corrupted, last_only: bool) -> Tensor:
+    """`blocks.{layer}.hook_resid_post` rows [N, d_model] of the corrupted run with `site` patched from the
+    clean run at each replica's position (only the last rows [nb, d_model] if `last_only` and `layer` is the
+    final block), computed from the two runs' cached activations.
+
+    Nothing is recomputed that the patch leaves unchanged. A patch at position p of `resid_mid` gives the clean
+    `resid_post` at p; of `mlp_out`, the corrupted `resid_mid` plus the clean `mlp_out` at p; of `attn_out`, the
+    MLP of the corrupted `resid_pre` plus the clean `attn_out` (one MLP pass shared by every cell of the layer);
+    every other position keeps the corrupted `resid_post`. A patch of `resid_pre` at p changes the keys and
+    values at p only (to the clean run's): the block's attention, output projection and MLP run for p and every
+    later position, without recomputing the other queries, keys and values."""
+    block, cfg = model.blocks[layer], model.cfg
+    c = {x: clean[f"blocks.{layer}.{x}"] for x in _DIRECT[site][0]}
+    k = {x: corrupted[f"blocks.{layer}.{x}"] for x in _DIRECT[site][1]}
+    if site != "resid_pre":
+        if site == "resid_mid":
+            src = c["hook_resid_post"]
+        elif site == "mlp_out":
+            src = k["hook_resid_mid"] + c["hook_mlp_out"]
+        else:
+            mid = k["hook_resid_pre"] + c["hook_attn_out"]
+            src = mid + getattr(block, block._ffn_name)(block.ln2(mid))
+        return rows.mix(src, k["hook_resid_post"])
+    keys, values = _kv(corrupted, layer, rows)  # the clean keys and values at each replica's patched position
+    at = rows.patched
+    keys[rows.r[at], rows.q[at]] = rows.take(c["attn.hook_k"])[at].flatten(1)
+    values[rows.r[at], rows.q[at]] = rows.take(c["attn.hook_v"])[at].flatten(1)
+    sel = rows.last if last_only and layer == cfg.n_layers - 1 else None
+    resid, q = rows.mix(c["hook_resid_pre"], k["hook_resid_pre"]), rows.mix(c["attn.hook_q"], k["attn.hook_q"])
+    if sel is not None:
+        resid, q = resid[sel], q[sel]
+    return _block_rows(block, cfg, rows, sel, resid, q.flatten(1), keys, values)
+
+
+def _run_rows(model, layer: int, x: Tensor, rows: _Rows, corrupted, last_only: bool) -> Tensor:
+    """Logits of the blocks from `layer` on for residual rows x [N, d_model]: [N, d_vocab], or with `last_only`
+    the last position's [nb, d_vocab] (the final block then computes only that position's output)."""
+    cfg = model.cfg
+    for i in range(layer, cfg.n_layers):
+        block = model.blocks[i]
+        h = block.ln1(x)
+        k, v = _kv(corrupted, i, rows)
+        k[rows.r, rows.q], v[rows.r, rows.q] = block.attn.k_proj(h), block.attn.v_proj(h)
+        sel = rows.last if last_only and i == cfg.n_layers - 1 else None
+        xs, hs = (x, h) if sel is None else (x[sel], h[sel])
+        x = _block_rows(block, cfg, rows, sel, xs, block.attn.q_proj(hs), k, v)
+    if last_only and x.shape[0] == rows.r.numel():
+        x = x[rows.last]
     return model.unembed(model.ln_final(x))
 
 
@@ -436,6 +572,23 @@ def _routed_head_hook(site: str, chunk: list[tuple[int, ...]], b: int, layer: in
     return hook
 
 
+def _unchanged(site: str, name: str, clean_cache, corrupted_cache) -> Tensor | None:
+    """Per cell, True where the clean activation equals the corrupted one exactly (in every prompt): patching
+    it changes nothing, so the patched run is the corrupted run (e.g. positions before the first token the
+    prompts differ in, or any shared token in layer 0's resid_pre). None if the runs cannot be compared."""
+    if name not in clean_cache.cache_dict or name not in corrupted_cache.cache_dict:
+        return None
+    c, k = clean_cache[name], corrupted_cache[name]
+    if c.shape != k.shape:
+        return None
+    same = c == k  # [b, pos, ...] or hook_z [b, pos, H, d_head]
+    if site == "head":
+        return same.all(-1).all(1).all(0)  # [H]
+    if site == "head_by_pos":
+        return same.all(-1).all(0).flatten()  # [pos * H], in _cells order
+    return same.flatten(2).all(-1).all(0)  # [pos]
+
+
 @torch.no_grad()
 def _sweep(
     model,
@@ -448,60 +601,97 @@ def _sweep(
     clean_cache,
     corrupted_cache,
     corrupted_logits: Tensor,
+    corrupted_value: float,
 ) -> Tensor:
     from tqdm.auto import tqdm
 
     hook_tpl, axes = SITES[site]
     b, t = corrupted.shape
-    n_heads = model.cfg.n_heads
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     cells = _cells(site, t, n_heads)  # position cells come sorted by position
-    if batch_cells is None:  # ~4k replicated tokens per forward (long prompts then split by position, which
-        per_cell = b * t  # skips the unpatched prefixes), and logits of at most ~64M floats
-        widest = max(model.cfg.d_vocab, model.cfg.d_mlp, 4 * model.cfg.d_model)
+    resume = _can_resume(model)
+    by_pos = "pos" in axes
+    # the default metric reads the last position only: the final block then runs that position alone
+    quiet = _quiet(model)
+    last_only = isinstance(metric, _LogitDiff) and quiet
+    direct = resume and quiet and site in _DIRECT  # packed rows from cached activations (_patched_rows)
+    per_cell = b * t
+    widest = max(model.cfg.d_vocab, model.cfg.d_mlp, 4 * model.cfg.d_model)
+    fixed = batch_cells
+    if batch_cells is None:  # ~4k replicated tokens per forward and logits of at most ~64M floats
         batch_cells = max(1, min(4096 // per_cell, (1 << 26) // (per_cell * widest)))
-        if "pos" in axes and corrupted.device.type == "cpu" and _can_resume(model):
+        if by_pos and corrupted.device.type == "cpu" and resume:
             # CPU matmuls are compute-bound: position chunks of ~400 tokens (at most ~16 per layer), so later
             # chunks run fewer positions (on a GPU one wide batch per layer is faster: small forwards are
             # launch-bound)
             batch_cells = min(batch_cells, max(4, 384 // per_cell, -(-len(cells) // 16)))
-    resume = _can_resume(model)
-    by_pos = "pos" in axes
-    out = torch.empty(len(layers), len(cells))
-    todo = [(li, i) for li in range(len(layers)) for i in range(0, len(cells), batch_cells)]
-    for li, start in tqdm(todo, desc=f"patching {site}", disable=not progress, leave=False):
+    # packed rows: chunks of about `budget` computed rows (a cell at position p has b * (t - p)); the padded
+    # keys, values and queries (and the full logits for a metric that reads every position) stay bounded too
+    budget = _ROW_BUDGET["cpu" if corrupted.device.type == "cpu" else "gpu"]
+    max_cells = max(1, (1 << 26) // (per_cell * (4 * model.cfg.d_model if last_only else widest)))
+    out = torch.full((len(layers), len(cells)), corrupted_value)
+    todo = []
+    for li, layer in enumerate(layers):
+        routed = site in ("head", "head_by_pos") and f"blocks.{layer}.hook_routing_mask" in model.hook_dict
+        same = None if routed else _unchanged(site, hook_tpl.format(layer=layer), clean_cache, corrupted_cache)
+        live = [i for i in range(len(cells)) if same is None or not bool(same[i])]  # the others change nothing
+        if not direct or fixed is not None:
+            todo += [(li, live[j : j + batch_cells]) for j in range(0, len(live), batch_cells)]
+            continue
+        chunk, size = [], 0
+        for i in live:
+            rows = b * (t - cells[i][0])
+            if chunk and (size + rows > budget or len(chunk) == max_cells):
+                todo.append((li, chunk))
+                chunk, size = [], 0
+            chunk.append(i)
+            size += rows
+        todo += [(li, chunk)] if chunk else []
+    for li, idx in tqdm(todo, desc=f"patching {site}", disable=not progress, leave=False):
         layer = layers[li]
-        chunk = cells[start : start + batch_cells]
+        chunk = [cells[i] for i in idx]
         n = len(chunk)
         name = hook_tpl.format(layer=layer)
         # Positions before the chunk's first patched position are the corrupted run's: with a plain block
         # stack, only the later positions are run (on the corrupted keys and values of the earlier ones).
         first = min(c[0] for c in chunk) if by_pos and resume else 0
-        if site in ("head", "head_by_pos") and f"blocks.{layer}.hook_routing_mask" in model.hook_dict:
-            hook = _routed_head_hook(site, chunk, b, layer, clean_cache, corrupted_cache)
-        else:
-
-            def hook(act: Tensor, hook, chunk=chunk, clean_act=clean_cache[name][:, first:], first=first) -> Tensor:
-                shaped = act.view(len(chunk), b, *act.shape[1:])
-                mask = _mask(site, chunk, act.shape, act.device, offset=first)
-                return torch.where(mask, clean_act[None].to(act.dtype), shaped).reshape(act.shape)
-
-        with model.hooks(fwd_hooks=[(name, hook)]):
-            if resume:
-                resid = corrupted_cache[f"blocks.{layer}.hook_resid_pre"][:, first:]
-                kv = _PrefixKV(corrupted_cache, range(layer, model.cfg.n_layers), first, n) if first else None
-                # the default metric reads the last position only: the final block runs that position alone
-                last_only = isinstance(metric, _LogitDiff) and layer < model.cfg.n_layers - 1 and t - first > 1
-                logits = _run_from(model, layer, resid.repeat(n, 1, 1), kv, last_only)
-                if first and not last_only:
-                    logits = torch.cat([corrupted_logits[:, :first].repeat(n, 1, 1), logits], dim=1)
+        tail = last_only and t - first > 1  # logits of the last position only
+        if direct:
+            rows = _Rows([c[0] for c in chunk], b, t, corrupted.device)
+            x = _patched_rows(model, site, layer, rows, clean_cache, corrupted_cache, last_only)
+            logits = _run_rows(model, layer + 1, x, rows, corrupted_cache, last_only)
+            if last_only:
+                logits = logits[:, None]  # [nb, 1, d_vocab]
             else:
-                logits = model(corrupted.repeat(n, 1))
+                full = corrupted_logits.repeat(n, 1, 1)
+                full[rows.r, rows.q] = logits
+                logits = full
+        else:
+            if site in ("head", "head_by_pos") and f"blocks.{layer}.hook_routing_mask" in model.hook_dict:
+                hook = _routed_head_hook(site, chunk, b, layer, clean_cache, corrupted_cache)
+            else:
+
+                def hook(act: Tensor, hook, chunk=chunk, clean_act=clean_cache[name][:, first:], first=first):
+                    shaped = act.view(len(chunk), b, *act.shape[1:])
+                    mask = _mask(site, chunk, act.shape, act.device, offset=first)
+                    return torch.where(mask, clean_act[None].to(act.dtype), shaped).reshape(act.shape)
+
+            with model.hooks(fwd_hooks=[(name, hook)]):
+                if resume:
+                    resid = corrupted_cache[f"blocks.{layer}.hook_resid_pre"][:, first:]
+                    kv = _PrefixKV(corrupted_cache, range(layer, n_layers), first, n) if first else None
+                    tail = tail and layer < n_layers - 1  # the hooked block runs whole
+                    logits = _run_from(model, layer, resid.repeat(n, 1, 1), kv, tail)
+                else:
+                    logits = model(corrupted.repeat(n, 1))
+        if first and not tail and logits.shape[1] < t:
+            logits = torch.cat([corrupted_logits[:, :first].repeat(n, 1, 1), logits], dim=1)
         logits = logits.view(n, b, *logits.shape[1:])
         if hasattr(metric, "batched"):
-            out[li, start : start + n] = metric.batched(logits).float().cpu()
+            out[li, idx] = metric.batched(logits).float().cpu()
         else:
             for j in range(n):
-                out[li, start + j] = _scalar(metric(logits[j]))
+                out[li, idx[j]] = _scalar(metric(logits[j]))
     # cells -> axes
     if site == "head":
         return out.view(len(layers), n_heads)
@@ -565,14 +755,17 @@ def _patch(
                 for layer in layer_list
                 if f"blocks.{layer}.hook_routing_mask" in model.hook_dict and {"head", "head_by_pos"} & set(sites)
             ]
-            clean_logits, clean_cache = model.run_with_cache(clean_t, names_filter=names + masks)
-            resid = list(masks)
+            clean_names, corrupted_names = set(names + masks), set(names + masks)  # sites: unchanged cells
             if _can_resume(model):
-                resid += [f"blocks.{layer}.hook_resid_pre" for layer in layer_list]
+                corrupted_names |= {f"blocks.{layer}.hook_resid_pre" for layer in layer_list}
                 if any("pos" in SITES[s][1] for s in sites):  # prefix keys/values (see _sweep)
                     later = range(min(layer_list), n_layers)
-                    resid += [f"blocks.{i}.attn.hook_{kv}" for i in later for kv in ("k", "v")]
-            corrupted_logits, corrupted_cache = model.run_with_cache(corrupted_t, names_filter=resid)
+                    corrupted_names |= {f"blocks.{i}.attn.hook_{kv}" for i in later for kv in ("k", "v")}
+                for s, layer in ((s, layer) for s in sites if s in _DIRECT for layer in layer_list):
+                    clean_names |= {f"blocks.{layer}.{x}" for x in _DIRECT[s][0]}
+                    corrupted_names |= {f"blocks.{layer}.{x}" for x in _DIRECT[s][1]}
+            clean_logits, clean_cache = model.run_with_cache(clean_t, names_filter=sorted(clean_names))
+            corrupted_logits, corrupted_cache = model.run_with_cache(corrupted_t, names_filter=sorted(corrupted_names))
             fn = _metric(model, metric, correct, incorrect, clean_logits, corrupted_logits)
             clean_value, corrupted_value = _scalar(fn(clean_logits)), _scalar(fn(corrupted_logits))
             values = [
@@ -587,6 +780,7 @@ def _patch(
                     clean_cache,
                     corrupted_cache,
                     corrupted_logits,
+                    corrupted_value,
                 )
                 for s in sites
             ]
@@ -618,6 +812,11 @@ def _patch(
 def patch_resid_pre(model, clean, corrupted, metric=None, **kwargs) -> PatchingResult:
     """Patch `blocks.{layer}.hook_resid_pre` at each (layer, position): values [n_layers, pos]."""
     return patch_sweep(model, clean, corrupted, "resid_pre", metric, **kwargs)
+
+
+def patch_resid_mid(model, clean, corrupted, metric=None, **kwargs) -> PatchingResult:
+    """Patch `blocks.{layer}.hook_resid_mid` at each (layer, position): values [n_layers, pos]."""
+    return patch_sweep(model, clean, corrupted, "resid_mid", metric, **kwargs)
 
 
 def patch_attn_out(model, clean, corrupted, metric=None, **kwargs) -> PatchingResult:
