@@ -362,13 +362,12 @@ class _TailKV:
 
 def _run_from(model, layer: int, resid: Tensor, cache: _PrefixKV | None = None, last_only: bool = False) -> Tensor:
     """Logits of the blocks from `layer` on, given `blocks.{layer}.hook_resid_pre` [batch, pos, d_model]
-    (of the positions after `cache.length` when a prefix cache is given; `layer == n_layers` just unembeds).
-    With `last_only` (for a metric that reads the last position; nothing observes the final block), the final
-    block computes only the keys and values of the other positions and the last position itself: logits
-    [batch, 1, d_vocab]."""
+    (of the positions after `cache.length` when a prefix cache is given). With `last_only` (for a metric that
+    reads the last position; nothing observes the final block), the final block computes only the keys and
+    values of the other positions and the last position itself: logits [batch, 1, d_vocab]."""
     x = resid
     blocks = list(model.blocks[layer:])
-    final = blocks.pop() if last_only and blocks else None
+    final = blocks.pop() if last_only and len(blocks) > 1 else None
     for block in blocks:
         x = block(x, cache)
     if final is not None:
@@ -380,8 +379,6 @@ def _run_from(model, layer: int, resid: Tensor, cache: _PrefixKV | None = None, 
         if cache is not None:
             k, v = cache.update(cfg.n_layers - 1, k, v)
         x = final(x[:, -1:], _TailKV(k, v))
-    elif last_only:
-        x = x[:, -1:]
     return model.unembed(model.ln_final(x))
 
 
@@ -505,7 +502,7 @@ def _run_rows(model, layer: int, x: Tensor, rows: _Rows, corrupted, last_only: b
         sel = rows.last if last_only and i == cfg.n_layers - 1 else None
         xs, hs = (x, h) if sel is None else (x[sel], h[sel])
         x = _block_rows(block, cfg, rows, sel, xs, block.attn.q_proj(hs), k, v)
-    if last_only and x.shape[0] == rows.r.numel():
+    if last_only and x.shape[0] == rows.r.numel():  # no block ran (the patched one was the final block)
         x = x[rows.last]
     return model.unembed(model.ln_final(x))
 
@@ -572,16 +569,16 @@ def _routed_head_hook(site: str, chunk: list[tuple[int, ...]], b: int, layer: in
     return hook
 
 
-def _unchanged(site: str, name: str, clean_cache, corrupted_cache) -> Tensor | None:
+def _routed(model, site: str, layer: int) -> bool:
+    """A head sweep of a mixture-of-depths block (patched by token position, see the module docstring)."""
+    return site in ("head", "head_by_pos") and f"blocks.{layer}.hook_routing_mask" in model.hook_dict
+
+
+def _unchanged(site: str, name: str, clean_cache, corrupted_cache) -> Tensor:
     """Per cell, True where the clean activation equals the corrupted one exactly (in every prompt): patching
     it changes nothing, so the patched run is the corrupted run (e.g. positions before the first token the
-    prompts differ in, or any shared token in layer 0's resid_pre). None if the runs cannot be compared."""
-    if name not in clean_cache.cache_dict or name not in corrupted_cache.cache_dict:
-        return None
-    c, k = clean_cache[name], corrupted_cache[name]
-    if c.shape != k.shape:
-        return None
-    same = c == k  # [b, pos, ...] or hook_z [b, pos, H, d_head]
+    prompts differ in, or any shared token in layer 0's resid_pre)."""
+    same = clean_cache[name] == corrupted_cache[name]  # [b, pos, ...] or hook_z [b, pos, H, d_head]
     if site == "head":
         return same.all(-1).all(1).all(0)  # [H]
     if site == "head_by_pos":
@@ -632,9 +629,11 @@ def _sweep(
     out = torch.full((len(layers), len(cells)), corrupted_value)
     todo = []
     for li, layer in enumerate(layers):
-        routed = site in ("head", "head_by_pos") and f"blocks.{layer}.hook_routing_mask" in model.hook_dict
-        same = None if routed else _unchanged(site, hook_tpl.format(layer=layer), clean_cache, corrupted_cache)
-        live = [i for i in range(len(cells)) if same is None or not bool(same[i])]  # the others change nothing
+        if _routed(model, site, layer):  # routed tokens: every cell runs
+            live = list(range(len(cells)))
+        else:  # the other cells change nothing
+            same = _unchanged(site, hook_tpl.format(layer=layer), clean_cache, corrupted_cache)
+            live = [i for i in range(len(cells)) if not bool(same[i])]
         if not direct or fixed is not None:
             todo += [(li, live[j : j + batch_cells]) for j in range(0, len(live), batch_cells)]
             continue
@@ -655,7 +654,6 @@ def _sweep(
         # Positions before the chunk's first patched position are the corrupted run's: with a plain block
         # stack, only the later positions are run (on the corrupted keys and values of the earlier ones).
         first = min(c[0] for c in chunk) if by_pos and resume else 0
-        tail = last_only and t - first > 1  # logits of the last position only
         if direct:
             rows = _Rows([c[0] for c in chunk], b, t, corrupted.device)
             x = _patched_rows(model, site, layer, rows, clean_cache, corrupted_cache, last_only)
@@ -667,7 +665,7 @@ def _sweep(
                 full[rows.r, rows.q] = logits
                 logits = full
         else:
-            if site in ("head", "head_by_pos") and f"blocks.{layer}.hook_routing_mask" in model.hook_dict:
+            if _routed(model, site, layer):
                 hook = _routed_head_hook(site, chunk, b, layer, clean_cache, corrupted_cache)
             else:
 
@@ -680,12 +678,13 @@ def _sweep(
                 if resume:
                     resid = corrupted_cache[f"blocks.{layer}.hook_resid_pre"][:, first:]
                     kv = _PrefixKV(corrupted_cache, range(layer, n_layers), first, n) if first else None
-                    tail = tail and layer < n_layers - 1  # the hooked block runs whole
+                    # logits of the last position only (the hooked block runs whole)
+                    tail = last_only and layer < n_layers - 1 and t - first > 1
                     logits = _run_from(model, layer, resid.repeat(n, 1, 1), kv, tail)
+                    if first and not tail:
+                        logits = torch.cat([corrupted_logits[:, :first].repeat(n, 1, 1), logits], dim=1)
                 else:
                     logits = model(corrupted.repeat(n, 1))
-        if first and not tail and logits.shape[1] < t:
-            logits = torch.cat([corrupted_logits[:, :first].repeat(n, 1, 1), logits], dim=1)
         logits = logits.view(n, b, *logits.shape[1:])
         if hasattr(metric, "batched"):
             out[li, idx] = metric.batched(logits).float().cpu()
