@@ -48,7 +48,7 @@ def timed(fn, reps: int, warmup: int = 3) -> float:
 
 def make_fns(diff: bool):
     """(ours, sdpa): callables of (q, k, v) -> out; for `diff`, q/k hold [Q1 | Q2], [K1 | K2]."""
-    from tinygpt.arch.triton_attn import diff_flash_attention, flash_attention
+    from tinygpt.arch.triton.attention import diff_flash_attention, flash_attention
 
     if not diff:
         return (
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print("attention_gpu.py needs a CUDA GPU: torch.cuda.is_available() is False here. Run it on a machine "
               "with an NVIDIA GPU and triton installed.", file=sys.stderr)  # fmt: skip
         return 2
-    from tinygpt.arch import triton_attn
+    from tinygpt.arch.triton import attention as triton_attn
 
     reason = triton_attn.unavailable_reason("cuda")
     if reason is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import tinygpt
-from tinygpt.distill import distill
+from tinygpt.training.distill import distill
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ def import_triton_interpreted() -> bool:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-    from tinygpt.arch import triton_attn
+    from tinygpt.arch.triton import attention as triton_attn
 
     return triton_attn.interpreting()
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from tinygpt import GPT, GPTConfig
-from tinygpt.arch import backends, triton_attn
+from tinygpt.arch import backends
 from tinygpt.arch.backends import BackendUnavailable
+from tinygpt.arch.triton import attention as triton_attn
 from tinygpt.cli import main
 from tinygpt.config import ConfigError
 

@@ -26,8 +26,8 @@ from _triton_helpers import ROOT, compile_without_gpu, fresh_process_test, impor
 INTERPRETED = import_triton_interpreted()  # before anything imports triton
 
 from tinygpt import GPT, GPTConfig  # noqa: E402
-from tinygpt.arch import triton_attn  # noqa: E402
-from tinygpt.arch.triton_attn import diff_flash_attention, flash_attention  # noqa: E402
+from tinygpt.arch.triton import attention as triton_attn  # noqa: E402
+from tinygpt.arch.triton.attention import diff_flash_attention, flash_attention  # noqa: E402
 
 needs_interpreter = pytest.mark.skipif(
     not INTERPRETED, reason="triton was imported in compiled mode first: checked by test_in_a_fresh_process"
@@ -344,7 +344,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from tinygpt.arch import _triton_kernels as K
-from tinygpt.arch.triton_attn import _GPU_CONFIGS
+from tinygpt.arch.triton.attention import _GPU_CONFIGS
 
 assert not K.INTERPRET
 names = {"fwd": "attn_fwd", "dkdv": "attn_bwd_dkdv", "dq": "attn_bwd_dq", "pre": "attn_bwd_preprocess"}

@@ -23,8 +23,9 @@ if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
 from _triton_helpers import fresh_process_test  # noqa: E402
 
 from tinygpt import GPT, GPTConfig  # noqa: E402
-from tinygpt.arch import backends, triton_attn  # noqa: E402
-from tinygpt.arch.triton_attn import flash_attention  # noqa: E402
+from tinygpt.arch import backends
+from tinygpt.arch.triton import attention as triton_attn  # noqa: E402
+from tinygpt.arch.triton.attention import flash_attention  # noqa: E402
 
 COMPILED = not triton_attn.interpreting()
 needs_compiled = pytest.mark.skipif(not COMPILED, reason="triton runs interpreted here: see test_in_a_fresh_process")

@@ -12,7 +12,8 @@ import torch
 from tinygpt import GPT, BPETokenizer, ByteTokenizer, GPTConfig, load, read_checkpoint, train
 from tinygpt.cli import main
 from tinygpt.data import tokenize_corpus
-from tinygpt.distill import (
+from tinygpt.interop.hf import byte_tokenizer_json, export_hf
+from tinygpt.training.distill import (
     DistillObjective,
     DistillSettings,
     GPTTeacher,
@@ -21,8 +22,7 @@ from tinygpt.distill import (
     distill_loss,
     load_teacher,
 )
-from tinygpt.interop.hf import byte_tokenizer_json, export_hf
-from tinygpt.train import TokenBatches
+from tinygpt.training.loop import TokenBatches
 
 CFG = GPTConfig(n_layers=2, d_model=32, n_heads=2, n_ctx=64)
 FAST = dict(steps=4, batch_size=2, ctx=32, warmup=2, val_every=0, val_split=0.1, val_batches=2, progress=False)

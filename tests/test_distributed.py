@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinygpt import distributed as D
 from tinygpt import load, read_checkpoint, train
 from tinygpt.data import tokenize_corpus
 from tinygpt.tokenizer import ByteTokenizer
-from tinygpt.train import TokenBatches, TrainConfig
+from tinygpt.training import distributed as D
+from tinygpt.training.loop import TokenBatches, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5  # losses; measured: DDP 0.0, FSDP 2.4e-7
@@ -296,7 +296,7 @@ def test_distill_in_two_processes_matches_one_process_with_twice_the_accumulatio
     whenever the other does, since each forward of the sharded student is a collective); rank 0 alone prints."""
     import random as _random
 
-    from tinygpt.distill import distill
+    from tinygpt.training.distill import distill
 
     teacher = train(corpus=corpus, preset="nano", out=tmp_path / "teacher.tinygpt", device="cpu", progress=False,
                     steps=3, batch_size=4, ctx=32, val_every=0)  # fmt: skip
@@ -357,7 +357,7 @@ def test_sft_in_two_processes_matches_one_process_with_twice_the_accumulation(tm
     the global batch), validation losses and weights; the chat tokens added on every rank alike; rank 0 alone
     prints and writes."""
     from tinygpt import GPT, GPTConfig, save
-    from tinygpt.sft import sft
+    from tinygpt.training.sft import sft
 
     torch.manual_seed(0)
     base = save(GPT(GPTConfig(n_layers=2, d_model=32, n_heads=2, n_ctx=96)), tmp_path / "base.tinygpt")
@@ -391,7 +391,7 @@ def test_lora_in_two_processes_matches_one_process_and_only_rank0_writes(corpus,
     """`tinygpt lora` under torchrun (DDP and FSDP, gloo; the base frozen, sharded too under FSDP): 2 processes with
     --accum 2 (one micro-batch each) equal one process accumulating both: the same losses, validation losses,
     adapters and merged model; rank 0 alone writes the run checkpoint, the adapter and the merged model, once."""
-    from tinygpt.lora import lora_finetune, read_lora
+    from tinygpt.training.lora import lora_finetune, read_lora
 
     base = train(corpus=corpus, preset="nano", out=tmp_path / "base.tinygpt", device="cpu", progress=False,
                  steps=2, batch_size=4, ctx=32, val_every=0)  # fmt: skip

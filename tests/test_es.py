@@ -12,7 +12,7 @@ import torch
 from tinygpt import GPT, GPTConfig, load
 from tinygpt.cli import main
 from tinygpt.data import batch_starts, windows
-from tinygpt.es import (
+from tinygpt.training.es import (
     ESConfig,
     ESParams,
     centered_ranks,
@@ -233,7 +233,7 @@ def test_only_selected_parameters_evolve(stream):
 
 
 def test_lora_model_evolves_only_its_adapters(stream):
-    from tinygpt.lora import add_lora
+    from tinygpt.training.lora import add_lora
 
     model = make_model()
     add_lora(model, "attn.q_proj", rank=2)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tinygpt import GPT, GPTConfig
-from tinygpt.evalmatrix import (
+from tinygpt.eval.matrix import (
     BM25Retriever,
     EvalMatrix,
     chunk_text,
@@ -23,8 +23,8 @@ from tinygpt.evalmatrix import (
     load_qa,
     normalize_answer,
 )
-from tinygpt.lora import add_lora, save_lora
 from tinygpt.sampling import generate
+from tinygpt.training.lora import add_lora, save_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTES = ROOT / "data" / "shakespeare_notes.md"

@@ -12,7 +12,7 @@ import torch
 
 from tinygpt import GPT, CorpusError, GPTConfig, save, train_bpe
 from tinygpt.cli import main
-from tinygpt.evaluate import (
+from tinygpt.eval.perplexity import (
     Text,
     evaluate,
     leaderboard,

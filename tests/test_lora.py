@@ -10,8 +10,8 @@ import torch.nn as nn
 
 from tinygpt import GPT, GPTConfig, describe, load, read_checkpoint, save
 from tinygpt.cli import main
-from tinygpt.evaluate import evaluate
-from tinygpt.lora import (
+from tinygpt.eval.perplexity import evaluate
+from tinygpt.training.lora import (
     LoRAError,
     LoRALinear,
     add_lora,

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from tinygpt import GPT, GPTConfig, cli, save
-from tinygpt.magpie import GPTBackend, HFBackend, chat, generate_turns, load_backend, magpie, meta_path_for
-from tinygpt.sft import load_sft_data, sft
-from tinygpt.templates import TemplateError, load_template
 from tinygpt.tokenizer import ByteTokenizer
+from tinygpt.training.magpie import GPTBackend, HFBackend, chat, generate_turns, load_backend, magpie, meta_path_for
+from tinygpt.training.sft import load_sft_data, sft
+from tinygpt.training.templates import TemplateError, load_template
 
 CHATML = ("<|im_start|>", "<|im_end|>")
 START, END = 256, 257

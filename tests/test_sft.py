@@ -13,8 +13,10 @@ import torch.nn.functional as F
 
 from tinygpt import GPT, GPTConfig, cli, load, read_checkpoint, save
 from tinygpt.checkpoint import describe
-from tinygpt.magpie import GPTBackend, _resolve_template
-from tinygpt.sft import (
+from tinygpt.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
+from tinygpt.training.loop import TrainConfig, _micro_shares
+from tinygpt.training.magpie import GPTBackend, _resolve_template
+from tinygpt.training.sft import (
     SFTBatches,
     SFTDataError,
     add_special_tokens,
@@ -28,9 +30,7 @@ from tinygpt.sft import (
     sft,
     sft_loss,
 )
-from tinygpt.templates import TemplateError, available_templates, encode_literal, load_template
-from tinygpt.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
-from tinygpt.train import TrainConfig, _micro_shares
+from tinygpt.training.templates import TemplateError, available_templates, encode_literal, load_template
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = dict(n_layers=2, d_model=32, n_heads=2, n_ctx=96)
@@ -85,7 +85,7 @@ def test_builtin_templates_load_and_render():
     assert text.startswith(alpaca.default_system + "\n\n### Instruction:\nName a play.\n\n### Response:\nHamlet.")
     assert text.endswith("<|endoftext|>\n\n")
     # a template file given by path, and the dict round trip
-    assert load_template(ROOT / "tinygpt" / "chat_templates" / "chatml.json").to_dict() == chatml.to_dict()
+    assert load_template(ROOT / "tinygpt" / "training" / "chat_templates" / "chatml.json").to_dict() == chatml.to_dict()
     assert load_template(chatml.to_dict()) == chatml
 
 

@@ -10,18 +10,18 @@ logits, cache = model.run_with_cache("To be, or not to be")          # a Transfo
 from tinygpt.checkpoint import CheckpointError, describe, load, read_checkpoint, save
 from tinygpt.config import PRESETS, ConfigError, GPTConfig
 from tinygpt.data import Corpus, CorpusError, load_corpus, tokenize_corpus
-from tinygpt.distill import distill
-from tinygpt.es import es
-from tinygpt.evalmatrix import eval_matrix
-from tinygpt.evaluate import evaluate, leaderboard, memorization_test
-from tinygpt.lora import add_lora, load_lora, lora_finetune, merge_lora, save_lora
-from tinygpt.magpie import chat, magpie
+from tinygpt.eval.matrix import eval_matrix
+from tinygpt.eval.perplexity import evaluate, leaderboard, memorization_test
 from tinygpt.model import GPT, KVCache
 from tinygpt.sampling import generate, stream
-from tinygpt.sft import finetune, sft
-from tinygpt.templates import load_template
 from tinygpt.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer, train_bpe
-from tinygpt.train import TrainConfig, TrainingDiverged, TrainResult, default_device, train
+from tinygpt.training.distill import distill
+from tinygpt.training.es import es
+from tinygpt.training.loop import TrainConfig, TrainingDiverged, TrainResult, default_device, train
+from tinygpt.training.lora import add_lora, load_lora, lora_finetune, merge_lora, save_lora
+from tinygpt.training.magpie import chat, magpie
+from tinygpt.training.sft import finetune, sft
+from tinygpt.training.templates import load_template
 
 sample = generate
 __version__ = "0.1.0"

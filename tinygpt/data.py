@@ -219,7 +219,7 @@ def tokenize_corpus(
     Documents are separated by the tokenizer's EOS token when it has one, else by a blank line. Under
     torchrun, the first process of each machine builds the cache while the others wait, then read it.
     """
-    from tinygpt import distributed
+    from tinygpt.training import distributed
 
     with distributed.local_main_first() as first:
         show = progress and first and distributed.is_main()

@@ -5,7 +5,7 @@ from tinygpt.checkpoint import CheckpointError
 from tinygpt.config import ConfigError
 from tinygpt.data import CorpusError
 from tinygpt.tokenizer import TokenizerError
-from tinygpt.train import TrainingDiverged
+from tinygpt.training.loop import TrainingDiverged
 
 USER_ERRORS = (
     BackendUnavailable,

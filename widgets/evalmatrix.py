@@ -1,7 +1,7 @@
 """`EvalMatrixDashboard`: the evaluation matrix in a notebook: one prompt's outputs side by side, the reference
 loss per setup, and new questions run through every setup.
 
-    from tinygpt.evalmatrix import EvalMatrix
+    from tinygpt.eval.matrix import EvalMatrix
     from tinygpt.widgets import EvalMatrixDashboard
 
     matrix = EvalMatrix(base, lora=lora_model, retrieval="data/shakespeare_notes.md", few_shot=examples, k=1)
@@ -23,7 +23,7 @@ from typing import Any
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from tinygpt.evalmatrix import EvalMatrix, EvalMatrixResult
+from tinygpt.eval.matrix import EvalMatrix, EvalMatrixResult
 
 from ._common import captured, show_figure, status_html, user_errors
 

@@ -95,7 +95,7 @@ def _mps_reason(device: torch.device) -> str | None:
 
 
 def _triton_reason(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> str | None:
-    from tinygpt.arch import triton_attn
+    from tinygpt.arch.triton import attention as triton_attn
 
     reason = triton_attn.unavailable_reason(q.device)
     if reason is not None:
@@ -142,7 +142,7 @@ def check_backend(impl: str, device: torch.device | str) -> None:
     """Raise `BackendUnavailable` now if `impl` cannot run on `device` at all (e.g. before training)."""
     device = torch.device(device)
     if impl == "triton":
-        from tinygpt.arch import triton_attn
+        from tinygpt.arch.triton import attention as triton_attn
 
         reason = triton_attn.unavailable_reason(device)
         if reason is not None:
@@ -237,7 +237,7 @@ def attend(
     if impl == "sdpa" or (impl == "auto" and not q.is_cuda):  # the common CPU case, kept cheap
         return sdpa(q, k, v, past, dropout_p, window=window, q_pos=q_pos)
     if backend_for(impl, q, k, v, dropout_p) == "triton":
-        from tinygpt.arch.triton_attn import flash_attention
+        from tinygpt.arch.triton.attention import flash_attention
 
         return flash_attention(q, k, v, causal=True, window=window, q_pos=q_pos)
     return sdpa(q, k, v, past, dropout_p, window=window, q_pos=q_pos)

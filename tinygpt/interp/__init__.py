@@ -17,7 +17,6 @@ from tinygpt.interp.attention import (  # noqa: F401
     induction_scores,
     previous_token_scores,
 )
-from tinygpt.interp.induction import induction_batch, repeated_tokens, train_induction_model  # noqa: F401
 from tinygpt.interp.lens import (  # noqa: F401
     LensError,
     LensReport,
@@ -44,3 +43,4 @@ from tinygpt.interp.patching import (  # noqa: F401
     patch_resid_pre,
     patch_sweep,
 )
+from tinygpt.interp.toy import induction_batch, repeated_tokens, train_induction_model  # noqa: F401

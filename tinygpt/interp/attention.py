@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tinygpt.interp.induction import repeated_tokens
+from tinygpt.interp.toy import repeated_tokens
 
 MAIN_MAP = "pattern"
 

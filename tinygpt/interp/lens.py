@@ -682,7 +682,7 @@ def tuned_lens(
     from tqdm.auto import tqdm
 
     from tinygpt.data import batch_starts, windows
-    from tinygpt.train import TrainingDiverged
+    from tinygpt.training.loop import TrainingDiverged
 
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")

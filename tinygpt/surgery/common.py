@@ -428,9 +428,9 @@ def surgery_record(model: nn.Module) -> dict[str, Any] | None:
 
 def apply_surgery_record(model: nn.Module, rec: dict[str, Any]) -> None:
     """Rebuild factored / packed modules described by `rec` (before `load_state_dict`)."""
-    from tinygpt.lora import LoRALinear
     from tinygpt.surgery.hqq import PackedQuantLinear
     from tinygpt.surgery.laser import LowRankLinear
+    from tinygpt.training.lora import LoRALinear
 
     kinds = {LowRankLinear.kind: LowRankLinear, PackedQuantLinear.kind: PackedQuantLinear, LoRALinear.kind: LoRALinear}
     if not isinstance(rec, dict) or not isinstance(rec.get("modules", {}), dict):

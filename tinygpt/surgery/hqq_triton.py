@@ -34,7 +34,7 @@ def kernels() -> ModuleType:
     if _kernels is None:
         import triton.language  # noqa: F401  (the first import settles interpreter vs compiler)
 
-        from tinygpt.arch import triton_attn
+        from tinygpt.arch.triton import attention as triton_attn
 
         with triton_attn._interpret_env(bool(triton_attn._triton_interprets())):
             _kernels = importlib.import_module("tinygpt.surgery._hqq_triton_kernels")
@@ -56,7 +56,7 @@ def packed4_linear(x: Tensor, layer) -> Tensor:
     Raises:
         ValueError: not 4-bit, or mismatched shapes / devices; RuntimeError: no CUDA device and no interpreter.
     """
-    from tinygpt.arch import triton_attn
+    from tinygpt.arch.triton import attention as triton_attn
 
     if layer.bits != 4:
         raise ValueError(f"the Triton kernel handles 4-bit packed layers, this one has {layer.bits} bits")

@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 2 -m tinygpt train --preset tiny --steps 300 --accum 2   # DDP
     torchrun --nproc-per-node 8 -m tinygpt train --preset huge --strategy fsdp         # fully sharded
 
-`train()`, `distill()` and every other objective built on `tinygpt.train.fit` notice torchrun's
+`train()`, `distill()` and every other objective built on `tinygpt.training.loop.fit` notice torchrun's
 environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group themselves: there is nothing to
 call. This module holds what `fit` uses, and the few helpers a script launched by torchrun may want
 (`rank()`, `is_main()`, `barrier()`, `all_reduce_mean()`, `shutdown()`).

@@ -59,7 +59,7 @@ def add_parsers(sub) -> None:
 
 
 def cmd_es(a: argparse.Namespace) -> int:
-    from tinygpt.es import es, word_list_reward
+    from tinygpt.training.es import es, word_list_reward
 
     if a.word_list is not None and a.corpus is not None:
         raise ValueError("give either --corpus (loss reward) or --word-list (text reward), not both")

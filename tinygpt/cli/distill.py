@@ -132,7 +132,7 @@ def report(res, keys: tuple[str, ...] = ("loss",), extra: tuple[str, ...] = (), 
     """Print the `before` lines, then `done: step N | <keys of the last record> | val loss | seconds | <extra>`,
     and return the exit code (130 when interrupted). Under torchrun only rank 0 prints; every process returns
     the same code."""
-    from tinygpt import distributed
+    from tinygpt.training import distributed
 
     if distributed.is_main():
         for line in before:
@@ -147,7 +147,7 @@ def report(res, keys: tuple[str, ...] = ("loss",), extra: tuple[str, ...] = (), 
 
 
 def cmd_distill(a: argparse.Namespace) -> int:
-    from tinygpt.distill import distill
+    from tinygpt.training.distill import distill
 
     if a.teacher is None and not a.resume:
         raise ValueError("--teacher is required (a .tinygpt file or a Hugging Face model directory)")

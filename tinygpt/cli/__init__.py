@@ -26,11 +26,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tinygpt import distill_cli, es_cli, evaluate_cli, lora_cli, sft_cli
+from tinygpt.cli import distill as distill_cli
+from tinygpt.cli import es as es_cli
+from tinygpt.cli import eval as evaluate_cli
+from tinygpt.cli import interop as interop_cli
+from tinygpt.cli import interp as interp_cli
+from tinygpt.cli import lora as lora_cli
+from tinygpt.cli import sft as sft_cli
+from tinygpt.cli import surgery as surgery_cli
 from tinygpt.config import PRESETS
-from tinygpt.interop import cli as interop_cli
-from tinygpt.interp import cli as interp_cli
-from tinygpt.surgery import cli as surgery_cli
 
 
 def _train_parser(sub) -> None:
@@ -79,7 +83,7 @@ def _train_parser(sub) -> None:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from tinygpt.train import train
+    from tinygpt.training.loop import train
 
     out = a.out or f"{a.preset}.tinygpt"
     settings = dict(
@@ -246,8 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from tinygpt.distributed import record_error  # under torchrun: the rank's error in its failure summary
     from tinygpt.errors import USER_ERRORS
+    from tinygpt.training.distributed import record_error  # under torchrun: the rank's error in its failure summary
 
     try:
         return COMMANDS[args.command](args)

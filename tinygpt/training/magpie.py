@@ -50,7 +50,7 @@ from torch import Tensor
 from tinygpt.io import atomic_write_text
 from tinygpt.model import GPT
 from tinygpt.sampling import _check_args, sample_next
-from tinygpt.templates import Template, TemplateError, load_template
+from tinygpt.training.templates import Template, TemplateError, load_template
 
 STATUSES = ("empty", "truncated", "malformed", "duplicate")
 

@@ -1,7 +1,7 @@
 """Evaluation: loss, perplexity and bits per byte; a leaderboard of many models; a memorization test.
 
     import tinygpt
-    from tinygpt.evaluate import evaluate, leaderboard, memorization_test
+    from tinygpt.eval.perplexity import evaluate, leaderboard, memorization_test
 
     res = evaluate(model, "held-out.txt")            # a path, a Corpus, a string of text, or None
     print(res)                                         # loss 1.234 | ppl 3.43 | bpb 1.78
@@ -156,7 +156,7 @@ def resolve_text(
         if _looks_like_path(data):
             raise CorpusError(
                 f"{data} does not exist; to evaluate this string as text rather than as a file, wrap it: "
-                "tinygpt.evaluate.Text(...)"
+                "tinygpt.eval.perplexity.Text(...)"
             )
         desc = "text"
         text = data

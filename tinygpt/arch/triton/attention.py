@@ -118,7 +118,7 @@ def kernels() -> ModuleType:
         import triton.language  # noqa: F401  (the first import settles interpreter vs compiler)
 
         with _interpret_env(bool(_triton_interprets())):
-            _kernels = importlib.import_module("tinygpt.arch._triton_kernels")
+            _kernels = importlib.import_module("tinygpt.arch.triton._kernels")
     return _kernels
 
 

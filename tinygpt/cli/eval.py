@@ -74,7 +74,7 @@ def _corpus(a: argparse.Namespace):
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from tinygpt.checkpoint import load
-    from tinygpt.evaluate import evaluate
+    from tinygpt.eval.perplexity import evaluate
 
     model = load(a.model, device=a.device)
     res = evaluate(
@@ -96,7 +96,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(a: argparse.Namespace) -> int:
-    from tinygpt.evaluate import leaderboard
+    from tinygpt.eval.perplexity import leaderboard
 
     board = leaderboard(
         a.folder,
@@ -131,7 +131,7 @@ def _examples(spec: str | None, text_field: str, default):
 
 def cmd_memorization(a: argparse.Namespace) -> int:
     from tinygpt.checkpoint import load
-    from tinygpt.evaluate import Text, corpus_text, heldout_text, memorization_test
+    from tinygpt.eval.perplexity import Text, corpus_text, heldout_text, memorization_test
 
     model = load(a.model, device=a.device)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from tinygpt.distill_cli import add_run_flags, add_training_flags, corpus_arg, report, run_options
+from tinygpt.cli.distill import add_run_flags, add_training_flags, corpus_arg, report, run_options
 
 
 def add_parsers(sub) -> None:
@@ -46,7 +46,7 @@ def add_parsers(sub) -> None:
 
 
 def cmd_lora(a: argparse.Namespace) -> int:
-    from tinygpt.lora import lora_finetune
+    from tinygpt.training.lora import lora_finetune
 
     res = lora_finetune(
         a.model,
@@ -69,7 +69,7 @@ def cmd_lora(a: argparse.Namespace) -> int:
 
 def cmd_lora_merge(a: argparse.Namespace) -> int:
     from tinygpt.checkpoint import load, save
-    from tinygpt.lora import load_lora, merge_lora, read_lora
+    from tinygpt.training.lora import load_lora, merge_lora, read_lora
 
     model = load(a.model)
     f = read_lora(a.adapter)

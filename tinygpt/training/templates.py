@@ -1,7 +1,7 @@
 """Chat templates as data: how a conversation becomes one token sequence, and which tokens carry the loss.
 
-A template is a small JSON file shipped in the package (`tinygpt/chat_templates/chatml.json`,
-`tinygpt/chat_templates/alpaca.json`) selected by name, or any JSON file with the same fields, loaded with
+A template is a small JSON file shipped in the package (`tinygpt/training/chat_templates/chatml.json`,
+`tinygpt/training/chat_templates/alpaca.json`) selected by name, or any JSON file with the same fields, loaded with
 `load_template`:
 
     {
@@ -20,7 +20,7 @@ A turn is rendered `prefix + content + end + after`. In supervised fine-tuning o
 content and its `end` carry loss (the model learns to answer and to stop); `end` is also the stop string
 when generating (Magpie stops an instruction at the user role's `end`, a response at the assistant's).
 
-Special tokens are single ids. `tinygpt.sft.add_special_tokens(model, template)` adds missing ones to the
+Special tokens are single ids. `tinygpt.training.sft.add_special_tokens(model, template)` adds missing ones to the
 tokenizer and the embedding. Template text is encoded with them; message *content* is encoded literally
 (`encode_literal`), so a user who types `<|im_end|>` gets the characters, never the control token.
 """
@@ -263,7 +263,7 @@ class Template:
 
 # ---------------------------------------------------------------------------------------------- loading
 def available_templates() -> list[str]:
-    """Names of the built-in templates (`tinygpt/chat_templates/*.json`)."""
+    """Names of the built-in templates (`tinygpt/training/chat_templates/*.json`)."""
     return sorted(p.stem for p in TEMPLATE_DIR.glob("*.json")) if TEMPLATE_DIR.is_dir() else []
 
 

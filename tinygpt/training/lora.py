@@ -1,7 +1,7 @@
 """LoRA: low-rank adapters on chosen linear layers, saved as a small file pinned to the base model.
 
     import tinygpt
-    from tinygpt.lora import add_lora, lora_finetune, load_lora, merge_lora, save_lora
+    from tinygpt.training.lora import add_lora, lora_finetune, load_lora, merge_lora, save_lora
 
     model = tinygpt.load("tiny.tinygpt")
     res = lora_finetune(model, "sonnets.txt", targets="attn.q_proj,attn.v_proj,mlp.fc_in", rank=8, alpha=16,
@@ -31,7 +31,7 @@ adapters were trained against all of them) and its config. `load_lora` refuses a
 `.tinygpt` (the adapters are recorded like other module surgery and rebuilt by `tinygpt.load`).
 
 ## Training
-`lora_finetune` is `tinygpt.train.fit` (schedule, clipping, accumulation, progress, callbacks, atomic saves,
+`lora_finetune` is `tinygpt.training.loop.fit` (schedule, clipping, accumulation, progress, callbacks, atomic saves,
 `strategy=` "ddp"/"fsdp" under torchrun) with every base parameter frozen, so only the adapters are in the
 optimizer and the base stays bitwise unchanged. Its defaults differ from `train()` in two places:
 `max_lr=1e-3` and `weight_decay=0.0`. While training, the run's checkpoint is a full `.tinygpt` of the adapted
@@ -68,10 +68,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from tinygpt import distributed
 from tinygpt.checkpoint import _MAGIC_HINTS, FORMAT, CheckpointError, content_hash
 from tinygpt.io import atomic_write_bytes
 from tinygpt.surgery.common import TARGET_GROUPS, TARGETS, LayerSpec, resolve_layers, set_module
+from tinygpt.training import distributed
 
 LORA_FORMAT = "tinygpt-lora"
 LORA_FORMAT_VERSION = 1
@@ -606,7 +606,7 @@ def lora_finetune(
     strategy: str = "ddp",
     **settings: Any,
 ) -> LoRATrainResult:
-    """Fine-tune LoRA adapters on a corpus with `tinygpt.train.fit`; the base weights stay frozen.
+    """Fine-tune LoRA adapters on a corpus with `tinygpt.training.loop.fit`; the base weights stay frozen.
 
     Args:
         model: the base model: a `GPT` or a `.tinygpt` path (modified in place: adapters are attached).
@@ -629,7 +629,7 @@ def lora_finetune(
     """
     from tinygpt.checkpoint import load, save
     from tinygpt.data import load_corpus, tokenize_corpus
-    from tinygpt.train import (
+    from tinygpt.training.loop import (
         TokenBatches,
         TrainConfig,
         _corpus_from_record,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from tinygpt.distill_cli import add_run_flags, add_training_flags, corpus_arg, report, run_options
+from tinygpt.cli.distill import add_run_flags, add_training_flags, corpus_arg, report, run_options
 
 
 def _training_flags(p: argparse.ArgumentParser, steps: str) -> None:
@@ -71,7 +71,7 @@ def add_parsers(sub) -> None:
 
 
 def cmd_sft(a: argparse.Namespace) -> int:
-    from tinygpt.sft import sft
+    from tinygpt.training.sft import sft
 
     if a.data is None and not a.resume:
         raise ValueError("--data is required (a .jsonl file of instruction/response or messages records)")
@@ -92,7 +92,7 @@ def cmd_sft(a: argparse.Namespace) -> int:
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
-    from tinygpt.sft import finetune
+    from tinygpt.training.sft import finetune
 
     res = finetune(
         None if a.resume else a.model,
@@ -105,7 +105,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 def cmd_magpie(a: argparse.Namespace) -> int:
     import warnings
 
-    from tinygpt.magpie import STATUSES, magpie
+    from tinygpt.training.magpie import STATUSES, magpie
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="magpie kept")  # reported below

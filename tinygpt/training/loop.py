@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tinygpt import distributed
 from tinygpt.checkpoint import CheckpointError, load, optimizer_state_dict, read_checkpoint, save
 from tinygpt.config import GPTConfig
 from tinygpt.data import (
@@ -37,6 +36,7 @@ from tinygpt.data import (
 )
 from tinygpt.model import GPT
 from tinygpt.tokenizer import Tokenizer, load_tokenizer
+from tinygpt.training import distributed
 
 
 class TrainingDiverged(RuntimeError):

@@ -52,7 +52,7 @@ def cmd_tuned_lens(a: argparse.Namespace) -> int:
     from tinygpt.checkpoint import load
     from tinygpt.data import load_corpus
     from tinygpt.interp.lens import lens_report, tuned_lens
-    from tinygpt.train import default_device
+    from tinygpt.training.loop import default_device
 
     model = load(a.model, device=a.device or default_device())
     corpus = a.corpus

@@ -35,7 +35,7 @@ context is dropped and counted as `too_long`.
 **Filters** (`min_length`, `max_repetition`, `dedup`, `near_dedup`) run before tokenization, in that order
 after dropping empty replies; `SFTResult.report` says how many records each dropped.
 
-Training is `tinygpt.train.fit`: LR schedule, gradient clipping and accumulation, progress bar, atomic
+Training is `tinygpt.training.loop.fit`: LR schedule, gradient clipping and accumulation, progress bar, atomic
 checkpoints, exact `resume`, callbacks and `strategy=` under torchrun, as for `train()`.
 """
 
@@ -61,8 +61,7 @@ from torch import Tensor
 from tinygpt.checkpoint import CheckpointError, load
 from tinygpt.io import iter_jsonl
 from tinygpt.model import GPT
-from tinygpt.templates import Template, TemplateError, load_template
-from tinygpt.train import (
+from tinygpt.training.loop import (
     TokenBatches,
     TrainConfig,
     TrainResult,
@@ -73,6 +72,7 @@ from tinygpt.train import (
     fit,
     resume_run,
 )
+from tinygpt.training.templates import Template, TemplateError, load_template
 
 SFT_DEFAULTS: dict[str, Any] = {"steps": 200, "max_lr": 3e-4, "warmup": 20, "val_split": 0.05, "val_every": 50}
 FINETUNE_DEFAULTS: dict[str, Any] = {"max_lr": 3e-4, "warmup": 20}

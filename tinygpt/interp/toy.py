@@ -100,14 +100,14 @@ def train_induction_model(
 
     Args:
         cfg: model config (default `induction_config()`).
-        steps, batch_size, lr, warmup: AdamW via `tinygpt.train.make_optimizer` (weight decay 0.01), linear
+        steps, batch_size, lr, warmup: AdamW via `tinygpt.training.loop.make_optimizer` (weight decay 0.01), linear
             warmup, cosine decay to lr / 10, gradient clipping 1.0.
         seed: seeds the initialisation, the data and the lead heads.
         sinusoidal: initialise the positional embeddings with (small) sinusoids, which makes "attend to the
             previous position" easy to learn.
         progress: print the loss every 100 steps.
     """
-    from tinygpt.train import TrainConfig, make_optimizer
+    from tinygpt.training.loop import TrainConfig, make_optimizer
 
     cfg = cfg or induction_config()
     torch.manual_seed(seed)

@@ -1,7 +1,7 @@
 """Evolution strategies: gradient-free optimisation of a model's weights for any reward (Salimans et al. 2017).
 
     import tinygpt
-    from tinygpt.es import es, word_list_reward
+    from tinygpt.training.es import es, word_list_reward
 
     model = tinygpt.load("tiny.tinygpt")
     res = es(model, "corpus.txt", steps=50, population=40, sigma=0.02, lr=0.01)     # reward = -loss on a batch

@@ -1,6 +1,6 @@
 """Triton kernels of `tinygpt.arch.triton_attn` (FlashAttention-2 style, forward and backward).
 
-Imported lazily, through `tinygpt.arch.triton_attn.kernels()` (this module imports triton). Whether the
+Imported lazily, through `tinygpt.arch.triton.attention.kernels()` (this module imports triton). Whether the
 kernels are compiled for the GPU or run by Triton's CPU interpreter is settled by `TRITON_INTERPRET` when
 triton is first imported (`triton.jit` reads it; triton's own library functions are decorated then).
 

@@ -18,7 +18,7 @@ The student can be any tinygpt model (dense, MoE, differential attention, MoD, .
 its forward logits (plus `model.aux_loss()`, e.g. router balancing, while training, when the model has one).
 Both models must share a tokenizer, compared by vocabulary content (`tinygpt.interop.hf.vocab_mismatch`).
 
-Training is `tinygpt.train.fit`, the loop `train()` uses: schedule, accumulation, clipping, progress bar,
+Training is `tinygpt.training.loop.fit`, the loop `train()` uses: schedule, accumulation, clipping, progress bar,
 atomic checkpoints, exact resume and callbacks. The reported `val_loss` is the student's plain next-token
 loss, comparable with `train()`'s. The checkpoint records the teacher (path and weight fingerprint) and the
 distillation settings, so `resume=True` continues the same run.
@@ -39,14 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tinygpt import distributed
 from tinygpt.checkpoint import CheckpointError, content_hash, load
 from tinygpt.config import PRESETS, GPTConfig
 from tinygpt.data import load_corpus, tokenize_corpus
 from tinygpt.interop.hf import describe_tokenizer, vocab_mismatch
 from tinygpt.model import GPT
 from tinygpt.tokenizer import ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer
-from tinygpt.train import (
+from tinygpt.training import distributed
+from tinygpt.training.loop import (
     TokenBatches,
     TrainConfig,
     TrainResult,

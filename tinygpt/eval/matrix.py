@@ -2,7 +2,7 @@
 the reference answers under each.
 
     import tinygpt
-    from tinygpt.evalmatrix import eval_matrix, load_qa
+    from tinygpt.eval.matrix import eval_matrix, load_qa
 
     qa = load_qa("data/eval_prompts.jsonl")                       # [{"instruction": ..., "response": ...}]
     res = eval_matrix(base, qa, few_shot=load_qa("data/eval_train_qa.jsonl")[:2],
@@ -203,7 +203,7 @@ class BM25Retriever:
 
 def _corpus_text(corpus: Any) -> str:
     from tinygpt.data import Corpus
-    from tinygpt.evaluate import corpus_text
+    from tinygpt.eval.perplexity import corpus_text
 
     if isinstance(corpus, str) and not os.path.exists(corpus) and ("\n" in corpus or " " in corpus):
         return corpus  # text given directly
@@ -523,7 +523,7 @@ class EvalMatrix:
             if lora.cfg.d_vocab != self.model.cfg.d_vocab:
                 raise ValueError("the LoRA model's vocabulary differs from the base model's")
             return lora
-        from tinygpt.lora import load_lora
+        from tinygpt.training.lora import load_lora
 
         m = copy.deepcopy(self.model)
         load_lora(m, lora)

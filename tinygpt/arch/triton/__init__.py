@@ -1,0 +1,1 @@
+"""Triton kernels for attention (imported lazily; `import tinygpt` never imports triton)."""

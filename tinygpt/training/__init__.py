@@ -1,0 +1,3 @@
+"""Training: the loop every objective shares (`fit`), pretraining, finetuning, distillation, SFT, LoRA, ES."""
+
+from tinygpt.training.loop import TrainConfig, TrainingDiverged, TrainResult, default_device, fit, train  # noqa: F401
