@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import struct
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,15 +101,68 @@ def save(
         tensors.update({OPTIM_PREFIX + k: v for k, v in state.items()})
     if include_rng:
         tensors[RNG_PREFIX + "torch"] = torch.get_rng_state()
-    manifest["content_sha256"] = content_hash(tensors)
+    return write_tensor_file(path, tensors, manifest, key=FORMAT, error=CheckpointError, what="training state")
+
+
+def write_tensor_file(
+    path: str | os.PathLike,
+    tensors: dict[str, Tensor],
+    manifest: dict[str, Any],
+    *,
+    key: str,
+    error: type[Exception] | None = None,
+    what: str = "the manifest",
+) -> Path:
+    """The one writer of tinygpt's safetensors files (`.tinygpt`, `.lenses`, `.lora`, `.sae`, ...).
+
+    Adds `content_sha256` (`content_hash` of `tensors`) to `manifest`, stores the manifest as JSON under the
+    safetensors metadata key `key`, and writes atomically (temp file beside `path`, fsync, rename), so a crash
+    leaves the previous file or none. `read_manifest` is the matching reader.
+
+    Args:
+        path: destination; parent directories are created.
+        tensors: name -> tensor (moved to CPU, made contiguous).
+        manifest: JSON-serialisable dict with `format` and `format_version`.
+        key: the metadata key (the format's name: "tinygpt", "lens", "lora", ...).
+        error: the exception class for a manifest that is not JSON-serialisable (default `CheckpointError`).
+        what: how that error names the manifest content ("training state", "lens settings").
+    """
     from safetensors.torch import save as st_save
 
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    manifest = {**manifest, "content_sha256": content_hash(tensors)}
     try:
-        data = st_save(tensors, metadata={FORMAT: json.dumps(manifest)})
+        data = st_save(tensors, metadata={key: json.dumps(manifest)})
     except TypeError as e:
-        raise CheckpointError(f"training state is not JSON-serialisable: {e}") from e
+        raise (error or CheckpointError)(f"{what} is not JSON-serialisable: {e}") from e
+    path = Path(path)
     atomic_write_bytes(path, data)
     return path
+
+
+_FINGERPRINTS: dict[int, tuple[Any, tuple, str]] = {}
+
+
+def model_fingerprint(model, *, skip: Callable[[str], bool] | None = None) -> str:
+    """The one base-model fingerprint: `content_hash` of the model's weights (its state dict).
+
+    Files that only make sense on one model (`.lenses`, `.lora`, `.sae`) store it and refuse another model.
+    A tied unembedding is counted once (`unembed.weight` is left out, as in `.tinygpt` files); `skip(name)`
+    leaves out tensors that are not the base model's (LoRA adapters). Cached per model until any weight
+    changes in place (optimizer steps, `load_state_dict`, surgery).
+    """
+    sd = {k: v for k, v in model.state_dict().items() if skip is None or not skip(k)}
+    if getattr(model.cfg, "tie_embeddings", False):
+        sd.pop("unembed.weight", None)
+    key = tuple((k, v.data_ptr(), v._version, tuple(v.shape), v.dtype) for k, v in sd.items())
+    hit = _FINGERPRINTS.get(id(model))
+    if hit is not None and hit[0]() is model and hit[1] == key:
+        return hit[2]
+    digest = content_hash(sd)
+    for k in [k for k, v in _FINGERPRINTS.items() if v[0]() is None]:
+        del _FINGERPRINTS[k]
+    _FINGERPRINTS[id(model)] = (weakref.ref(model), key, digest)
+    return digest
 
 
 def content_hash(tensors: dict[str, Tensor]) -> str:
@@ -329,6 +383,25 @@ def load(path: str | os.PathLike | Checkpoint, device: str | torch.device | None
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def as_model(model: Any, *, device: str | torch.device | None = None, what: str = "model"):
+    """The one loader of "a model or a path": a `tinygpt.GPT` passes through, a path is `load`ed.
+
+    Args:
+        model: a `GPT` (any `nn.Module` with a `cfg`), or the path of a `.tinygpt` file.
+        device: for a path, where to put the loaded model (a model passed in is not moved).
+        what: how the error names the argument ("teacher", "base model", ...).
+    """
+    if isinstance(model, Checkpoint):
+        return load(model, device=device)
+    if isinstance(model, (str, os.PathLike)):
+        if not Path(model).exists():
+            raise CheckpointError(f"{what} {model} does not exist; pass a .tinygpt file (e.g. from `tinygpt train`)")
+        return load(model, device=device)
+    if isinstance(model, torch.nn.Module) and hasattr(model, "cfg"):
+        return model
+    raise CheckpointError(f"expected a tinygpt GPT or a .tinygpt path as the {what}, got {type(model).__name__}")
 
 
 # ------------------------------------------------------------------------------------- surgery
