@@ -108,7 +108,7 @@ def sweep(model, prompt_len: int, prompts: int, rounds: int, differ: str) -> Non
         return logit_diff(logits, correct, incorrect)
 
     def ours():
-        return patch_resid_pre(model, clean, corrupted, correct=correct, incorrect=incorrect).values
+        return patch_resid_pre(model, clean, corrupted, correct=correct, incorrect=incorrect, progress=False).values
 
     def theirs():
         _, clean_cache = model.run_with_cache(clean)

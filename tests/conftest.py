@@ -88,3 +88,36 @@ def arch_model(request):
 
     torch.manual_seed(0)
     return GPT(GPTConfig(n_layers=2, d_model=32, n_heads=2, n_ctx=64, **ARCH_VARIANTS[request.param])).eval()
+
+
+# ------------------------------------------------------------------ shared by the training and data tests
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """`TINYGPT_CACHE_DIR` inside the test's tmp dir (`tmp_path / "envcache"`): no token cache leaks between tests.
+
+    Use it per module: `pytestmark = pytest.mark.usefixtures("isolated_cache")`.
+    """
+    monkeypatch.setenv("TINYGPT_CACHE_DIR", str(tmp_path / "envcache"))
+    return tmp_path / "envcache"
+
+
+CITIZENS = [
+    "First Citizen: Before we proceed any further, hear me speak.",
+    "All: Speak, speak.",
+    "First Citizen: You are all resolved rather to die than to famish?",
+    "All: Resolved. resolved.",
+    "First Citizen: First, you know Caius Marcius is chief enemy to the people.",
+]
+
+
+@pytest.fixture
+def make_corpus(tmp_path):
+    """`make_corpus(n_lines=5, repeat=12, name="corpus.txt")`: a text file of the first `n_lines` lines of the
+    Citizens' scene (Coriolanus, act 1) repeated `repeat` times (5 lines x 12: ~3.6 KB)."""
+
+    def make(n_lines: int = 5, repeat: int = 12, name: str = "corpus.txt"):
+        p = tmp_path / name
+        p.write_text(("\n".join(CITIZENS[:n_lines]) + "\n") * repeat)
+        return p
+
+    return make

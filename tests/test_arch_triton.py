@@ -1,4 +1,4 @@
-"""Our Triton flash-attention kernel (`tinygpt.arch.triton_attn`), checked on CPU in Triton's interpreter.
+"""Our Triton flash-attention kernel (`tinygpt.arch.triton.attention`), checked on CPU in Triton's interpreter.
 
 Triton chooses between its CPU interpreter and the GPU compiler once, when it is first imported, from
 `TRITON_INTERPRET`. So this module, when collected, sets `TRITON_INTERPRET=1`, imports triton and restores the
@@ -343,7 +343,7 @@ COMPILE_FOR_H100 = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from tinygpt.arch import _triton_kernels as K
+from tinygpt.arch.triton import _kernels as K
 from tinygpt.arch.triton.attention import _GPU_CONFIGS
 
 assert not K.INTERPRET

@@ -22,7 +22,7 @@ from tinygpt.arch.yoco import (
     DiffSlidingWindowAttention,
     SlidingWindowAttention,
     YocoCache,
-    YocoGPT,
+    YocoStack,
 )
 from tinygpt.config import ConfigError
 
@@ -38,7 +38,7 @@ def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> None
             p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * scale)
 
 
-def make_model(cfg: GPTConfig = CFG, seed: int = 0, **changes) -> YocoGPT:
+def make_model(cfg: GPTConfig = CFG, seed: int = 0, **changes) -> GPT:
     torch.manual_seed(seed)
     model = GPT(cfg.replace(**changes) if changes else cfg)
     randomize(model, seed)
@@ -49,7 +49,7 @@ def tokens(batch: int = 2, pos: int = 30, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 256, (batch, pos), generator=torch.Generator().manual_seed(seed))
 
 
-def reference_logits(model: YocoGPT, toks: torch.Tensor) -> torch.Tensor:
+def reference_logits(model: GPT, toks: torch.Tensor) -> torch.Tensor:
     """YOCO written out position by position from the papers' equations, with the model's weights.
 
     Covers the combinations: differential attention (both maps, λ, per-head RMSNorm), Mixture-of-Experts (each
@@ -130,7 +130,7 @@ def reference_logits(model: YocoGPT, toks: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ structure
 def test_gpt_builds_yoco_with_self_and_cross_decoder():
     model = make_model()
-    assert type(model) is YocoGPT and isinstance(model, GPT) and model.n_self == 2
+    assert type(model) is GPT and isinstance(model.stack, YocoStack) and model.n_self == 2
     assert type(GPT(CFG.replace(yoco=False))) is GPT
     for i, blk in enumerate(model.blocks):
         assert {"ln1", "attn", "ln2", "mlp"} <= set(dict(blk.named_children()))
@@ -159,7 +159,7 @@ def test_parameter_count_formula():
 
 def test_wrong_config_and_cache_are_clear_errors():
     with pytest.raises(ConfigError, match="yoco=True"):
-        YocoGPT(CFG.replace(yoco=False))
+        YocoStack().build(GPT(CFG.replace(yoco=False)))
     model = make_model()
     with pytest.raises(TypeError, match="YocoCache"):
         model(tokens(1, 3), past_kv_cache=KVCache(model.cfg, 1, 48, "cpu", torch.float32))
@@ -344,7 +344,7 @@ def test_save_load_round_trip_and_describe(tmp_path):
     path = tmp_path / "yoco.tinygpt"
     tinygpt.save(model, path)
     loaded = tinygpt.load(path)
-    assert type(loaded) is YocoGPT and loaded.cfg.yoco and loaded.cfg.yoco_window == W
+    assert isinstance(loaded.stack, YocoStack) and loaded.cfg.yoco and loaded.cfg.yoco_window == W
     toks = tokens(2, 20)
     with torch.no_grad():
         torch.testing.assert_close(loaded(toks), model(toks), atol=0, rtol=0)
@@ -367,7 +367,7 @@ def test_cli_train_yoco_end_to_end(tmp_path, monkeypatch, capsys):
     assert main(args) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("done: step 20")
     model = tinygpt.load(out)
-    assert type(model) is YocoGPT and model.cfg.yoco_window == 16 and model.cfg.n_ctx == 128
+    assert isinstance(model.stack, YocoStack) and model.cfg.yoco_window == 16 and model.cfg.n_ctx == 128
     history = tinygpt.read_checkpoint(out).train_state["history"]
     assert history[-1]["loss"] < history[0]["loss"]
     assert main(["sample", str(out), "--prompt", "ROMEO:", "--tokens", "20", "--seed", "1"]) == 0
@@ -384,7 +384,7 @@ COMBOS = {
 }
 
 
-def combo(name: str, **changes) -> YocoGPT:
+def combo(name: str, **changes) -> GPT:
     """The combination's model, with routers large enough that MoD's causal predictor (score > 0) routes a mix."""
     model = make_model(**COMBOS[name], **changes)
     g = torch.Generator().manual_seed(7)
@@ -396,7 +396,7 @@ def combo(name: str, **changes) -> YocoGPT:
     return model
 
 
-def routed_layers(model: YocoGPT) -> list[int]:
+def routed_layers(model: GPT) -> list[int]:
     return [i for i, blk in enumerate(model.blocks) if isinstance(blk, MoDBlock)]
 
 
@@ -404,7 +404,7 @@ def routed_layers(model: YocoGPT) -> list[int]:
 def test_combination_builds_the_variants_pieces_in_both_halves(name):
     model = combo(name)
     cfg = model.cfg
-    assert type(model) is YocoGPT
+    assert isinstance(model.stack, YocoStack)
     for i, blk in enumerate(model.blocks):
         if cfg.diff_attn:
             assert type(blk.attn) is (DiffSlidingWindowAttention if i < 2 else DiffCrossAttention)
@@ -499,7 +499,7 @@ def test_combination_save_load_and_describe(name, tmp_path):
     path = tmp_path / "m.tinygpt"
     tinygpt.save(model, path)
     loaded = tinygpt.load(path)
-    assert type(loaded) is YocoGPT and loaded.cfg == model.cfg
+    assert isinstance(loaded.stack, YocoStack) and loaded.cfg == model.cfg
     assert [type(b.attn) for b in loaded.blocks] == [type(b.attn) for b in model.blocks]
     toks = tokens(2, 20)
     with torch.no_grad():

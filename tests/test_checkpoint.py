@@ -6,14 +6,16 @@ import json
 import pickle
 import re
 import struct
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 from safetensors.torch import save_file
 
 import tinygpt.io
 from tinygpt import GPT, CheckpointError, GPTConfig, describe, load, read_checkpoint, save, train_bpe
-from tinygpt.checkpoint import load_optimizer_state
+from tinygpt.checkpoint import load_optimizer_state, model_fingerprint, register_swap, set_module
 
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 20
 
@@ -335,3 +337,70 @@ def test_tensors_not_matching_config(good_file, tmp_path):
     save_file(tensors, str(p), metadata={"tinygpt": json.dumps(manifest)})
     with pytest.raises(CheckpointError, match=r"missing \['blocks\.1\.mlp\.fc_in\.weight'\]"):
         load(p)
+
+
+# ----------------------------------------------------------------------------------------- swapped modules
+class _Doubled(nn.Linear):
+    """A toy swapped module (y = 2 (x Wᵀ + b)) registered by the test, as surgery and LoRA register theirs."""
+
+    kind = "test_doubled"
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+    def surgery_spec(self):
+        return {"type": self.kind, "in_features": self.in_features, "out_features": self.out_features}
+
+    @classmethod
+    def from_spec(cls, spec, like):
+        return cls(like.in_features, like.out_features, like.bias is not None, dtype=like.weight.dtype)
+
+
+def test_a_registered_swap_is_recorded_and_rebuilt(tmp_path):
+    register_swap(_Doubled.kind, _Doubled)
+    register_swap(_Doubled.kind, _Doubled)  # registering the same class again is a no-op
+    with pytest.raises(ValueError, match="already registered"):
+        register_swap(_Doubled.kind, nn.Linear)
+    model = tiny_model()
+    before = batch_loss(model)
+    lin = model.blocks[0].mlp.fc_in
+    new = _Doubled(lin.in_features, lin.out_features)
+    new.load_state_dict(lin.state_dict())
+    assert set_module(model, "blocks.0.mlp.fc_in", new) is lin and model.mod_dict["blocks.0.mlp.fc_in"] is new
+    assert not torch.equal(batch_loss(model), before)
+    path = save(model, tmp_path / "swapped.tinygpt")
+    rec = read_checkpoint(path).manifest["surgery"]
+    assert rec["modules"] == {"blocks.0.mlp.fc_in": {"type": "test_doubled", "in_features": 32, "out_features": 128}}
+    back = load(path)
+    assert type(back.blocks[0].mlp.fc_in) is _Doubled
+    assert torch.equal(batch_loss(back), batch_loss(model))
+    assert "surgery" not in read_checkpoint(save(tiny_model(), tmp_path / "plain.tinygpt")).manifest
+
+
+LEGACY = Path(__file__).parent / "fixtures" / "legacy"
+
+
+def test_legacy_factored_packed_and_lora_files_rebuild_their_registered_modules():
+    """Files written before the swap registry (tests/fixtures/legacy) rebuild the same modules, same outputs."""
+    from tinygpt.surgery import LowRankLinear, PackedQuantLinear
+    from tinygpt.training.lora import LoRALinear, base_fingerprint, load_lora, read_lora
+
+    expected = json.loads((LEGACY / "expected.json").read_text())
+    tokens = torch.tensor(expected["tokens"])
+
+    def last_logits(model):
+        with torch.no_grad():
+            return model(tokens)[0, -1]
+
+    factored = load(LEGACY / "laser_factored.tinygpt")
+    assert isinstance(factored.blocks[1].mlp.fc_in, LowRankLinear) and factored.blocks[1].mlp.fc_in.rank == 16
+    packed = load(LEGACY / "hqq_packed.tinygpt")
+    assert isinstance(packed.blocks[0].attn.q_proj, PackedQuantLinear) and packed.blocks[0].attn.q_proj.bits == 4
+    base = load(LEGACY / "trained.tinygpt")
+    lora = read_lora(LEGACY / "trained.lora")
+    # the one fingerprint computes the pin the old code wrote
+    assert model_fingerprint(base) == base_fingerprint(base) == lora.base["sha256"]
+    assert load_lora(base, lora) == ["blocks.0.mlp.fc_in", "blocks.1.mlp.fc_in"]
+    assert isinstance(base.blocks[0].mlp.fc_in, LoRALinear)
+    for model, name in ((factored, "laser_factored"), (packed, "hqq_packed"), (base, "trained+lora")):
+        torch.testing.assert_close(last_logits(model), torch.tensor(expected["last_logits"][name]), rtol=0, atol=1e-5)

@@ -1,20 +1,31 @@
-"""The `tinygpt` command line, called in-process through `tinygpt.cli.main(argv)`."""
+"""The `tinygpt` command line, called in-process through `tinygpt.cli.main(argv)`: train, sample, inspect and
+tokenizer (`tinygpt.cli.train`), one-line errors, the command registry, the shared flags (`tinygpt.cli._flags`)
+and every command line of the README."""
 
 from __future__ import annotations
 
+import argparse
+import ast
 import importlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import tinygpt.cli
 from tinygpt import load, read_checkpoint
-from tinygpt.cli import main
+from tinygpt.cli import USER_ERRORS, build_parser, main
+from tinygpt.cli._command import REGISTRY
+from tinygpt.cli._flags import FLAGS, TRAINING_FLAGS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LINES = [
     "ROMEO: But soft, what light through yonder window breaks?",
@@ -259,3 +270,163 @@ def test_python_m_help():
     assert proc.returncode == 0, proc.stderr
     for command in ("train", "sample", "inspect", "tokenizer"):
         assert command in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------ the parser
+def readme_commands() -> list[list[str]]:
+    """The argument lists of every `tinygpt ...` / `-m tinygpt ...` command in the README's command-line block."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("## On the command line", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = []
+    for line in block.replace("\\\n", " ").splitlines():
+        for part in line.split("&&"):
+            words = shlex.split(part, comments=True)
+            if "tinygpt" not in words:
+                continue
+            args = words[words.index("tinygpt") + 1 :]
+            commands.append([w for w in args if w != "..."])  # "tinygpt train ... --resume": the flags shown
+    return commands
+
+
+def test_every_readme_command_parses():
+    commands = readme_commands()
+    assert len(commands) >= 20
+    named = {c[0] for c in commands}
+    assert {"train", "sample", "inspect", "tokenizer", "laser", "hqq", "eval", "leaderboard", "es"} <= named
+    for args in commands:
+        parsed = build_parser().parse_args(args)  # SystemExit (a failed test) on an unknown flag or choice
+        assert parsed.command == args[0]
+
+
+def _option_snapshot(action: argparse.Action) -> dict:
+    return {
+        "dest": action.dest,
+        "type": getattr(action.type, "__name__", None),
+        "choices": list(action.choices) if action.choices else None,
+        "required": action.required,
+        "action": type(action).__name__,
+        "nargs": action.nargs,
+    }
+
+
+def test_every_command_and_flag_of_before_the_restructure_is_kept():
+    """tests/fixtures/cli_flags.json: each command's positionals and options as the pre-restructure CLI declared
+    them. Every one is still there with the same meaning; a default may only have become the None sentinel of a
+    flag whose library default is the old value."""
+    from tinygpt.training import TrainConfig
+    from tinygpt.training.es import ESConfig
+
+    old = json.loads((ROOT / "tests" / "fixtures" / "cli_flags.json").read_text())
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(old)
+    library = {"train": TrainConfig(), "es": ESConfig()}
+    es_fields = {"batch": "batch_size", "tokens": "max_new_tokens"}
+    for name, want in old.items():
+        p = sub.choices[name]
+        assert [a.dest for a in p._actions if not a.option_strings] == want["positionals"], name
+        options = {o: a for a in p._actions for o in a.option_strings if not isinstance(a, argparse._HelpAction)}
+        assert set(options) == set(want["options"]), name
+        for opt, spec in want["options"].items():
+            a = options[opt]
+            assert _option_snapshot(a) == {k: v for k, v in spec.items() if k != "default"}, (name, opt)
+            if a.default != spec["default"]:
+                assert a.default is None and name in library, (name, opt, a.default)
+                field = TRAINING_FLAGS[a.dest][0] if name == "train" else es_fields.get(a.dest, a.dest)
+                assert getattr(library[name], field) == spec["default"], (name, opt)
+
+
+def _declared_options(path: Path) -> list[str]:
+    """The option strings a module passes to `add_argument` itself (not through `_flags.add`)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+            out += [a.value for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("-")]
+    return out
+
+
+def test_shared_flags_are_declared_once():
+    cli_dir = ROOT / "tinygpt" / "cli"
+    where: dict[str, list[str]] = {}
+    for path in sorted(cli_dir.glob("*.py")):
+        if path.name != "_flags.py":
+            for opt in _declared_options(path):
+                where.setdefault(opt, []).append(path.name)
+    for opt in ("--corpus", "--text-field", "--device", "--threads", "--seed", "--out", "--no-progress"):
+        assert opt in FLAGS and opt not in where, (opt, where.get(opt))
+    for dest in TRAINING_FLAGS:
+        assert "--" + dest.replace("_", "-") in FLAGS
+    assert not set(FLAGS) & set(where), "declared outside tinygpt/cli/_flags.py"
+    # the only options declared in two places mean different things there
+    twice = {opt: files for opt, files in where.items() if len(files) > 1}
+    assert twice == {
+        "--heldout": ["eval.py", "eval.py"],  # eval/leaderboard: a fraction; memorization: the examples' file
+        "--targets": ["lora.py", "surgery.py"],  # lora: comma-separated; laser/hqq: one or more words
+    }
+
+
+def test_the_registry_builds_the_parser_and_commands_are_the_handlers():
+    assert list(REGISTRY)[:4] == ["train", "sample", "inspect", "tokenizer"]
+    assert tinygpt.cli.COMMANDS == {name: c.run for name, c in REGISTRY.items()}
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == list(REGISTRY)
+
+
+def test_train_resume_passes_exactly_the_flags_given(monkeypatch, tmp_path, capsys):
+    """--resume overrides only what was given, also a value equal to the default; nothing re-parses defaults."""
+    import tinygpt.training
+
+    calls = []
+    fake = SimpleNamespace(history=[{"loss": 1.0}], step=8, final_val_loss=None, elapsed=0.1, interrupted=False)
+
+    def train(**kwargs):
+        calls.append(kwargs)
+        return SimpleNamespace(**vars(fake), path=kwargs["out"])
+
+    monkeypatch.setattr(tinygpt.training, "train", train)
+    parsers = []
+    real = tinygpt.cli.build_parser
+    monkeypatch.setattr(tinygpt.cli, "build_parser", lambda: parsers.append(1) or real())
+    out = str(tmp_path / "r.tinygpt")
+    assert main(["train", "--resume", "--out", out, "--steps", "8", "--seed", "1337", "--val-every", "100"]) == 0
+    assert len(parsers) == 1
+    (kw,) = calls
+    assert kw["resume"] is True and kw["out"] == out and kw["model_config"] == {}
+    assert {k: kw[k] for k in ("steps", "seed", "val_every")} == {"steps": 8, "seed": 1337, "val_every": 100}
+    assert not {f for f, _ in TRAINING_FLAGS.values()} - {"steps", "seed", "val_every"} & set(kw)
+    assert last_line(capsys.readouterr().out).startswith("done: step 8")
+    calls.clear()
+    assert main(["train", "--preset", "nano", "--no-progress"]) == 0  # a new run: TrainConfig's defaults
+    assert calls[0]["out"] == "nano.tinygpt" and not set(calls[0]) & {f for f, _ in TRAINING_FLAGS.values()}
+
+
+def test_user_errors_are_every_tinygpt_error_plus_value_and_os_errors():
+    from tinygpt.arch.backends import BackendUnavailable
+    from tinygpt.checkpoint import CheckpointError
+    from tinygpt.config import ConfigError
+    from tinygpt.data import CorpusError
+    from tinygpt.errors import TinyGPTError
+    from tinygpt.tokenizer import TokenizerError
+    from tinygpt.training import TrainingDiverged
+
+    assert USER_ERRORS == (TinyGPTError, ValueError, OSError)
+    for cls in (BackendUnavailable, CheckpointError, ConfigError, CorpusError, TokenizerError, TrainingDiverged):
+        assert issubclass(cls, USER_ERRORS), cls  # what the CLI printed as one line before stays one line
+        assert issubclass(cls, TinyGPTError), cls
+
+
+def test_a_multi_line_error_is_printed_on_one_line(monkeypatch, capsys):
+    from tinygpt.errors import TinyGPTError
+
+    def boom(a):
+        raise TinyGPTError("first line\nsecond line")
+
+    monkeypatch.setitem(REGISTRY, "inspect", REGISTRY["inspect"].__class__("inspect", "", lambda p: None, boom))
+    monkeypatch.setattr(tinygpt.cli, "build_parser", lambda: _bare_parser("inspect"))
+    assert main(["inspect"]) == 2
+    assert_one_line_error(capsys, "inspect", "first line second line")
+
+
+def _bare_parser(name: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinygpt")
+    parser.add_subparsers(dest="command", required=True).add_parser(name)
+    return parser

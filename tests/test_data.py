@@ -10,15 +10,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tinygpt import ByteTokenizer, CorpusError, load_corpus, tokenize_corpus, train_bpe
+from tinygpt import ByteTokenizer, CorpusError, TokenizerError, load_corpus, tokenize_corpus, train_bpe
 from tinygpt.data import batch_starts, shakespeare_to_text, val_starts, windows
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
 
 
-@pytest.fixture(autouse=True)
-def _cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TINYGPT_CACHE_DIR", str(tmp_path / "envcache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def joined(corpus) -> str:
@@ -268,3 +266,29 @@ def test_split_fractions(tmp_path):
     for bad in (1.0, -0.1):
         with pytest.raises(ValueError, match="val_split"):
             data.split(bad)
+
+
+# ---------------------------------------------------------------------------------------------- BPE on a corpus
+def test_train_bpe_reads_a_corpus_path_or_takes_texts(tmp_path):
+    from tinygpt.tokenizer import train_bpe as train_bpe_texts
+
+    p = tmp_path / "play.txt"
+    p.write_text(TEXT * 20)
+    from_path = train_bpe(p, 280, progress=False)
+    from_texts = train_bpe([TEXT * 20], 280, progress=False)
+    assert from_path.fingerprint == from_texts.fingerprint == train_bpe_texts([TEXT * 20], 280).fingerprint
+    with pytest.raises(TokenizerError, match=r"takes texts.*tinygpt.train_bpe"):
+        train_bpe_texts(str(p), 280)  # the tokenizer layer reads no corpora
+
+
+# ---------------------------------------------------------------------------------------------- processes
+def test_the_process_environment_is_one_module_shared_with_training(monkeypatch):
+    from tinygpt.data import processes
+    from tinygpt.training import distributed
+
+    for name in ("launched", "rank", "world", "local_rank", "is_main", "barrier", "init_from_env", "local_main_first"):
+        assert getattr(distributed, name) is getattr(processes, name)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert (processes.launched(), processes.rank(), processes.world(), processes.is_main()) == (False, 0, 1, True)
+    with processes.local_main_first() as first:
+        assert first

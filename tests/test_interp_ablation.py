@@ -13,6 +13,7 @@ from tinygpt.interp import (
     AblationError,
     ablate,
     ablated_loss,
+    ablation_compare,
     ablation_sweep,
     parse_ablations,
 )
@@ -261,6 +262,77 @@ def test_ablation_sweep_targets_restrict_positions(model, tokens):
     assert float(sweep.losses[1]) == pytest.approx(float(expected), abs=1e-6)
     with pytest.raises(AblationError, match="unknown component"):
         ablation_sweep(model, tokens, components=("atn",), progress=False)
+
+
+def test_sweep_bars_highlight_one_ablation(model, tokens, reference):
+    sweep = ablation_sweep(
+        model,
+        tokens,
+        modes=("zero", "mean"),
+        components=("layer", "attn", "mlp"),
+        heads=True,
+        reference_tokens=reference,
+        progress=False,
+    )
+    fig = sweep.figure("mean", highlight="1.head2")
+    (bar,) = fig.data
+    mean = [(a, float(d)) for a, d in zip(sweep.ablations, sweep.deltas) if a.mode == "mean"]
+    assert bar.type == "bar" and list(bar.x) == [a.label for a, _ in mean]
+    assert list(bar.y) == pytest.approx([d for _, d in mean])
+    colors = {"layer": "#7f7f7f", "attn": "#1f77b4", "mlp": "#2ca02c", "head": "#9467bd"}
+    want = ["#d62728" if a == Ablation(1, "head", 2, "mean") else colors[a.component] for a, _ in mean]
+    assert list(bar.marker.color) == want and want.count("#d62728") == 1
+    assert fig.layout.title.text == f"mean ablation: loss increase (baseline {sweep.baseline_loss:.4f}); red = selected"
+    assert fig.layout.xaxis.type == "category" and fig.layout.xaxis.tickangle == -60 and fig.layout.height == 360
+    # the mode defaults to the highlighted ablation's; an Ablation and a negative layer work too
+    assert list(sweep.figure(highlight=Ablation(-1, "attn")).data[0].marker.color).count("#d62728") == 1
+    assert "red = selected" not in sweep.bars("zero").layout.title.text
+    assert list(sweep.bars("zero").data[0].y) == pytest.approx(sweep.deltas[: len(mean)].tolist())
+    with pytest.raises(AblationError, match="not one of"):
+        sweep.figure("mean", highlight="1.attn:zero")
+    with pytest.raises(AblationError, match="no 'resample'"):
+        sweep.bars("resample")
+
+
+def test_ablation_compare_is_two_seeded_generations_and_two_losses(model, tokens, reference):
+    prompt = torch.tensor([[10, 20, 30, 40]])
+    opts = dict(temperature=1.0, seed=3)
+    cmp = ablation_compare(model, "0.head1:mean", prompt, max_new_tokens=12, reference_tokens=reference, **opts)
+    ctx = ablate(model, "0.head1:mean", reference_tokens=reference, seed=3)
+    clean = tinygpt.generate(model, prompt, 12, **opts)[0, 4:].tolist()
+    ablated = tinygpt.generate(model, prompt, 12, ablate=ctx, **opts)[0, 4:].tolist()
+    assert (cmp.clean_tokens, cmp.ablated_tokens) == (clean, ablated) and clean != ablated
+    assert cmp.sample_clean == model.to_string(clean) and cmp.sample_ablated == model.to_string(ablated)
+    assert cmp.prompt == model.to_string(prompt[0]) and cmp.ablation == Ablation(0, "head", 1, "mean")
+    assert cmp.diverges_at == next(i for i, (a, b) in enumerate(zip(clean, ablated)) if a != b)
+    assert cmp.loss_clean is None and cmp.delta is None
+    with pytest.raises(AblationError, match="tokens="):
+        cmp.figure()
+    html = cmp.to_html()
+    assert "without ablation" in html and "with 0.head1:mean (diverges after" in html
+    # with evaluation tokens: both losses, and they are the reference batch of mean / resample by default
+    cmp = ablation_compare(model, "-1.attn", "Hi", max_new_tokens=5, tokens=tokens)
+    assert cmp.loss_clean == pytest.approx(float(model(tokens, return_type="loss").detach()), abs=1e-6)
+    assert cmp.loss_ablated == pytest.approx(float(ablated_loss(model, tokens, "1.attn")), abs=1e-6)
+    assert cmp.n_tokens == 3 * 10 and cmp.sample_clean == tinygpt.generate(model, "Hi", 5, temperature=0)[2:]
+    fig = cmp.figure()
+    assert list(fig.data[0].y) == [cmp.loss_clean, cmp.loss_ablated] and cmp.delta > 0
+    cmp = ablation_compare(model, "1.mlp:resample", "Hi", max_new_tokens=3, tokens=tokens, seed=2)
+    expected = ablated_loss(model, tokens, "1.mlp:resample", reference_tokens=tokens, seed=2)
+    assert cmp.loss_ablated == pytest.approx(float(expected), abs=1e-6)
+    with pytest.raises(AblationError, match="one ablation"):
+        ablation_compare(model, "0.attn, 1.mlp", "Hi")
+    with pytest.raises(AblationError, match="reference"):
+        ablation_compare(model, "0.attn:mean", "Hi", max_new_tokens=2)
+    assert _no_hooks_left(model)
+
+
+def test_ablation_compare_without_a_tokenizer_shows_token_ids():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layers=2, d_model=32, n_heads=2, n_ctx=64, d_vocab=20), tokenizer=None).eval()
+    cmp = ablation_compare(m, "0.layer", [5, 17, 3], max_new_tokens=5)
+    assert cmp.prompt == "5 17 3" and cmp.sample_clean == " ".join(map(str, cmp.clean_tokens))
+    assert f"<b>5 17 3</b> {cmp.sample_clean}</pre>" in cmp.to_html()
 
 
 # ------------------------------------------------------------------------------------------ mixture-of-depths

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,6 +214,48 @@ def test_lens_refuses_another_model(tmp_path):
         logit_lens(model, PROMPT, lens=lens)
     lens.pin(model)
     logit_lens(model, PROMPT, lens=lens)
+
+
+def test_new_files_pin_the_model_fingerprint(tmp_path):
+    from tinygpt.checkpoint import model_fingerprint
+
+    model = tiny_model()
+    path = random_lens(model).save(tmp_path / "m.lenses")
+    meta = json.loads(_metadata(path)["tinygpt-lenses"])
+    assert meta["base_model"]["fingerprint"] == model_fingerprint(model)
+    assert "content_sha256" in meta  # written by tinygpt.checkpoint.write_tensor_file
+    lens = TunedLens.load(path, model)
+    with torch.no_grad():  # a weight other than the unembedding: only the fingerprint sees it
+        model.blocks[0].mlp.fc_in.weight[0, 0] += 1.0
+    with pytest.raises(LensError, match="different model: the weights' fingerprint does not match"):
+        TunedLens.load(path, model)
+    with pytest.raises(LensError, match="fingerprint"):
+        logit_lens(model, PROMPT, lens=lens)
+    lens.pin(model)
+    logit_lens(model, PROMPT, lens=lens)
+
+
+def test_legacy_lens_file_loads_with_identical_outputs(tmp_path):
+    """A `.lenses` file written before the restructure (pinned by its unembedding hash only) still loads and
+    translates exactly as it did, and re-saving it writes a current file that loads too."""
+    import tinygpt
+
+    legacy = Path(__file__).parent / "fixtures" / "legacy"
+    expected = json.loads((legacy / "expected.json").read_text())
+    model = tinygpt.load(legacy / "trained.tinygpt")
+    meta = json.loads(_metadata(legacy / "trained.lenses")["tinygpt-lenses"])
+    assert "fingerprint" not in meta["base_model"] and meta["base_model"]["unembed_sha256"]
+    lens = TunedLens.load(legacy / "trained.lenses", model)
+    tokens = torch.tensor(expected["tokens"])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        out = lens(cache["blocks.0.hook_resid_pre"], 0)[0, -1]
+    torch.testing.assert_close(out, torch.tensor(expected["last_logits"]["lens"]), rtol=0, atol=0)
+    other = tiny_model(d_model=model.cfg.d_model, n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads)
+    with pytest.raises(LensError, match="unembedding hash does not match"):
+        TunedLens.load(legacy / "trained.lenses", other)
+    again = TunedLens.load(lens.pin(model).save(tmp_path / "again.lenses"), model)
+    assert torch.equal(again(cache["blocks.0.hook_resid_pre"], 0)[0, -1], out)
 
 
 def test_corrupt_and_foreign_files(tmp_path):

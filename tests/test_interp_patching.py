@@ -118,7 +118,7 @@ def test_position_sweeps_from_cached_activations(model, monkeypatch, ours):
     only later blocks, in a few batched calls; with the default logit-difference metric, only the final
     block's last position. Every token differs here (no cell is skipped): values equal TransformerLens' with
     the same metric, and the hook-based path taken when a hook is attached (which must then run)."""
-    import tinygpt.interp.patching as patching
+    import tinygpt.interp.patching.engine as patching
 
     gen = torch.Generator().manual_seed(11)
     clean = torch.randint(0, 256, (2, POS), generator=gen)

@@ -228,3 +228,15 @@ def test_stop_at_eos(bpe_model):
     assert out[0, -1] == tok.eos_id and out.shape[1] == len(tok.encode("But")) + 1
     with pytest.raises(ValueError, match="EOS"):
         generate(GPT(GPTConfig(n_layers=1, d_model=32, n_heads=2, n_ctx=32)), "a", 3, stop_at_eos=True)
+
+
+def test_ablations_are_registered_by_interp(model):
+    """`generate(..., ablate=...)` runs under the intervention `tinygpt.interp.ablation` registers at import
+    (the sampling layer imports nothing above it)."""
+    import tinygpt.sampling
+    from tinygpt.interp.ablation import as_ablation_context
+
+    assert tinygpt.sampling._interventions == [as_ablation_context]
+    plain = generate(model, PROMPT, 8, seed=3, temperature=0)
+    ablated = generate(model, PROMPT, 8, seed=3, temperature=0, ablate="0.attn, 0.mlp, 1")
+    assert ablated.startswith(PROMPT) and len(ablated) == len(plain)

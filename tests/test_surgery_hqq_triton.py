@@ -1,4 +1,4 @@
-"""The 4-bit dequantise-and-multiply Triton kernel (`tinygpt.surgery.hqq_triton`), in Triton's CPU interpreter.
+"""The 4-bit dequantise-and-multiply Triton kernel (`tinygpt.surgery.hqq.triton`), in Triton's CPU interpreter.
 
 Triton settles interpreter vs compiler once, at its first import, from `TRITON_INTERPRET`: this module imports
 it in interpreter mode (unless another test file already did) with tests/_triton_helpers.py, as
@@ -17,13 +17,21 @@ INTERPRETED = import_triton_interpreted()  # before anything imports triton
 
 import tinygpt  # noqa: E402
 from tinygpt.surgery import PackedQuantLinear, hqq_, hqq_quantize, quantize_rtn  # noqa: E402
-from tinygpt.surgery.hqq_triton import packed4_linear, use_triton  # noqa: E402
+from tinygpt.surgery.hqq.triton import packed4_linear, use_triton  # noqa: E402
 
 needs_interpreter = pytest.mark.skipif(
     not INTERPRETED, reason="triton was imported in compiled mode first: checked by test_in_a_fresh_process"
 )
 if not INTERPRETED:  # only then: the checks below are skipped in this process and run in a fresh one
     test_in_a_fresh_process = fresh_process_test(__file__)
+
+
+def test_the_old_module_path_is_the_same_module():
+    from tinygpt.surgery import hqq_triton
+    from tinygpt.surgery.hqq import triton as new
+    from tinygpt.surgery.hqq_triton import use_triton as old_use_triton
+
+    assert hqq_triton is new and old_use_triton is use_triton
 
 
 def packed_layer(out: int, inp: int, group: int, *, hqq: bool = True, bias: bool = True, seed: int = 0):
@@ -81,7 +89,7 @@ COMPILE_FOR_H100 = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from tinygpt.surgery import hqq_triton
+from tinygpt.surgery.hqq import triton as hqq_triton
 
 fn = hqq_triton.kernels().packed4_linear_kernel
 for dt, precision in (("fp32", "tf32"), ("bf16", "ieee"), ("fp16", "ieee")):

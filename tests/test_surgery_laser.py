@@ -20,8 +20,6 @@ from tinygpt.surgery import (
     laser_greedy,
     laser_sweep,
     low_rank,
-    resolve_layers,
-    resolve_targets,
 )
 
 
@@ -73,38 +71,6 @@ def test_kept_rank_floor_and_minimum():
 
 def test_paper_grid():
     assert PAPER_GRID == (0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.01)
-
-
-# ------------------------------------------------------------------------------------- selection
-def test_resolve_layers_forms():
-    assert resolve_layers(None, 12) == list(range(12))
-    assert resolve_layers("8-11", 12) == [8, 9, 10, 11]
-    assert resolve_layers("0,2,5", 12) == [0, 2, 5]
-    assert resolve_layers("0-1, 5", 12) == [0, 1, 5]
-    assert resolve_layers(-1, 12) == [11]
-    assert resolve_layers([3, 1, 3], 12) == [1, 3]
-    assert resolve_layers(range(2, 4), 12) == [2, 3]
-    for bad, msg in [
-        (12, "out of range"),
-        ("10-12", "out of range"),
-        ("3-1", "empty"),
-        ("a", "cannot parse"),
-        ([1.5], "ints"),
-        ([], "no layers"),
-        (True, "ints"),
-    ]:
-        with pytest.raises(ValueError, match=msg):
-            resolve_layers(bad, 12)
-
-
-def test_resolve_targets_forms():
-    assert resolve_targets("mlp") == ["mlp.fc_in", "mlp.fc_out"]
-    assert resolve_targets("attn") == ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj"]
-    assert len(resolve_targets("all")) == 6
-    assert resolve_targets(["fc_out", "attn.q_proj"]) == ["attn.q_proj", "mlp.fc_out"]
-    assert resolve_targets("mlp.fc_in,mlp.fc_in") == ["mlp.fc_in"]
-    with pytest.raises(ValueError, match="unknown target 'mlp.fc'.*mlp.fc_in, mlp.fc_out"):
-        resolve_targets("mlp.fc")
 
 
 # ------------------------------------------------------------------------------------- on a model

@@ -1,4 +1,5 @@
-"""Every surgery function on every architecture variant (dense, MoE, MoD, diff-attn, YOCO; `arch_model` fixture).
+"""Every surgery function on every architecture variant (dense, MoE, MoD, diff-attn, YOCO; `arch_model` fixture),
+and LASER / HQQ on Mixture-of-Experts models in detail (formerly tests/test_surgery_moe.py).
 
 What "every matrix" means is computed independently of the surgery code: every `nn.Linear` inside the blocks
 except routers (MoE's `moe.router`, MoD's `router`). On MoE blocks those are the experts' matrices; YOCO's
@@ -32,7 +33,7 @@ from tinygpt.surgery import (
     quantize_rtn,
     singular_values,
 )
-from tinygpt.surgery.common import select_linears, target_sort_key
+from tinygpt.surgery.targets import select_linears, target_sort_key
 
 
 def block_matrices(model) -> dict[str, nn.Linear]:
@@ -279,3 +280,84 @@ def test_moe_expert_names_in_sweeps_and_grids(tokens):
     assert grid.targets == [f"moe.experts.{j}.{leaf}" for leaf in ("fc_in", "fc_out") for j in range(4)]
     with pytest.raises(ValueError, match=r"has 4 experts \(valid indices 0..3\)"):
         singular_values(model, "moe.experts.4.fc_in")
+
+
+# ------------------------------------------------------------------------------------- mixture of experts
+# (LASER, HQQ on MoE models: `mlp.*` targets reach every expert's matrices)
+N_EXPERTS = 3
+LEAVES = ("fc_in", "fc_out")
+
+
+def make_moe(seed: int = 0) -> tinygpt.GPT:
+    torch.manual_seed(seed)
+    cfg = tinygpt.GPTConfig(n_layers=2, d_model=32, n_heads=2, n_ctx=32, moe_experts=N_EXPERTS, moe_topk=2)
+    return tinygpt.GPT(cfg).eval()
+
+
+def expert_weight(model: tinygpt.GPT, layer: int, j: int, leaf: str) -> torch.Tensor:
+    return model.get_submodule(f"blocks.{layer}.moe.experts.{j}.{leaf}").weight
+
+
+@pytest.fixture
+def moe_tokens() -> torch.Tensor:
+    return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def test_laser_reduces_every_expert_rank_and_context_restores(moe_tokens):
+    model = make_moe()
+    full = {
+        (ly, j): int(torch.linalg.matrix_rank(expert_weight(model, ly, j, "fc_out")))
+        for ly in (0, 1)
+        for j in range(N_EXPERTS)
+    }
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out_before = model(moe_tokens)
+    with laser(model, "mlp.fc_out", layers=[0, 1], rank_fraction=0.5) as report:
+        assert sorted(e.name for e in report.entries) == sorted(
+            f"blocks.{ly}.moe.experts.{j}.fc_out" for ly in (0, 1) for j in range(N_EXPERTS)
+        )
+        for (ly, j), r in full.items():
+            assert int(torch.linalg.matrix_rank(expert_weight(model, ly, j, "fc_out"))) < r
+            assert int(torch.linalg.matrix_rank(expert_weight(model, ly, j, "fc_in"))) == min(128, 32)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(model(moe_tokens), out_before)
+
+    laser_(model, "mlp.fc_out", layers=[1], rank_fraction=0.5)
+    for j in range(N_EXPERTS):
+        assert int(torch.linalg.matrix_rank(expert_weight(model, 1, j, "fc_out"))) < full[(1, j)]
+        assert torch.equal(expert_weight(model, 0, j, "fc_out"), before[f"blocks.0.moe.experts.{j}.fc_out.weight"])
+
+
+def test_hqq_mlp_group_changes_every_expert_matrix(moe_tokens):
+    model = make_moe()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = hqq_(model, bits=4, group_size=16, targets="mlp")
+    assert len(report.entries) == 2 * 2 * N_EXPERTS
+    after = model.state_dict()
+    for ly in (0, 1):
+        for j in range(N_EXPERTS):
+            for leaf in LEAVES:
+                k = f"blocks.{ly}.moe.experts.{j}.{leaf}.weight"
+                assert not torch.equal(before[k], after[k])
+                assert len(torch.unique(after[k][0, :16])) <= 16  # one 4-bit group: at most 16 levels
+    for k in ("blocks.0.attn.q_proj.weight", "blocks.1.moe.router.weight"):
+        assert torch.equal(before[k], after[k])
+    logits = model(moe_tokens)
+    assert logits.shape == (2, 16, 256) and torch.isfinite(logits).all()
+
+
+def test_packed_hqq_on_experts_round_trips(tmp_path, moe_tokens):
+    model = make_moe()
+    report = hqq_(model, bits=4, group_size=16, targets="moe.experts.fc_out,moe.experts.0.fc_in", packed=True)
+    names = {e.name for e in report.entries}
+    assert names == {f"blocks.{ly}.moe.experts.{j}.fc_out" for ly in (0, 1) for j in range(N_EXPERTS)} | {
+        "blocks.0.moe.experts.0.fc_in",
+        "blocks.1.moe.experts.0.fc_in",
+    }
+    assert all(isinstance(model.get_submodule(n), PackedQuantLinear) for n in names)
+    assert type(model.get_submodule("blocks.0.moe.experts.1.fc_in")) is nn.Linear
+    path = model.save(tmp_path / "moe_q4.tinygpt")
+    loaded = tinygpt.load(path).eval()
+    assert all(isinstance(loaded.get_submodule(n), PackedQuantLinear) for n in names)
+    assert torch.equal(loaded(moe_tokens), model(moe_tokens))

@@ -7,21 +7,38 @@ print(tinygpt.generate(model, "ROMEO:", 200, seed=0))
 logits, cache = model.run_with_cache("To be, or not to be")          # a TransformerLens ActivationCache
 """
 
+from tinygpt import arch, cli, eval, interop, interp, surgery, training  # noqa: F401  (every layer: swaps register)
+from tinygpt._legacy import install_legacy_modules
 from tinygpt.checkpoint import CheckpointError, describe, load, read_checkpoint, save
 from tinygpt.config import PRESETS, ConfigError, GPTConfig
-from tinygpt.data import Corpus, CorpusError, load_corpus, tokenize_corpus
-from tinygpt.eval.matrix import eval_matrix
-from tinygpt.eval.perplexity import evaluate, leaderboard, memorization_test
+from tinygpt.data import Corpus, CorpusError, load_corpus, tokenize_corpus, train_bpe
+from tinygpt.errors import TinyGPTError
+from tinygpt.eval import eval_matrix, evaluate, leaderboard, memorization_test
 from tinygpt.model import GPT, KVCache
 from tinygpt.sampling import generate, stream
-from tinygpt.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer, train_bpe
-from tinygpt.training.distill import distill
-from tinygpt.training.es import es
-from tinygpt.training.loop import TrainConfig, TrainingDiverged, TrainResult, default_device, train
-from tinygpt.training.lora import add_lora, load_lora, lora_finetune, merge_lora, save_lora
-from tinygpt.training.magpie import chat, magpie
-from tinygpt.training.sft import finetune, sft
-from tinygpt.training.templates import load_template
+from tinygpt.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer
+from tinygpt.training import (
+    TrainConfig,
+    TrainingDiverged,
+    TrainResult,
+    add_lora,
+    chat,
+    default_device,
+    distill,
+    es,
+    finetune,
+    fit,
+    load_lora,
+    load_template,
+    lora_finetune,
+    magpie,
+    merge_lora,
+    save_lora,
+    sft,
+    train,
+)
+
+install_legacy_modules()
 
 sample = generate
 __version__ = "0.1.0"
@@ -71,4 +88,6 @@ __all__ = [
     "ConfigError",
     "CorpusError",
     "TokenizerError",
+    "TinyGPTError",
+    "fit",
 ]

@@ -17,14 +17,20 @@ Presets (parameter counts with untied embeddings; vocab 256 / vocab 49152):
 | huge   | 12       | 256     | 8       | 32     | 512   |          9,739,776 |           34,774,528 |
 
 (`tests/test_config.py` checks this table against the model.)
+
+Core layer: imports only `tinygpt.errors`. `GPTConfig.n_params` counts with the function `tinygpt.model`
+registers (`register_param_counter`) when it is imported, so the count is exactly the built model's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from tinygpt.errors import TinyGPTValueError
 
 PRESETS: dict[str, dict[str, int]] = {
     "nano": dict(n_layers=2, d_model=64, n_heads=2, n_ctx=128),
@@ -39,8 +45,16 @@ DTYPES = ("float32", "bfloat16")
 ATTN_IMPLS = ("auto", "eager", "sdpa", "triton", "mps")
 
 
-class ConfigError(ValueError):
+class ConfigError(TinyGPTValueError):
     """A configuration value is missing, unknown or inconsistent."""
+
+
+_param_counter: list[Callable[[GPTConfig], int]] = []
+
+
+def register_param_counter(fn: Callable[[GPTConfig], int]) -> None:
+    """Register `fn(cfg) -> parameter count` of a model built from `cfg` (`tinygpt.model` does, at import)."""
+    _param_counter[:] = [fn]
 
 
 @dataclass
@@ -168,12 +182,9 @@ class GPTConfig:
 
     def n_params(self) -> int:
         """Parameter count of a model built from this config (built on the meta device: no memory)."""
-        import torch
-
-        from tinygpt.model import GPT
-
-        with torch.device("meta"):
-            return GPT(self.replace(dtype="float32")).n_params()
+        if not _param_counter:
+            raise ConfigError("GPTConfig.n_params needs tinygpt.model (import tinygpt)")
+        return _param_counter[0](self)
 
     @property
     def variants(self) -> list[str]:

@@ -2,18 +2,42 @@
 
 When a sequence outgrows the context, the model keeps its most recent `n_ctx - n_ctx // 4` tokens and
 re-encodes them; the cached and uncached paths apply the same rule, so they produce the same tokens.
+
+`generate(..., ablate=...)` runs each forward under an intervention: the sampling layer knows none itself;
+`tinygpt.interp.ablation` registers its `ablate` specs and contexts at import (`register_intervention`), and
+`import tinygpt` imports it. This module registers `generate` as `GPT.generate`.
 """
 
 from __future__ import annotations
 
 import codecs
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from tinygpt.model import GPT
+from tinygpt.errors import TinyGPTValueError
+from tinygpt.inputs import as_tokens, eval_mode, model_device
+from tinygpt.model import GPT, register_method
+
+__all__ = ["SamplingError", "generate", "generate_tokens", "register_intervention", "sample_next", "stream"]
+
+
+class SamplingError(TinyGPTValueError):
+    """Bad sampling arguments (temperature, top_k, top_p, max_new_tokens), an empty prompt, no EOS token."""
+
+
+Intervention = Callable[[GPT, Any], AbstractContextManager]
+_interventions: list[Intervention] = []
+
+
+def register_intervention(fn: Intervention) -> None:
+    """Register `fn(model, spec) -> context manager` that `generate(..., ablate=spec)` enters around each
+    forward (`tinygpt.interp.ablation` registers its ablations)."""
+    _interventions[:] = [fn]
 
 
 def sample_next(
@@ -42,13 +66,13 @@ def sample_next(
 
 def _check_args(max_new_tokens, temperature, top_k, top_p) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        raise SamplingError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise SamplingError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        raise SamplingError(f"top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise SamplingError(f"top_p must be in (0, 1], got {top_p}")
 
 
 @torch.no_grad()
@@ -71,16 +95,14 @@ def generate_tokens(
     if tokens.ndim == 1:
         tokens = tokens[None]
     if tokens.shape[1] == 0:
-        raise ValueError("the prompt is empty: give at least one token (e.g. a newline)")
+        raise SamplingError("the prompt is empty: give at least one token (e.g. a newline)")
     n_ctx = model.cfg.n_ctx
     keep = max(1, n_ctx - n_ctx // 4)
-    device = model.embed.weight.device
+    device = model_device(model)
     tokens = tokens.to(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         seq = tokens
         start = 0
         cache = model.make_cache(seq.shape[0], n_ctx) if use_cache else None
@@ -104,8 +126,6 @@ def generate_tokens(
                     logits = model(nxt[:, None], past_kv_cache=cache)[:, -1]
             else:
                 logits = None
-    finally:
-        model.train(was_training)
 
 
 def generate(
@@ -135,7 +155,7 @@ def generate(
             from `tinygpt.interp.ablate(model, specs, reference_tokens=...)` (needed for mean / resample).
     Returns:
         For a text prompt, the prompt followed by the generated text (as TransformerLens does);
-        for tokens, the tokens [batch, pos + new].
+        for tokens, the tokens [batch, pos + new] (on the prompt tensor's device).
     """
     is_text = isinstance(prompt, str)
     tokens = _prompt_tokens(model, prompt)
@@ -155,7 +175,9 @@ def generate(
     ):
         out.append(nxt[:, None].to(tokens.device))
     result = torch.cat(out, dim=1)
-    return model.to_string(result[0]) if is_text else result
+    if is_text:
+        return model.to_string(result[0])
+    return result.to(prompt.device) if isinstance(prompt, Tensor) else result
 
 
 def stream(
@@ -192,21 +214,18 @@ def stream(
         yield text[len(shown) :]
 
 
-def _ablation_context(model: GPT, ablate):
+def _ablation_context(model: GPT, ablate: Any) -> AbstractContextManager:
     """A context manager applying `ablate` (None: nothing) around each forward."""
     if ablate is None:
         return contextlib.nullcontext()
-    from tinygpt.interp.ablation import as_ablation_context
+    if not _interventions:
+        raise SamplingError("generate(..., ablate=...) needs tinygpt.interp (import tinygpt)")
+    return _interventions[0](model, ablate)
 
-    return as_ablation_context(model, ablate)
 
-
-def _prompt_tokens(model: GPT, prompt) -> Tensor:
-    if isinstance(prompt, str):
-        ids = model._require_tokenizer().encode(prompt)
-        return torch.tensor([ids], dtype=torch.long)
-    t = prompt if isinstance(prompt, Tensor) else torch.tensor(list(prompt), dtype=torch.long)
-    return t[None] if t.ndim == 1 else t
+def _prompt_tokens(model: GPT, prompt: Any) -> Tensor:
+    """The prompt as tokens [batch, pos] on the model's device (text, ids, or a tensor)."""
+    return as_tokens(model, prompt, what="prompt", error=SamplingError)
 
 
 def _stop_tokens(model: GPT, stop_at_eos: bool) -> set[int] | None:
@@ -214,5 +233,8 @@ def _stop_tokens(model: GPT, stop_at_eos: bool) -> set[int] | None:
         return None
     eos = getattr(model.tokenizer, "eos_id", None)
     if eos is None:
-        raise ValueError("stop_at_eos=True but the tokenizer has no EOS token")
+        raise SamplingError("stop_at_eos=True but the tokenizer has no EOS token")
     return {eos}
+
+
+register_method("generate", generate)

@@ -19,13 +19,15 @@ from typing import Any
 
 import numpy as np
 
+from tinygpt.errors import TinyGPTValueError
+from tinygpt.inputs import progress_enabled
 from tinygpt.io import atomic_write_text
 
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>")
 BOS_NAMES = ("<s>", "<bos>", "<|begin_of_text|>", "<|bos|>")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(TinyGPTValueError):
     """A tokenizer could not be loaded or built."""
 
 
@@ -275,21 +277,26 @@ class BPETokenizer(Tokenizer):
 
 
 def train_bpe(
-    texts: Iterable[str] | Any,
+    texts: Iterable[str],
     vocab_size: int,
     *,
     special_tokens: tuple[str, ...] = ("<|endoftext|>",),
     min_frequency: int = 2,
     out: str | os.PathLike | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> BPETokenizer:
-    """Train a byte-level BPE tokenizer (lossless on any UTF-8).
+    """Train a byte-level BPE tokenizer (lossless on any UTF-8) on texts.
+
+    `tinygpt.train_bpe` (`tinygpt.data.train_bpe`) also takes a corpus (a path, or None for the built-in
+    Shakespeare) and reads its texts.
 
     Args:
-        texts: an iterable of strings, or a corpus spec accepted by `tinygpt.data.load_corpus`
-            (a path, or None for the built-in Shakespeare).
+        texts: an iterable of strings (documents).
         vocab_size: target vocabulary size, including the 256 byte symbols and `special_tokens`.
+        special_tokens: added first, as single tokens (the first EOS-like name becomes `eos_id`).
+        min_frequency: the fewest occurrences a merge needs.
         out: optional directory to save `tokenizer.json` into.
+        progress: show the trainer's progress (None: the package default).
     """
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -300,9 +307,10 @@ def train_bpe(
             f"vocab_size must be an integer >= {min_vocab} (256 bytes + special tokens), got {vocab_size!r}"
         )
     if texts is None or isinstance(texts, (str, os.PathLike)):
-        from tinygpt.data import load_corpus
-
-        texts = load_corpus(texts).iter_texts()
+        raise TokenizerError(
+            f"tinygpt.tokenizer.train_bpe takes texts (an iterable of strings), got {texts!r}; to train on a "
+            "corpus path (or None for the built-in one) use tinygpt.train_bpe (tinygpt.data.train_bpe)"
+        )
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -311,7 +319,7 @@ def train_bpe(
         min_frequency=min_frequency,
         special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=progress,
+        show_progress=progress_enabled(progress),
     )
     tok.train_from_iterator(_chunks(texts), trainer=trainer)
     result = BPETokenizer(tok, source="trained")
@@ -373,3 +381,63 @@ def bytes_to_unicode() -> dict[int, str]:
 def unicode_to_bytes() -> dict[str, int]:
     """The inverse of `bytes_to_unicode`: the byte each printable character stands for."""
     return {c: b for b, c in bytes_to_unicode().items()}
+
+
+# ------------------------------------------------------------------------------- identity by content
+# Tokenizers compare by vocabulary *content*: every token is reduced to the bytes it stands for (`<0x41>` and the
+# byte-level symbol "A" are both b"A", "Ġthe" is b" the"), so a tinygpt tokenizer and a Hugging Face one (anything
+# with `get_vocab` and `encode(text, add_special_tokens=False)`) compare meaningfully whatever their spelling.
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+PROBE_TEXT = "ROMEO: But, soft! what light through yonder window breaks?\n\tIt is the east 1599 — ünïcödé 日本 🙂"
+
+
+def _canonical_token(s: str) -> bytes | str:
+    """The bytes a token stands for: `<0x41>` and byte-level "A" are b"A"; "Ġthe" is b" the"; else the string."""
+    m = _BYTE_TOKEN.fullmatch(s)
+    if m:
+        return bytes([int(m[1], 16)])
+    u2b = unicode_to_bytes()
+    if s and all(c in u2b for c in s):
+        return bytes(u2b[c] for c in s)
+    return s
+
+
+def canonical_vocab(tokenizer: Any) -> dict[int, bytes | str]:
+    """id -> canonical content, for a tinygpt tokenizer (`vocab_items`) or a HF one (`get_vocab`)."""
+    if hasattr(tokenizer, "vocab_items"):
+        items = tokenizer.vocab_items()
+    elif hasattr(tokenizer, "get_vocab"):
+        items = tokenizer.get_vocab().items()
+    else:
+        raise TokenizerError(f"cannot read the vocabulary of a {type(tokenizer).__name__}")
+    return {int(i): _canonical_token(s) for s, i in items}
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    if isinstance(tokenizer, Tokenizer):
+        return list(tokenizer.encode(text))
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def describe_tokenizer(tokenizer: Any) -> str:
+    """A short description: kind, vocabulary size and the start of the fingerprint."""
+    if isinstance(tokenizer, Tokenizer):
+        return f"{tokenizer.kind}, vocab {tokenizer.vocab_size}, fingerprint {tokenizer.fingerprint[:12]}"
+    return f"{type(tokenizer).__name__}, vocab {len(tokenizer.get_vocab())}"
+
+
+def vocab_mismatch(a: Any, b: Any) -> str | None:
+    """None if two tokenizers have the same vocabulary content and encode a probe text identically; else why not.
+
+    Works across kinds: tinygpt `ByteTokenizer` / `BPETokenizer` and Hugging Face tokenizers.
+    """
+    va, vb = canonical_vocab(a), canonical_vocab(b)
+    if va != vb:
+        ids = sorted(set(va) | set(vb))
+        diff = [i for i in ids if va.get(i) != vb.get(i)]
+        examples = ", ".join(f"id {i}: {va.get(i, '(none)')!r} vs {vb.get(i, '(none)')!r}" for i in diff[:3])
+        return f"vocabularies differ ({len(va)} vs {len(vb)} tokens, {len(diff)} ids differ; e.g. {examples})"
+    ea, eb = _encode(a, PROBE_TEXT), _encode(b, PROBE_TEXT)
+    if ea != eb:
+        return f"same vocabulary but different encodings of a probe text ({ea[:8]}... vs {eb[:8]}...)"
+    return None

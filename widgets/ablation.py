@@ -7,9 +7,9 @@
     ex.sweeps["zero"].top(3)            # the state lives in the pure result objects
 
 A thin layer over `tinygpt.interp.ablation_sweep` (the loss increase of every single ablation, one sweep per
-mode, computed when the mode is first shown) and `tinygpt.generate(..., ablate=...)` (the same prompt and seed
-with and without the chosen ablation). The model is never modified: ablations are forward hooks that are
-removed after each call.
+mode, computed when the mode is first shown; the bars are the sweep's own `.figure(mode, highlight=...)`) and
+`tinygpt.interp.ablation_compare` (the same prompt and seed with and without the chosen ablation; the samples are
+its `.to_html()`). The model is never modified: ablations are forward hooks that are removed after each call.
 """
 
 from __future__ import annotations
@@ -20,39 +20,39 @@ from typing import Any
 
 import ipywidgets as W
 import plotly.graph_objects as go
-import torch
 from torch import Tensor
 
-from tinygpt.interp.ablation import MODES, Ablation, AblationError, AblationSweepResult, ablate, ablation_sweep
-from tinygpt.sampling import generate
+from tinygpt.inputs import progress_enabled
+from tinygpt.interp import (
+    Ablation,
+    AblationComparison,
+    AblationError,
+    AblationSweepResult,
+    ablation_compare,
+    ablation_sweep,
+)
 
-from ._common import captured, decode, parse_tokens, prompt_text, status_html, user_errors
+from ._inputs import eval_tokens, parse_tokens, prompt_box
+from .base import Dashboard, layer_dropdown, show_figure
 
 COMPONENT_OPTIONS = [("whole layer", "layer"), ("attention", "attn"), ("MLP", "mlp"), ("one head", "head")]
 SWEEP_COMPONENTS = ("layer", "attn", "mlp")
-COLORS = {"layer": "#7f7f7f", "attn": "#1f77b4", "mlp": "#2ca02c", "head": "#9467bd"}
-SELECTED = "#d62728"
+MODE_TOOLTIPS = {
+    "zero": "replace by zeros",
+    "mean": "replace by the mean over the evaluation batch",
+    "resample": "replace by the activation of a random evaluation row",
+}
 
 
-def default_tokens(model, data: Any = None, n_windows: int = 8) -> Tensor:
-    """Evaluation tokens [n, n_ctx]: `data` if it is already a [batch, pos] tensor, else `n_windows` windows of
-    held-out text (see `tinygpt.surgery.common.eval_data`; None = the built-in Shakespeare)."""
-    if isinstance(data, Tensor) and data.ndim == 2:
-        return data.long()
-    from tinygpt.surgery.common import eval_data
-
-    d = eval_data(model, data, ctx=model.cfg.n_ctx - 1, n_windows=n_windows)
-    return torch.cat([d.x, d.y[:, -1:]], dim=1)
-
-
-class AblationExplorer:
+class AblationExplorer(Dashboard):
     """Layer / component / head / mode controls, generations with and without the ablation, loss-increase bars.
 
     Attributes:
         sweeps (dict[str, AblationSweepResult]): one sweep per mode shown so far (every layer, attention, MLP and
             head ablation, one at a time, on `tokens`).
         tokens (Tensor): the evaluation tokens [batch, pos] (also the reference batch for mean / resample).
-        sample_clean, sample_ablated (str): the last two continuations (without the prompt).
+        comparison (AblationComparison | None): the last two continuations (`ablation_compare`'s result).
+        sample_clean, sample_ablated (str): those continuations (without the prompt).
         widget (ipywidgets.VBox): the container; displaying the explorer displays it.
         Controls: `layer`, `component`, `head` (enabled for component "head"), `mode`, `prompt`; outputs:
         `fig` (plotly FigureWidget with one bar per ablation), `samples` and `status` (HTML), `output`.
@@ -68,83 +68,62 @@ class AblationExplorer:
         max_new_tokens: int = 80,
         temperature: float = 0.0,
         seed: int = 0,
-        modes: Sequence[str] = MODES,
+        modes: Sequence[str] = tuple(MODE_TOOLTIPS),
         n_windows: int = 8,
-        progress: bool = True,
+        progress: bool | None = None,
     ):
         """
         Args:
             model: a `tinygpt.GPT` (without a tokenizer, prompts and generations are token ids).
-            tokens: evaluation tokens [batch, pos], or data for `eval_data` (text, a corpus path, None = the
-                held-out end of the built-in Shakespeare), cut into `n_windows` windows.
+            tokens: evaluation tokens [batch, pos], or data for `tinygpt.surgery.eval_data` (text, a corpus path,
+                None = the held-out end of the built-in Shakespeare), cut into `n_windows` windows.
             targets: optional [batch, pos] targets (-100 ignored) to score only some positions (e.g. the repeated
                 half of induction sequences); passed to `ablation_sweep`.
             prompt, max_new_tokens, temperature, seed: the two generations (temperature 0 = greedy; the same
                 seed for both). The prompt is text, or token ids (typed as "5 17 3" for a model without a
                 tokenizer, whose generations are shown as ids too).
             modes: the modes offered ("zero", "mean", "resample").
-            progress: tqdm progress bars for the sweeps.
+            progress: tqdm progress bars for the sweeps (None: the package default).
         """
+        super().__init__()
+        if not modes:
+            raise AblationError(f"modes must be a non-empty subset of {tuple(MODE_TOOLTIPS)}, got ()")
+        for m in modes:
+            Ablation(0, mode=m)  # the library's check of the mode
         self.model = model
-        self.tokens = default_tokens(model, tokens, n_windows).to(model.embed.weight.device)
+        self.tokens = eval_tokens(model, tokens, n_windows)
         self.targets = targets
-        self.progress = progress
+        self.progress = progress_enabled(progress)
         self.sample_options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
         self.sweeps: dict[str, AblationSweepResult] = {}
-        self.sample_clean: str = ""
-        self.sample_ablated: str = ""
-        bad = [m for m in modes if m not in MODES]
-        if bad or not modes:
-            raise AblationError(f"modes must be a non-empty subset of {MODES}, got {tuple(modes)}")
+        self.comparison: AblationComparison | None = None
         cfg = model.cfg
 
-        self.layer = W.Dropdown(options=[(f"layer {i}", i) for i in range(cfg.n_layers)], description="layer")
+        self.layer = layer_dropdown(range(cfg.n_layers))
         self.component = W.Dropdown(options=COMPONENT_OPTIONS, value="attn", description="component")
         self.head = W.Dropdown(
             options=[(f"head {h}", h) for h in range(cfg.n_heads)], description="head", disabled=True
         )
         self.mode = W.ToggleButtons(
-            options=list(modes),
-            value=modes[0],
-            tooltips=[
-                {
-                    "zero": "replace by zeros",
-                    "mean": "replace by the mean over the evaluation batch",
-                    "resample": "replace by the activation of a random evaluation row",
-                }[m]
-                for m in modes
-            ],
+            options=list(modes), value=modes[0], tooltips=[MODE_TOOLTIPS.get(m, m) for m in modes]
         )
-        self.prompt = W.Text(
-            value=prompt_text(model, prompt),
-            description="prompt",
-            continuous_update=False,
-            layout=W.Layout(width="70%"),
-        )
-        self.status = W.HTML()
+        self.prompt = prompt_box(model, prompt)
         self.samples = W.HTML()
-        self.output = W.Output()
         self.fig = go.FigureWidget()
 
-        for w in (self.layer, self.component, self.head, self.prompt):
-            w.observe(self._on_change, names="value")
-        self.mode.observe(self._on_mode, names="value")
-
-        self.widget = W.VBox(
-            [
-                W.HTML("<h3 style='margin:4px 0'>Ablation explorer</h3>"),
-                W.HBox([self.layer, self.component, self.head]),
-                self.mode,
-                self.prompt,
-                self.status,
-                self.samples,
-                self.output,
-                self.fig,
-            ]
+        self._observe(self.update, self.layer, self.component, self.head, self.prompt)
+        self._observe(self._on_mode, self.mode)
+        self._layout(
+            "Ablation explorer",
+            W.HBox([self.layer, self.component, self.head]),
+            self.mode,
+            self.prompt,
+            self.status,
+            self.samples,
+            self.output,
+            self.fig,
         )
-        with captured(self.output):
-            self.sweep()
-            self.update()
+        self._run(self._on_mode)
 
     # ------------------------------------------------------------------ state
     @property
@@ -162,7 +141,7 @@ class AblationExplorer:
         """The sweep for `mode` (default: the selected one), computed on first use, and redraw the bars."""
         mode = mode or self.mode.value
         if mode not in self.sweeps:
-            self.status.value = status_html(f"<i>sweeping every {mode} ablation…</i>")
+            self._say(f"<i>sweeping every {mode} ablation…</i>")
             self.sweeps[mode] = ablation_sweep(
                 self.model,
                 self.tokens,
@@ -182,21 +161,30 @@ class AblationExplorer:
         ab = self.ablation
         sweep = self.sweeps.get(ab.mode) or self.sweep(ab.mode)
         loss = float(sweep.losses[sweep.ablations.index(ab)])
-        with user_errors(self.status, AblationError, ValueError):
-            self.status.value = status_html(
+        with self._reporting(AblationError, ValueError):
+            self._say(
                 f"<b>{html.escape(str(ab))}</b>: evaluation loss {sweep.baseline_loss:.4f} → <b>{loss:.4f}</b> "
                 f"({loss - sweep.baseline_loss:+.4f}) on {self._n_scored():,} tokens"
             )
-            prompt = self.prompt.value
-            tokens = parse_tokens(self.model, prompt)
-            n = tokens.shape[1]
-            ctx = ablate(self.model, [ab], reference_tokens=self.tokens, seed=self.sample_options["seed"])
-            clean = generate(self.model, tokens, **self.sample_options)
-            ablated = generate(self.model, tokens, ablate=ctx, **self.sample_options)
-            # decode only the new tokens: the prompt is shown as typed
-            self.sample_clean = decode(self.model, clean[0, n:].tolist())
-            self.sample_ablated = decode(self.model, ablated[0, n:].tolist())
-            self.samples.value = _side_by_side(prompt, self.sample_clean, self.sample_ablated, str(ab))
+            tokens = parse_tokens(self.model, self.prompt.value)
+            self.comparison = ablation_compare(
+                self.model, ab, tokens, reference_tokens=self.tokens, **self.sample_options
+            )
+            self.samples.value = self.comparison.to_html()
+
+    @property
+    def sample_clean(self) -> str:
+        """The last continuation without the ablation (without the prompt)."""
+        return self.comparison.sample_clean if self.comparison is not None else ""
+
+    @property
+    def sample_ablated(self) -> str:
+        """The last continuation with the ablation (without the prompt)."""
+        return self.comparison.sample_ablated if self.comparison is not None else ""
+
+    def _on_mode(self) -> None:
+        self.sweep()
+        self.update()
 
     def _n_scored(self) -> int:
         if self.targets is None:
@@ -205,76 +193,11 @@ class AblationExplorer:
 
     def _draw_bars(self) -> None:
         sweep = self.sweeps.get(self.mode.value)
-        if sweep is None:
-            return
-        chosen = self.ablation
-        colors = [SELECTED if a == chosen else COLORS[a.component] for a in sweep.ablations]
-        with self.fig.batch_update():
-            if not self.fig.data:
-                self.fig.add_trace(go.Bar(name="loss increase"))
-                self.fig.update_layout(
-                    template="plotly_white",
-                    height=360,
-                    margin={"t": 50, "b": 60},
-                    xaxis={"title": "ablation", "type": "category", "tickangle": -60},
-                    yaxis={"title": "loss increase"},
-                    showlegend=False,
-                )
-            bar = self.fig.data[0]
-            bar.x = [a.label for a in sweep.ablations]
-            bar.y = sweep.deltas.tolist()
-            bar.marker.color = colors
-            bar.hovertemplate = "%{x}: %{y:+.4f}<extra></extra>"
-            self.fig.layout.title.text = (
-                f"{sweep.ablations[0].mode} ablation: loss increase (baseline {sweep.baseline_loss:.4f}); "
-                "red = selected"
-            )
-
-    # ------------------------------------------------------------------ callbacks
-    def _on_change(self, _change: Any = None) -> None:
-        with captured(self.output):
-            self.update()
-
-    def _on_mode(self, _change: Any = None) -> None:
-        with captured(self.output):
-            self.sweep()
-            self.update()
-
-    # ------------------------------------------------------------------ display
-    def _repr_mimebundle_(self, **kwargs: Any):
-        return self.widget._repr_mimebundle_(**kwargs)
+        if sweep is not None:
+            show_figure(self.fig, sweep.figure(self.mode.value, highlight=self.ablation))
 
     def __repr__(self) -> str:
         return f"AblationExplorer(selected {self.spec}, sweeps: {sorted(self.sweeps)})"
-
-
-def _side_by_side(prompt: str, a: str, b: str, label: str) -> str:
-    """Two columns: the prompt in bold, then each continuation (`a` without, `b` with the ablation); the
-    ablated one is red from where it differs."""
-    same = 0
-    while same < min(len(a), len(b)) and a[same] == b[same]:
-        same += 1
-
-    def col(title: str, text: str, split: int | None) -> str:
-        body = (
-            html.escape(text)
-            if split is None
-            else (html.escape(text[:split]) + f"<span style='color:{SELECTED}'>{html.escape(text[split:])}</span>")
-        )
-        return (
-            "<div style='flex:1;min-width:0'>"
-            f"<div style='font-weight:600;margin-bottom:2px'>{html.escape(title)}</div>"
-            "<pre style='white-space:pre-wrap;margin:0;padding:6px;background:#f6f6f6;border-radius:4px'>"
-            f"<b>{html.escape(prompt)}</b>{body}</pre></div>"
-        )
-
-    note = "identical" if a == b else f"diverges after {same} characters"
-    return (
-        "<div style='display:flex;gap:12px'>"
-        + col("without ablation", a, None)
-        + col(f"with {label} ({note})", b, same if a != b else None)
-        + "</div>"
-    )
 
 
 __all__ = ["AblationExplorer"]

@@ -1,7 +1,7 @@
 """`EvalMatrixDashboard`: the evaluation matrix in a notebook: one prompt's outputs side by side, the reference
 loss per setup, and new questions run through every setup.
 
-    from tinygpt.eval.matrix import EvalMatrix
+    from tinygpt.eval import EvalMatrix
     from tinygpt.widgets import EvalMatrixDashboard
 
     matrix = EvalMatrix(base, lora=lora_model, retrieval="data/shakespeare_notes.md", few_shot=examples, k=1)
@@ -11,24 +11,29 @@ loss per setup, and new questions run through every setup.
     dash.question.value = "Who kills Polonius?"; dash.reference.value = "Hamlet kills Polonius."
     dash.run_button.click()       # runs the new question through every setup and selects it
 
-A thin layer over `tinygpt.evalmatrix`: the state lives in `dash.result` (an `EvalMatrixResult`) and every
-callback copies its numbers into the widgets. The models are never modified.
+A thin layer over `tinygpt.eval.EvalMatrix`: the state lives in `dash.result` (an `EvalMatrixResult`), the chart
+is the result's own `.figure(highlight=...)`, and every callback copies its numbers into the widgets. The models
+are never modified.
 """
 
 from __future__ import annotations
 
 import html
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from tinygpt.eval.matrix import EvalMatrix, EvalMatrixResult
+from tinygpt.eval import EvalMatrix
+from tinygpt.inputs import progress_enabled
 
-from ._common import captured, show_figure, status_html, user_errors
+from .base import Dashboard, captured, show_figure
+
+if TYPE_CHECKING:
+    from tinygpt.eval.matrix import EvalMatrixResult
 
 
-class EvalMatrixDashboard:
+class EvalMatrixDashboard(Dashboard):
     """Side-by-side outputs of one prompt under every setup, a loss chart, and a box to ask new questions.
 
     Attributes:
@@ -41,24 +46,26 @@ class EvalMatrixDashboard:
         point per prompt, the selected prompt's in red), `status` (HTML); `output` shows progress and errors.
     """
 
-    def __init__(self, matrix: EvalMatrix, prompts: Any = None, answers: Any = None, *, result=None, progress=False):
+    def __init__(
+        self, matrix: EvalMatrix, prompts: Any = None, answers: Any = None, *, result=None, progress: bool | None = None
+    ):
         """
         Args:
             matrix: an `EvalMatrix` (see `tinygpt.evalmatrix`).
             prompts, answers: prompts to run now (records, (q, a) pairs, strings + answers, or a JSONL path).
             result: an `EvalMatrixResult` already computed with `matrix` (instead of `prompts`).
-            progress: progress bars while running.
+            progress: progress bars while running (None: the package default).
         """
+        super().__init__()
         if not isinstance(matrix, EvalMatrix):
-            raise TypeError("EvalMatrixDashboard needs an EvalMatrix (tinygpt.evalmatrix.EvalMatrix(model, ...))")
+            raise TypeError("EvalMatrixDashboard needs an EvalMatrix (tinygpt.eval.EvalMatrix(model, ...))")
         if (prompts is None) == (result is None):
             raise ValueError("give either prompts (run now) or result= (already run), not both")
         self.matrix = matrix
-        self.progress = progress
-        self.output = W.Output()
+        self.progress = progress_enabled(progress)
         with captured(self.output):
             self.result: EvalMatrixResult = (
-                result if result is not None else matrix.run(prompts, answers, progress=progress)
+                result if result is not None else matrix.run(prompts, answers, progress=self.progress)
             )
         if list(self.result.setups) != list(matrix.setups):
             raise ValueError(f"the result's setups {self.result.setups} are not the matrix's {matrix.setups}")
@@ -76,26 +83,22 @@ class EvalMatrixDashboard:
         self.question = W.Text(placeholder="a new question", description="question", layout={"width": "45%"})
         self.reference = W.Text(placeholder="its reference answer (optional)", description="reference")
         self.run_button = W.Button(description="run", icon="play", button_style="primary", tooltip="run every setup")
-        self.status = W.HTML()
         self.table = W.HTML()
         self.fig = go.FigureWidget()
         self.fig.update_layout(height=380, margin={"t": 50, "b": 40})
 
-        self.prompt.observe(self._on_prompt, names="value")
-        self.k.observe(self._on_k, names="value")
-        self.run_button.on_click(self._on_run)
-
-        self.widget = W.VBox(
-            [
-                W.HTML("<h3 style='margin:4px 0'>Evaluation matrix: the same prompts under every setup</h3>"),
-                W.HBox([self.prompt, self.k]),
-                self.table,
-                self.fig,
-                W.HTML("<b>Ask a new question</b>"),
-                W.HBox([self.question, self.reference, self.run_button]),
-                self.status,
-                self.output,
-            ]
+        self._observe(self.refresh, self.prompt)
+        self._observe(self._rerun_with_k, self.k)
+        self._on_click(self.run_button, self._ask_typed, errors=(ValueError,))
+        self._layout(
+            "Evaluation matrix: the same prompts under every setup",
+            W.HBox([self.prompt, self.k]),
+            self.table,
+            self.fig,
+            W.HTML("<b>Ask a new question</b>"),
+            W.HBox([self.question, self.reference, self.run_button]),
+            self.status,
+            self.output,
         )
         self.refresh()
 
@@ -111,7 +114,7 @@ class EvalMatrixDashboard:
         self.table.value = self.row_html(i)
         summ = self.result.summary()
         best = min(self.result.setups, key=lambda s: (summ[s]["loss"] != summ[s]["loss"], summ[s]["loss"]))
-        self.status.value = status_html(
+        self._say(
             f"{len(self.result)} prompts; lowest mean reference loss: <b>{html.escape(best)}</b> "
             f"({summ[best]['loss']:.3f} nats/token)"
         )
@@ -175,24 +178,14 @@ class EvalMatrixDashboard:
             r.retrieved[i] = new.retrieved[0]
         self.refresh()
 
-    # ------------------------------------------------------------------ callbacks
-    def _on_prompt(self, _change: Any = None) -> None:
-        self.refresh()
+    def _rerun_with_k(self) -> None:
+        self.matrix.k = int(self.k.value)
+        self.rerun_selected()
 
-    def _on_k(self, change: dict) -> None:
-        self.matrix.k = int(change["new"])
-        with captured(self.output):
-            self.rerun_selected()
-
-    def _on_run(self, _button: Any = None) -> None:
-        with captured(self.output), user_errors(self.status, ValueError):
-            self.ask(self.question.value, self.reference.value.strip() or None)
-            self.question.value = ""
-            self.reference.value = ""
-
-    # ------------------------------------------------------------------ display
-    def _repr_mimebundle_(self, **kwargs: Any):
-        return self.widget._repr_mimebundle_(**kwargs)
+    def _ask_typed(self) -> None:
+        self.ask(self.question.value, self.reference.value.strip() or None)
+        self.question.value = ""
+        self.reference.value = ""
 
     def __repr__(self) -> str:
         return f"EvalMatrixDashboard({self.result!r})"

@@ -7,7 +7,9 @@
 
 A thin layer over `tinygpt.surgery.hqq_error_grid` (relative error of every matrix at every grid point,
 computed once) and `hqq_loss_curve` (validation loss with the whole model quantized, per bit width). The
-controls only pick which numbers of those results the figures show. The model is never modified.
+controls only pick which of those results' figures are shown: the heatmap is `grid.figure(layer, target,
+method=..., zmax=grid.max_error())` (one colour scale over every view), the curve `curve.figure()` and the
+histogram `grid.histogram(...)`. The model is never modified.
 """
 
 from __future__ import annotations
@@ -18,21 +20,16 @@ from typing import Any
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from tinygpt.surgery.common import LayerSpec, TargetSpec
-from tinygpt.surgery.hqq import (
-    HqqGridResult,
-    HqqLossCurve,
-    _group_label,
-    _json_safe,
-    _selection_label,
-    hqq_error_grid,
-    hqq_loss_curve,
-)
+from tinygpt.inputs import progress_enabled
+from tinygpt.surgery import HqqGridResult, HqqLossCurve, hqq_error_grid, hqq_loss_curve
+from tinygpt.surgery.hqq import group_label
 
-from ._common import captured
+from .base import Dashboard, captured, heading, layer_dropdown, show_figure, update_figure
+
+WINDOW_OPTIONS = ("ctx", "n_windows", "batch_size")  # options of the loss curve only (not of the error grid)
 
 
-class HqqDashboard:
+class HqqDashboard(Dashboard):
     """Heatmap of relative weight error (bits × group size) per matrix, RTN/HQQ toggle, loss vs bits, histogram.
 
     Attributes:
@@ -50,19 +47,13 @@ class HqqDashboard:
         tokens_or_corpus: Any = None,
         bits: Sequence[int] = (2, 3, 4, 8),
         group_sizes: Sequence[int | None] = (32, 64, 128),
-        targets: TargetSpec = "all",
-        layers: LayerSpec = None,
+        targets: str | Sequence[str] = "all",
+        layers: int | str | Sequence[int] | None = None,
         *,
         loss_group_size: int | str | None = "auto",
         loss_curve: bool = True,
-        p: float = 0.7,
-        beta: float = 10.0,
-        kappa: float = 1.01,
-        iters: int = 20,
-        ctx: int | None = None,
-        n_windows: int = 16,
-        batch_size: int = 8,
-        progress: bool = True,
+        progress: bool | None = None,
+        **options: Any,
     ):
         """
         Args:
@@ -73,14 +64,16 @@ class HqqDashboard:
             loss_group_size: the group size of the loss-vs-bits curve (must divide every selected matrix;
                 "auto": the largest of `group_sizes` that does, else whole rows).
             loss_curve: compute the loss curve (a forward pass per bit width and method).
-            p, beta, kappa, iters: HQQ hyperparameters.
-            ctx, n_windows, batch_size: validation windows.
-            progress: tqdm progress bars.
+            progress: tqdm progress bars (None: the package default).
+            **options: HQQ's hyperparameters `p`, `beta`, `kappa`, `iters` (for the grid and the curve) and the
+                validation windows `ctx`, `n_windows`, `batch_size` (for the curve); the library's defaults (see
+                `tinygpt.surgery.hqq_error_grid` / `hqq_loss_curve`).
         """
-        hq = {"p": p, "beta": beta, "kappa": kappa, "iters": iters}
+        super().__init__()
+        hq = {k: v for k, v in options.items() if k not in WINDOW_OPTIONS}
+        progress = progress_enabled(progress)
         self.model = model
-        self.output = W.Output()  # in a kernel: progress bars and tracebacks (of construction and callbacks)
-        with captured(self.output):
+        with captured(self.output):  # in a kernel: progress bars and tracebacks of the construction
             self.grid: HqqGridResult = hqq_error_grid(
                 model, bits, group_sizes, targets, layers, progress=progress, **hq
             )
@@ -95,106 +88,74 @@ class HqqDashboard:
                     loss_group_size,
                     self.grid.targets,
                     self.grid.layers,
-                    ctx=ctx,
-                    n_windows=n_windows,
-                    batch_size=batch_size,
                     progress=progress,
-                    **hq,
+                    **options,
                 )
         g = self.grid
 
         # --- heatmap over bits x group size
         self.method = W.ToggleButtons(options=[("RTN", "rtn"), ("HQQ", "hqq")], value="hqq", description="method")
-        self.layer = W.Dropdown(
-            options=[("all layers (mean)", None)] + [(f"layer {ly}", ly) for ly in g.layers], description="layer"
-        )
+        self.layer = layer_dropdown(g.layers, extra=[("all layers (mean)", None)])
         self.target = W.Dropdown(
             options=[("all targets (mean)", None)] + [(t, t) for t in g.targets], description="target"
         )
-        cells = [r[k] for r in g.rows() for k in ("rtn_error", "hqq_error")]
-        zmax = max((v for v in cells if v == v), default=1.0)  # one colour scale for every view; v == v drops NaN
-        self.heatmap_fig = go.FigureWidget(
-            go.Heatmap(
-                z=_json_safe(g.table("hqq")),
-                x=[_group_label(gs) for gs in g.group_sizes],
-                y=[f"{b}-bit" for b in g.bits],
-                zmin=0,
-                zmax=zmax,
-                colorscale="Viridis",
-                texttemplate="%{z:.4f}",
-                colorbar={"title": "rel. error"},
-                hovertemplate="%{y}, group %{x}: %{z:.4f}<extra></extra>",
-            )
-        )
-        self.heatmap_fig.update_xaxes(title_text="group size", type="category")
-        self.heatmap_fig.update_yaxes(type="category")
-        self.heatmap_fig.update_layout(template="plotly_white", height=360, margin={"t": 50, "b": 40})
+        self.heatmap_fig = go.FigureWidget(self._heatmap())
 
         # --- loss vs bits
         self.loss_fig = go.FigureWidget(self.curve.figure() if self.curve is not None else None)
 
         # --- histogram of W - Ŵ for one matrix
-        self.hist_layer = W.Dropdown(options=[(f"layer {ly}", ly) for ly in g.layers], description="layer")
+        self.hist_layer = layer_dropdown(g.layers)
         self.hist_target = W.Dropdown(options=g.targets, description="target")
         self.hist_bits = W.Dropdown(
             options=[(f"{b}-bit", b) for b in g.bits], value=4 if 4 in g.bits else g.bits[0], description="bits"
         )
-        self.hist_group = W.Dropdown(options=[(_group_label(gs), gs) for gs in g.group_sizes], description="group")
-        self.hist_status = W.HTML()
-        self.hist_fig = go.FigureWidget([go.Bar(name="round-to-nearest", opacity=0.6), go.Bar(name="HQQ", opacity=0.6)])
-        self.hist_fig.update_layout(
-            barmode="overlay", bargap=0, xaxis_title="W − Ŵ", yaxis_title="weights", template="plotly_white", height=360
-        )
+        self.hist_group = W.Dropdown(options=[(group_label(gs), gs) for gs in g.group_sizes], description="group")
+        self.hist_status = self.status  # the dashboard's status line: the histogram's errors, or why it is empty
+        self.hist_fig = go.FigureWidget([go.Bar(name="round-to-nearest"), go.Bar(name="HQQ")])  # until drawn
 
-        for w in (self.method, self.layer, self.target):
-            w.observe(self._on_heatmap_control, names="value")
-        for w in (self.hist_layer, self.hist_target, self.hist_bits, self.hist_group):
-            w.observe(self._on_histogram_control, names="value")
-
-        self.widget = W.VBox(
-            [
-                W.HTML("<h3 style='margin:4px 0'>Relative weight error ‖W − Ŵ‖ / ‖W‖ over bits × group size</h3>"),
-                W.HBox([self.method, self.layer, self.target]),
-                self.heatmap_fig,
-                W.HTML("<h3 style='margin:4px 0'>Validation loss vs bits (every selected matrix quantized)</h3>"),
-                self.loss_fig,
-                W.HTML("<h3 style='margin:4px 0'>Error histogram of one matrix</h3>"),
-                W.HBox([self.hist_layer, self.hist_target, self.hist_bits, self.hist_group]),
-                self.hist_status,
-                self.hist_fig,
-                self.output,
-            ]
+        self._observe(self._on_heatmap_control, self.method, self.layer, self.target)
+        self._observe(self._update_histogram, self.hist_layer, self.hist_target, self.hist_bits, self.hist_group)
+        self._layout(
+            "Relative weight error ‖W − Ŵ‖ / ‖W‖ over bits × group size",
+            W.HBox([self.method, self.layer, self.target]),
+            self.heatmap_fig,
+            heading("Validation loss vs bits (every selected matrix quantized)"),
+            self.loss_fig,
+            heading("Error histogram of one matrix"),
+            W.HBox([self.hist_layer, self.hist_target, self.hist_bits, self.hist_group]),
+            self.hist_status,
+            self.hist_fig,
+            self.output,
         )
         self._update_heatmap()
         self._update_histogram()
 
-    # ------------------------------------------------------------------ callbacks
-    def _on_heatmap_control(self, _change: Any = None) -> None:
-        with captured(self.output):
-            self._update_heatmap()
-            self._follow_selection()
+    # ------------------------------------------------------------------ views
+    def _on_heatmap_control(self) -> None:
+        self._update_heatmap()
+        self._follow_selection()
 
-    def _on_histogram_control(self, _change: Any = None) -> None:
-        with captured(self.output):
-            self._update_histogram()
+    def _heatmap(self) -> go.Figure:
+        """The grid's figure of the selected method, layer and target, on the grid's one colour scale."""
+        return self.grid.figure(
+            self.layer.value, self.target.value, method=self.method.value, zmax=self.grid.max_error()
+        )
 
-    def _update_heatmap(self, _change: Any = None) -> None:
-        m, layer, target = self.method.value, self.layer.value, self.target.value
-        with self.heatmap_fig.batch_update():
-            self.heatmap_fig.data[0].z = _json_safe(self.grid.table(m, layer, target))
-            self.heatmap_fig.layout.title.text = f"{m.upper()}: {_selection_label(layer, target)}"
+    def _update_heatmap(self) -> None:
+        update_figure(self.heatmap_fig, self._heatmap())
 
-    def _follow_selection(self, _change: Any = None) -> None:
+    def _follow_selection(self) -> None:
         """A specific layer / target chosen for the heatmap is also shown in the histogram."""
         if self.layer.value is not None:
             self.hist_layer.value = self.layer.value
         if self.target.value is not None:
             self.hist_target.value = self.target.value
 
-    def _update_histogram(self, _change: Any = None) -> None:
+    def _update_histogram(self) -> None:
         layer, target = self.hist_layer.value, self.hist_target.value
         bits, group = self.hist_bits.value, self.hist_group.value
-        title = f"W − Ŵ, layer {layer} {target}, {bits}-bit, group {_group_label(group)}"
+        title = f"W − Ŵ, layer {layer} {target}, {bits}-bit, group {group_label(group)}"
         weight = self.grid.weights.get((layer, target))
         problem = None
         if weight is None:  # e.g. attn.k_proj of a YOCO cross-decoder block
@@ -208,18 +169,9 @@ class HqqDashboard:
                 self.hist_fig.layout.title.text = title
             self.hist_status.value = problem
             return
-        h = self.grid.residual_histogram(layer, target, bits, group)
-        with self.hist_fig.batch_update():
-            for trace, m in zip(self.hist_fig.data, ("rtn", "hqq")):
-                trace.x, trace.y = h["centers"], h[m]
-            self.hist_fig.layout.title.text = title
-        self.hist_status.value = (
-            f"relative error: round-to-nearest <b>{h['rtn_error']:.4f}</b>, HQQ <b>{h['hqq_error']:.4f}</b>"
-        )
-
-    # ------------------------------------------------------------------ display
-    def _repr_mimebundle_(self, **kwargs: Any):
-        return self.widget._repr_mimebundle_(**kwargs)
+        show_figure(self.hist_fig, self.grid.histogram(layer, target, bits, group))
+        rtn, hqq = (self.grid.error(m, layer, target, bits, group) for m in ("rtn", "hqq"))
+        self._say(f"relative error: round-to-nearest <b>{rtn:.4f}</b>, HQQ <b>{hqq:.4f}</b>", self.hist_status)
 
     def __repr__(self) -> str:
         return f"HqqDashboard({self.grid!r}, loss curve: {self.curve!r})"

@@ -21,26 +21,28 @@ from typing import Any
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from tinygpt.surgery.common import LayerSpec, TargetSpec, check_model, eval_data, resolve_layers, select_linears
-from tinygpt.surgery.laser import (
+from tinygpt.inputs import progress_enabled
+from tinygpt.surgery import (
     PAPER_GRID,
     Intervention,
     LaserComparison,
     LaserSweepResult,
     SpectrumResult,
-    _check_fractions,
+    eval_data,
+    kept_rank,
     laser_compare,
     laser_sweep,
+    resolve_layers,
     singular_values,
 )
 
-from ._common import captured, error_html, show_figure, user_errors
+from .base import Dashboard, captured, heading, layer_dropdown, show_figure
 
 #: A coarse ρ grid that sweeps quickly (the dashboard's default; `PAPER_GRID` is the paper's).
 QUICK_GRID: tuple[float, ...] = (0.9, 0.5, 0.2, 0.1, 0.05, 0.01)
 
 
-class LaserDashboard:
+class LaserDashboard(Dashboard):
     """Spectra per layer, a LASER sweep (curves and heatmap), and a before/after preview of one intervention.
 
     Attributes:
@@ -58,8 +60,8 @@ class LaserDashboard:
         self,
         model,
         tokens_or_corpus: Any = None,
-        targets: TargetSpec = "mlp",
-        layers: LayerSpec = None,
+        targets: str | Sequence[str] = "mlp",
+        layers: int | str | Sequence[int] | None = None,
         fractions: Sequence[float] = QUICK_GRID,
         *,
         run_sweep: bool = True,
@@ -67,10 +69,8 @@ class LaserDashboard:
         max_new_tokens: int = 150,
         temperature: float = 0.8,
         seed: int = 0,
-        ctx: int | None = None,
-        n_windows: int = 16,
-        batch_size: int = 8,
-        progress: bool = True,
+        progress: bool | None = None,
+        **windows: Any,
     ):
         """
         Args:
@@ -83,42 +83,46 @@ class LaserDashboard:
             fractions: ρ values for the sweep and the ρ slider.
             run_sweep: run `laser_sweep` now (otherwise press "run sweep").
             prompt, max_new_tokens, temperature, seed: the before/after samples (same seed for both).
-            ctx, n_windows, batch_size: validation windows (see `laser_sweep`).
-            progress: tqdm progress bars for the sweep and the spectra.
+            progress: tqdm progress bars for the sweep and the spectra (None: the package default).
+            **windows: the validation windows, `ctx`, `n_windows`, `batch_size` (see `tinygpt.surgery.eval_data`;
+                its defaults).
         """
-        n_layers = check_model(model)
-        select_linears(model, targets, layers)  # validates the selection before any data is loaded
+        super().__init__()
         self.model = model
-        self.layers = resolve_layers(layers, n_layers)
-        self.fractions = _check_fractions(fractions)
-        self.progress = progress
+        self.layers = resolve_layers(layers, model.cfg.n_layers)
+        for f in fractions:
+            kept_rank((1, 1), f)  # raises for a ρ outside (0, 1]
+        if not fractions:
+            raise ValueError("fractions is empty; e.g. use PAPER_GRID")
+        self.fractions = [float(f) for f in fractions]
+        self.progress = progress_enabled(progress)
         self.sample_options = {
             "prompt": prompt,
             "max_new_tokens": max_new_tokens,
             "temperature": temperature,
             "seed": seed,
         }
-        self.output = W.Output()  # in a kernel: progress bars and tracebacks (of construction and callbacks)
-        with captured(self.output):
-            self.data = eval_data(model, tokens_or_corpus, ctx=ctx, n_windows=n_windows, batch_size=batch_size)
-            self.spectrum: SpectrumResult = singular_values(model, targets, self.layers, progress=progress)
+        with captured(self.output):  # in a kernel: progress bars and tracebacks of the construction
+            # the spectra first: they check the targets before any data is loaded
+            self.spectrum: SpectrumResult = singular_values(model, targets, self.layers, progress=self.progress)
+            self.data = eval_data(model, tokens_or_corpus, **windows)
         self.targets = self.spectrum.targets  # concrete: one per expert matrix on MoE blocks
         self.sweep: LaserSweepResult | None = None
         self.comparison: LaserComparison | None = None
 
         # --- spectra
-        self.spectrum_layer = W.Dropdown(options=[(f"layer {ly}", ly) for ly in self.layers], description="layer")
+        self.spectrum_layer = layer_dropdown(self.layers)
         self.normalize = W.Checkbox(value=False, description="σ / σ_max", indent=False)
         self.spectrum_fig = go.FigureWidget(self.spectrum.figure(layer=self.layers[0]))
         self.spectrum_fig.update_layout(height=360, margin={"t": 50, "b": 40})
         # --- sweep
         self.sweep_button = W.Button(description="run sweep", icon="play", tooltip="laser_sweep over the grid")
-        self.sweep_status = W.HTML()
+        self.sweep_status = self.status  # the dashboard's status line: what the sweep found
         self.sweep_fig = go.FigureWidget()
         # --- one intervention
         rhos = sorted(set(self.fractions) | {1.0})
         self.target = W.Dropdown(options=self.targets, description="target")
-        self.layer = W.Dropdown(options=[(f"layer {ly}", ly) for ly in self.layers], description="layer")
+        self.layer = layer_dropdown(self.layers)
         self.rank_fraction = W.SelectionSlider(
             options=[(f"{f:g}", f) for f in rhos],
             value=min(rhos, key=lambda f: abs(f - 0.1)),
@@ -131,34 +135,29 @@ class LaserDashboard:
         self.result = W.HTML("<i>choose an intervention and press preview</i>")
         self.choice_status = W.HTML()
 
-        self.spectrum_layer.observe(self._update_spectrum, names="value")
-        self.normalize.observe(self._update_spectrum, names="value")
-        self.layer.observe(self._follow_layer, names="value")
-        for w in (self.target, self.layer, self.rank_fraction):
-            w.observe(self._update_choice, names="value")
-        self.sweep_button.on_click(self._on_sweep)
-        self.apply_button.on_click(self._on_preview)
-
-        self.widget = W.VBox(
-            [
-                W.HTML("<h3 style='margin:4px 0'>LASER: singular values</h3>"),
-                W.HBox([self.spectrum_layer, self.normalize]),
-                self.spectrum_fig,
-                W.HTML("<h3 style='margin:4px 0'>LASER sweep: validation loss per (target, layer, ρ)</h3>"),
-                W.HBox([self.sweep_button, self.sweep_status]),
-                self.output,
-                self.sweep_fig,
-                W.HTML("<h3 style='margin:4px 0'>One intervention, before and after</h3>"),
-                W.HBox([self.target, self.layer, self.rank_fraction, self.apply_button]),
-                self.choice_status,
-                self.result,
-            ]
+        self._observe(self._update_spectrum, self.spectrum_layer, self.normalize)
+        self._observe(self._follow_layer, self.layer)
+        self._observe(self._update_choice, self.target, self.layer, self.rank_fraction)
+        self._on_click(self.sweep_button, self.run_sweep)
+        # a matrix the chosen block lacks: reported in the result line
+        self._on_click(self.apply_button, self.preview, errors=(ValueError,), status=self.result)
+        self._layout(
+            "LASER: singular values",
+            W.HBox([self.spectrum_layer, self.normalize]),
+            self.spectrum_fig,
+            heading("LASER sweep: validation loss per (target, layer, ρ)"),
+            W.HBox([self.sweep_button, self.sweep_status]),
+            self.output,
+            self.sweep_fig,
+            heading("One intervention, before and after"),
+            W.HBox([self.target, self.layer, self.rank_fraction, self.apply_button]),
+            self.choice_status,
+            self.result,
         )
         self._update_spectrum()
         self._update_choice()
         if run_sweep:
-            with captured(self.output):
-                self.run_sweep()
+            self._run(self.run_sweep)
 
     # ------------------------------------------------------------------ actions
     @property
@@ -197,16 +196,8 @@ class LaserDashboard:
         self.result.value = self.comparison.to_html()
         return self.comparison
 
-    # ------------------------------------------------------------------ callbacks
-    def _on_sweep(self, _button: Any = None) -> None:
-        with captured(self.output):
-            self.run_sweep()
-
-    def _on_preview(self, _button: Any = None) -> None:
-        with captured(self.output), user_errors(self.result, ValueError):  # e.g. a matrix this block lacks
-            self.preview()
-
-    def _update_spectrum(self, _change: Any = None) -> None:
+    # ------------------------------------------------------------------ views
+    def _update_spectrum(self) -> None:
         traces = self.spectrum.traces(layer=self.spectrum_layer.value, normalize=self.normalize.value)
         with self.spectrum_fig.batch_update():
             for trace, tr in zip(self.spectrum_fig.data, traces):
@@ -214,10 +205,10 @@ class LaserDashboard:
             self.spectrum_fig.layout.title.text = f"singular values, layer {self.spectrum_layer.value}"
             self.spectrum_fig.layout.yaxis.title.text = "σ / σ_max" if self.normalize.value else "singular value σ"
 
-    def _follow_layer(self, change: dict) -> None:
-        self.spectrum_layer.value = change["new"]
+    def _follow_layer(self) -> None:
+        self.spectrum_layer.value = self.layer.value
 
-    def _update_choice(self, _change: Any = None) -> None:
+    def _update_choice(self) -> None:
         iv = self.intervention
         rho = iv.rank_fraction
         with self.spectrum_fig.batch_update():
@@ -235,8 +226,9 @@ class LaserDashboard:
             for trace in self.spectrum_fig.data:
                 trace.line.width = 3 if trace.name == iv.target else 1.5
         if iv.layer not in self.spectrum.layers_of(iv.target):
-            self.choice_status.value = error_html(
-                f"block {iv.layer} has no {iv.target} (it is in layers {self.spectrum.layers_of(iv.target)})"
+            self._warn(
+                f"block {iv.layer} has no {iv.target} (it is in layers {self.spectrum.layers_of(iv.target)})",
+                self.choice_status,
             )
             return
         energy = self.spectrum.energy_kept(iv.target, iv.layer, rho)
@@ -248,10 +240,6 @@ class LaserDashboard:
             loss = self.sweep.loss(iv.target, iv.layer, rho)
             text += f"; sweep loss {loss:.4f} ({loss - self.sweep.base_loss:+.4f})"
         self.choice_status.value = html.escape(text)
-
-    # ------------------------------------------------------------------ display
-    def _repr_mimebundle_(self, **kwargs: Any):
-        return self.widget._repr_mimebundle_(**kwargs)
 
     def __repr__(self) -> str:
         swept = "not run" if self.sweep is None else repr(self.sweep)

@@ -19,9 +19,10 @@ from typing import Any
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from tinygpt.interp.lens import LensError, LensResult, TunedLens, logit_lens
+from tinygpt.interp import LensError, LensResult, TunedLens, logit_lens
 
-from ._common import captured, error_html, parse_tokens, prompt_text, show_figure, status_html, user_errors
+from ._inputs import parse_tokens, prompt_box
+from .base import Dashboard, show_figure
 
 METRIC_OPTIONS = [
     ("KL(final ‖ layer)", "kl"),
@@ -32,7 +33,7 @@ METRIC_OPTIONS = [
 DEFAULT_PROMPT = "ROMEO: But soft, what light through yonder window breaks?"
 
 
-class LensDashboard:
+class LensDashboard(Dashboard):
     """Prompt box, logit / tuned lens toggle, metric choice, `.lenses` loader and the lens heatmap.
 
     Attributes:
@@ -65,19 +66,14 @@ class LensDashboard:
             k: top tokens kept per cell (the hover shows up to 5).
             target: the tracked token (see `logit_lens`; None = the actual next token).
         """
+        super().__init__()
         self.model = model
         self.k = k
         self.target = target
         self.lens: TunedLens | None = None
         self.result: LensResult | None = None
 
-        self.prompt = W.Text(
-            value=prompt_text(model, prompt),
-            description="prompt",
-            continuous_update=False,
-            placeholder="type a prompt and press Enter",
-            layout=W.Layout(width="70%"),
-        )
+        self.prompt = prompt_box(model, prompt, placeholder="type a prompt and press Enter")
         self.lens_kind = W.ToggleButtons(
             options=[("logit lens", "logit"), ("tuned lens", "tuned")],
             value="logit",
@@ -86,29 +82,22 @@ class LensDashboard:
         self.metric = W.Dropdown(options=METRIC_OPTIONS, value=metric, description="colour")
         self.lens_path = W.Text(description=".lenses", placeholder="path/to/model.lenses", layout=W.Layout(width="50%"))
         self.load_button = W.Button(description="load lens", icon="folder-open", tooltip="TunedLens.load(path, model)")
-        self.status = W.HTML()
-        self.output = W.Output()
         self.fig = go.FigureWidget()
 
         if lens is not None:
             self.lens = self._load(lens)
             self.lens_kind.value = "tuned"
 
-        self.prompt.observe(self._on_change, names="value")
-        self.lens_kind.observe(self._on_change, names="value")
-        self.metric.observe(self._on_change, names="value")
-        self.load_button.on_click(self._on_load)
-
-        self.widget = W.VBox(
-            [
-                W.HTML("<h3 style='margin:4px 0'>Logit lens / tuned lens</h3>"),
-                self.prompt,
-                W.HBox([self.lens_kind, self.metric]),
-                W.HBox([self.lens_path, self.load_button]),
-                self.status,
-                self.output,
-                self.fig,
-            ]
+        self._observe(self.update, self.prompt, self.lens_kind, self.metric)
+        self._on_click(self.load_button, self._load_typed_path, errors=(LensError, OSError, ValueError))
+        self._layout(
+            "Logit lens / tuned lens",
+            self.prompt,
+            W.HBox([self.lens_kind, self.metric]),
+            W.HBox([self.lens_path, self.load_button]),
+            self.status,
+            self.output,
+            self.fig,
         )
         self.update()
 
@@ -132,46 +121,39 @@ class LensDashboard:
         """Recompute the lens for the current controls and redraw the heatmap."""
         if self.lens_kind.value == "tuned" and self.lens is None:
             self.lens_kind.value = "logit"  # redraws the logit lens (the observer calls update() again)
-            self.status.value = error_html(
+            self._warn(
                 "no tuned lens yet: load a .lenses file below (or pass lens= / train one with "
                 "tinygpt.interp.tuned_lens); showing the logit lens"
             )
             return self.result
-        with user_errors(self.status, ValueError, LensError):
-            res = logit_lens(
-                self.model,
-                parse_tokens(self.model, self.prompt.value)[0],
-                k=self.k,
-                target=self.target,
-                lens=self.lens if self.lens_kind.value == "tuned" else None,
-            )
-            self.result = res
-            fig = res.figure(self.metric.value)
-            fig.update_traces(colorbar_title_side="right")  # a long title would be cut at the figure's edge
-            show_figure(self.fig, fig)
-            kl = res.kl[:-1].mean(dim=1)
-            worst = ", ".join(f"{lab} {float(v):.2f}" for lab, v in zip(res.labels, kl))
-            self.status.value = status_html(
-                f"{res.lens} lens · {len(res.labels)} layers × {len(res.str_tokens)} tokens · "
-                f"mean KL(final ‖ layer) per layer: {worst}"
-            )
+        with self._reporting(ValueError, LensError):
+            self._draw()
         return self.result
 
-    # ------------------------------------------------------------------ callbacks
-    def _on_change(self, _change: Any = None) -> None:
-        with captured(self.output):
-            self.update()
+    def _draw(self) -> None:
+        res = logit_lens(
+            self.model,
+            parse_tokens(self.model, self.prompt.value)[0],
+            k=self.k,
+            target=self.target,
+            lens=self.lens if self.lens_kind.value == "tuned" else None,
+        )
+        self.result = res
+        fig = res.figure(self.metric.value)
+        fig.update_traces(colorbar_title_side="right")  # a long title would be cut at the figure's edge
+        show_figure(self.fig, fig)
+        kl = res.kl[:-1].mean(dim=1)
+        worst = ", ".join(f"{lab} {float(v):.2f}" for lab, v in zip(res.labels, kl))
+        self._say(
+            f"{res.lens} lens · {len(res.labels)} layers × {len(res.str_tokens)} tokens · "
+            f"mean KL(final ‖ layer) per layer: {worst}"
+        )
 
-    def _on_load(self, _button: Any = None) -> None:
+    def _load_typed_path(self) -> None:
         path = self.lens_path.value.strip()
-        with captured(self.output), user_errors(self.status, LensError, OSError, ValueError):
-            if not path:
-                raise ValueError("type the path of a .lenses file (written by TunedLens.save or tinygpt tuned-lens)")
-            self.load(os.path.expanduser(path))
-
-    # ------------------------------------------------------------------ display
-    def _repr_mimebundle_(self, **kwargs: Any):
-        return self.widget._repr_mimebundle_(**kwargs)
+        if not path:
+            raise ValueError("type the path of a .lenses file (written by TunedLens.save or tinygpt tuned-lens)")
+        self.load(os.path.expanduser(path))
 
     def __repr__(self) -> str:
         lens = "no tuned lens" if self.lens is None else "tuned lens loaded"

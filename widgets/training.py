@@ -6,35 +6,31 @@
     result = tinygpt.train(model, steps=2000, callbacks=[dash.callback])
 
 `dash.callback` receives each step's metrics dict (`step, loss, lr, ...`, plus `val_loss` on validation steps)
-and appends it to `dash.history`. The figure is redrawn at most every `min_interval` seconds and on every
-validation step (sending the whole history to the browser after every step would slow training down);
-`dash.flush()` draws whatever is pending, and reading `dash.figure` flushes first, so its traces always equal
-the history.
+and appends it to `dash.history`. The figure is the one `TrainResult.figure(smoothing=, log_y=)` draws for that
+history (what `result.figure()` shows once the run is over), updated in place. It is redrawn at most every
+`min_interval` seconds and on every validation step (sending the whole history to the browser after every step
+would slow training down); `dash.flush()` draws whatever is pending, and reading `dash.figure` flushes first, so
+its traces always equal the history.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
 from typing import Any
 
 import ipywidgets as W
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
+
+from tinygpt.training import TrainResult
+from tinygpt.training.curves import ema
+
+from .base import Dashboard, update_figure
+
+WAITING = "<i>waiting for the first training step…</i>"
 
 
-def ema(values: Iterable[float], smoothing: float) -> list[float]:
-    """Bias-corrected exponential moving average (TensorBoard's smoothing): `smoothing` in [0, 1), 0 = raw."""
-    out, acc, weight = [], 0.0, 0.0
-    for v in values:
-        acc = smoothing * acc + (1 - smoothing) * v
-        weight = smoothing * weight + (1 - smoothing)
-        out.append(acc / weight)
-    return out
-
-
-class TrainingDashboard:
+class TrainingDashboard(Dashboard):
     """Train loss (raw and smoothed), validation loss and learning rate, updated live from `train()`'s callbacks.
 
     Attributes:
@@ -52,6 +48,7 @@ class TrainingDashboard:
             smoothing: initial EMA smoothing of the train-loss line (0 = none).
             title: the figure title.
         """
+        super().__init__()
         self.history: list[dict[str, Any]] = []
         self.steps = steps
         self.min_interval = float(min_interval)
@@ -65,33 +62,12 @@ class TrainingDashboard:
         self.log_y = W.Checkbox(value=False, description="log-scale loss", indent=False)
         self.progress = W.IntProgress(value=0, min=0, max=steps or 1, description="step", layout={"width": "40%"})
         self.progress.layout.display = None if steps else "none"
-        self.status = W.HTML("<i>waiting for the first training step…</i>")
+        self.status.value = WAITING
+        self.title = title
+        self.fig = go.FigureWidget(self._figure())
 
-        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.72, 0.28], vertical_spacing=0.06)
-        fig.add_trace(
-            go.Scatter(name="train loss", mode="lines", line={"color": "rgba(31,119,180,0.3)", "width": 1}),
-            row=1,
-            col=1,
-        )
-        fig.add_trace(
-            go.Scatter(name="train loss (smoothed)", mode="lines", line={"color": "#1f77b4", "width": 2}), row=1, col=1
-        )
-        fig.add_trace(
-            go.Scatter(name="val loss", mode="lines+markers", line={"color": "#d62728", "width": 2}), row=1, col=1
-        )
-        fig.add_trace(go.Scatter(name="learning rate", mode="lines", line={"color": "#2ca02c"}), row=2, col=1)
-        fig.update_yaxes(title_text="loss", row=1, col=1)
-        fig.update_yaxes(title_text="lr", exponentformat="e", row=2, col=1)
-        fig.update_xaxes(title_text="step", row=2, col=1)
-        fig.update_layout(
-            title=title or "training", template="plotly_white", height=460, margin={"t": 50, "b": 40}, hovermode="x"
-        )
-        self.fig = go.FigureWidget(fig)
-
-        self.smoothing.observe(self._on_view, names="value")
-        self.log_y.observe(self._on_view, names="value")
-
-        self.widget = W.VBox([W.HBox([self.progress, self.smoothing, self.log_y]), self.status, self.fig])
+        self._observe(self._redraw, self.smoothing, self.log_y)
+        self._layout(None, W.HBox([self.progress, self.smoothing, self.log_y]), self.status, self.output, self.fig)
 
     # ------------------------------------------------------------------ feeding
     def callback(self, metrics: dict[str, Any]) -> None:
@@ -126,32 +102,26 @@ class TrainingDashboard:
         return self.fig
 
     # ------------------------------------------------------------------ drawing
+    def result(self) -> TrainResult:
+        """The history so far as a `TrainResult` (no model): what the figure draws."""
+        return TrainResult(model=None, config=None, history=list(self.history))
+
+    def _figure(self) -> go.Figure:
+        return self.result().figure(smoothing=self.smoothing.value, log_y=self.log_y.value, title=self.title)
+
     def series(self) -> dict[str, tuple[list, list]]:
-        """(x, y) of every trace, computed from `history` and the view controls."""
-        h = self.history
-        steps = [r["step"] for r in h]
-        loss = [r["loss"] for r in h]
-        val = [(r["step"], r["val_loss"]) for r in h if r.get("val_loss") is not None]
-        return {
-            "train loss": (steps, loss),
-            "train loss (smoothed)": (steps, ema(loss, self.smoothing.value)),
-            "val loss": ([s for s, _ in val], [v for _, v in val]),
-            "learning rate": (steps, [r.get("lr") for r in h]),
-        }
+        """(x, y) of every trace, by trace name, computed from `history` and the view controls."""
+        return {t.name: (list(t.x), list(t.y)) for t in self._figure().data}
 
     def _draw(self) -> None:
-        series = self.series()
-        with self.fig.batch_update():
-            for trace in self.fig.data:
-                trace.x, trace.y = series[trace.name]
-            self.fig.layout.yaxis.type = "log" if self.log_y.value else "linear"
+        update_figure(self.fig, self._figure())
         if not self.history:
-            self.status.value = "<i>waiting for the first training step…</i>"
+            self.status.value = WAITING
             return
         r = self.history[-1]
         if self.steps:
             self.progress.value = min(int(r["step"]), self.steps)
-        vals = series["val loss"][1]
+        vals = [h["val_loss"] for h in self.history if h.get("val_loss") is not None]
         parts = [f"step <b>{r['step']}</b>", f"loss <b>{r['loss']:.4f}</b>"]
         if vals:
             parts.append(f"val loss <b>{vals[-1]:.4f}</b> (best {min(vals):.4f})")
@@ -163,14 +133,15 @@ class TrainingDashboard:
             parts.append(f"{r['elapsed']:.1f} s")
         self.status.value = " · ".join(parts)
 
-    def _on_view(self, _change: Any = None) -> None:
+    def _redraw(self) -> None:
+        """A view control changed: redraw the history as it is."""
         self._drawn = len(self.history)
         self._draw()
 
     # ------------------------------------------------------------------ display
     def _repr_mimebundle_(self, **kwargs: Any):
         self.flush()
-        return self.widget._repr_mimebundle_(**kwargs)
+        return super()._repr_mimebundle_(**kwargs)
 
     def __repr__(self) -> str:
         last = f", last step {self.history[-1]['step']}" if self.history else ""

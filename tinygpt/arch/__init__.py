@@ -1,58 +1,52 @@
-"""Architecture variants: each knob of `GPTConfig` maps to a small module here.
+"""Architecture variants: each knob of `GPTConfig` maps to a small module here, chosen by this registry.
 
-`tinygpt.model` asks this registry which attention class, feed-forward module, block and model class a
-config needs; a vanilla config gets the plain GPT-2 pieces from `tinygpt.model`.
+    backends.py   attention kernels (SDPA, our Triton kernel in triton/, eager) and the fast/eager rule
+    diff_attn.py  differential attention (`diff_attn`)
+    moe.py        mixture-of-experts feed-forward (`moe_experts`)
+    mod.py        mixture-of-depths routed blocks (`mod`)
+    yoco.py       YOCO's decoder-decoder (`yoco`): a model-level variant (`YocoStack`)
+
+`tinygpt.model.GPT` asks this registry for each block (`make_block`: its attention class and feed-forward module)
+and for the model-level strategy (`model_stack`: how the blocks are chained, which cache decoding needs); a
+config with every knob off gets exactly the plain GPT-2 pieces of `tinygpt.model.layers`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from torch import nn
 
-if TYPE_CHECKING:
-    from torch import nn
+from tinygpt.arch import backends
+from tinygpt.arch.diff_attn import DiffAttention
+from tinygpt.arch.mod import MoDBlock
+from tinygpt.arch.moe import MoE
+from tinygpt.arch.yoco import YOCO_STACK
+from tinygpt.config import GPTConfig
+from tinygpt.model.layers import MLP, Attention, Block
+from tinygpt.model.stack import Stack
 
-    from tinygpt.config import GPTConfig
+__all__ = ["attention_class", "backends", "make_block", "make_ffn", "model_stack"]
+
+_PLAIN_STACK = Stack()
 
 
 def attention_class(cfg: GPTConfig) -> type[nn.Module]:
     """Attention module class for a block."""
-    if cfg.diff_attn:
-        from tinygpt.arch.diff_attn import DiffAttention
-
-        return DiffAttention
-    from tinygpt.model import Attention
-
-    return Attention
+    return DiffAttention if cfg.diff_attn else Attention
 
 
 def make_ffn(cfg: GPTConfig, layer: int) -> tuple[str, nn.Module]:
     """(attribute name, module) of a block's feed-forward part: ("mlp", MLP) for a dense model."""
-    if cfg.moe_experts:
-        from tinygpt.arch.moe import MoE
-
-        return "moe", MoE(cfg, layer)
-    from tinygpt.model import MLP
-
-    return "mlp", MLP(cfg)
+    return ("moe", MoE(cfg, layer)) if cfg.moe_experts else ("mlp", MLP(cfg))
 
 
-def make_block(cfg: GPTConfig, layer: int) -> nn.Module:
-    """The block at `layer`."""
-    if cfg.mod and layer % cfg.mod_every == cfg.mod_every - 1:  # routed: layers 1, 3, 5, ... for mod_every=2
-        from tinygpt.arch.mod import MoDBlock
-
-        return MoDBlock(cfg, layer)
-    from tinygpt.model import Block
-
-    return Block(cfg, layer)
+def make_block(cfg: GPTConfig, layer: int) -> Block:
+    """The block at `layer`, with the attention and feed-forward modules the config asks for."""
+    routed = cfg.mod and layer % cfg.mod_every == cfg.mod_every - 1  # layers 1, 3, 5, ... for mod_every=2
+    attn = attention_class(cfg)(cfg, layer)
+    ffn = make_ffn(cfg, layer)
+    return (MoDBlock if routed else Block)(cfg, layer, attn, ffn)
 
 
-def model_class(cfg: GPTConfig) -> type:
-    """The model class a config needs (GPT unless a variant changes the layer stack)."""
-    if cfg.yoco:
-        from tinygpt.arch.yoco import YocoGPT
-
-        return YocoGPT
-    from tinygpt.model import GPT
-
-    return GPT
+def model_stack(cfg: GPTConfig) -> Stack:
+    """The model-level strategy a config needs: the plain `Stack` unless a variant changes the layer stack."""
+    return YOCO_STACK if cfg.yoco else _PLAIN_STACK

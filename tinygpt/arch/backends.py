@@ -8,7 +8,7 @@
   MPS or CUDA). Whenever a hook needs the attention pattern, the eager path instead (see `use_eager`).
 - `"eager"`: always the explicit `scores -> mask -> softmax -> pattern @ v` (every hook point called).
 - `"sdpa"`: always SDPA; a hook on the pattern is an error.
-- `"triton"`: always our Triton kernel (`tinygpt.arch.triton_attn`); a hook on the pattern is an error, and
+- `"triton"`: always our Triton kernel (`tinygpt.arch.triton.attention`); a hook on the pattern is an error, and
   so is a machine or call it cannot serve (no CUDA device, triton missing, dropout, head dim > 128): the
   error names the backend and the reason. Under `TRITON_INTERPRET=1` it runs on CPU in Triton's interpreter
   (for tests: slow).
@@ -34,7 +34,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["IMPLS", "BackendUnavailable", "attend", "attn_mask", "backend_for", "check_backend", "use_eager"]
+from tinygpt.arch.triton import attention as triton_attn
+from tinygpt.arch.triton.attention import BackendUnavailable
+from tinygpt.errors import TinyGPTError, TinyGPTValueError
+
+__all__ = [
+    "IMPLS",
+    "BackendUnavailable",
+    "PatternUnavailable",
+    "attend",
+    "attn_mask",
+    "backend_for",
+    "check_backend",
+    "use_eager",
+]
 
 IMPLS = ("auto", "eager", "sdpa", "triton", "mps")
 FUSED_ONLY = ("sdpa", "triton")  # backends that never materialise the pattern
@@ -46,8 +59,8 @@ AUTO_PREFERS_TRITON = False
 _triton_ok: bool | None = None  # cached: is triton importable (checked once, without importing it)
 
 
-class BackendUnavailable(RuntimeError):
-    """The requested attention backend cannot run here (the message says which and why)."""
+class PatternUnavailable(TinyGPTError, RuntimeError):
+    """A hook needs the attention pattern but the chosen backend never materialises it."""
 
 
 def use_eager(impl: str, pattern_observed: bool, device: torch.device | None = None) -> bool:
@@ -59,7 +72,7 @@ def use_eager(impl: str, pattern_observed: bool, device: torch.device | None = N
         device: where the attention runs (checked for "mps").
 
     Raises:
-        RuntimeError: a hook needs the pattern but `impl` is a fused-only backend ("sdpa", "triton").
+        PatternUnavailable: a hook needs the pattern but `impl` is a fused-only backend ("sdpa", "triton").
         BackendUnavailable: `impl` is "mps" and `device` is not an mps device.
     """
     if impl == "eager":
@@ -68,7 +81,7 @@ def use_eager(impl: str, pattern_observed: bool, device: torch.device | None = N
         raise BackendUnavailable(f"attn_impl='mps' is not available: {_mps_reason(device)}")
     if pattern_observed:
         if impl in FUSED_ONLY:
-            raise RuntimeError(
+            raise PatternUnavailable(
                 f"attn_impl={impl!r} cannot expose attention scores/pattern to hooks; "
                 "use attn_impl='auto' (falls back to eager when a hook needs the pattern) or 'eager'"
             )
@@ -95,8 +108,6 @@ def _mps_reason(device: torch.device) -> str | None:
 
 
 def _triton_reason(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> str | None:
-    from tinygpt.arch.triton import attention as triton_attn
-
     reason = triton_attn.unavailable_reason(q.device)
     if reason is not None:
         return reason
@@ -142,8 +153,6 @@ def check_backend(impl: str, device: torch.device | str) -> None:
     """Raise `BackendUnavailable` now if `impl` cannot run on `device` at all (e.g. before training)."""
     device = torch.device(device)
     if impl == "triton":
-        from tinygpt.arch.triton import attention as triton_attn
-
         reason = triton_attn.unavailable_reason(device)
         if reason is not None:
             raise BackendUnavailable(f"attn_impl='triton' is not available: {reason}")
@@ -233,11 +242,9 @@ def attend(
         [batch, n_heads, t, d_v].
     """
     if q_pos is None and past != k.shape[-2] - q.shape[-2]:
-        raise ValueError(f"past={past} but the keys hold {k.shape[-2]} positions for {q.shape[-2]} queries")
+        raise TinyGPTValueError(f"past={past} but the keys hold {k.shape[-2]} positions for {q.shape[-2]} queries")
     if impl == "sdpa" or (impl == "auto" and not q.is_cuda):  # the common CPU case, kept cheap
         return sdpa(q, k, v, past, dropout_p, window=window, q_pos=q_pos)
     if backend_for(impl, q, k, v, dropout_p) == "triton":
-        from tinygpt.arch.triton.attention import flash_attention
-
-        return flash_attention(q, k, v, causal=True, window=window, q_pos=q_pos)
+        return triton_attn.flash_attention(q, k, v, causal=True, window=window, q_pos=q_pos)
     return sdpa(q, k, v, past, dropout_p, window=window, q_pos=q_pos)

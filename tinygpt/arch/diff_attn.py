@@ -56,8 +56,9 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from tinygpt.arch import backends
-from tinygpt.config import GPTConfig
-from tinygpt.model import Attention, KVCache, observed
+from tinygpt.config import ConfigError, GPTConfig
+from tinygpt.model.cache import KVCache
+from tinygpt.model.layers import HeadViews, observed, split_heads
 
 __all__ = ["DiffAttention", "HeadRMSNorm", "lambda_init"]
 
@@ -86,7 +87,7 @@ class HeadRMSNorm(nn.Module):
         return (xf / scale[..., None]).to(x.dtype) * self.weight
 
 
-class DiffAttention(nn.Module):
+class DiffAttention(HeadViews, nn.Module):
     """Causal differential multi-head attention with `q_proj, k_proj, v_proj, o_proj` (see the module doc).
 
     Args:
@@ -94,12 +95,15 @@ class DiffAttention(nn.Module):
         layer: 0-based block index (sets λ_init).
         own_kv: build `k_proj`, `v_proj` (and `hook_k`, `hook_v`); False for an attention whose keys and
             values come from elsewhere (YOCO's cross-decoder), which then calls `attend` itself.
+
+    The TransformerLens-style per-head views `W_Q`, `W_K`, ... are those of `HeadViews` (`W_Q[h][:, :d_head/2]`
+    are Q1's columns, the rest Q2's).
     """
 
     def __init__(self, cfg: GPTConfig, layer: int, *, own_kv: bool = True):
         super().__init__()
         if cfg.d_head % 2:
-            raise ValueError(f"differential attention needs an even d_head, got {cfg.d_head}")
+            raise ConfigError(f"differential attention needs an even d_head, got {cfg.d_head}")
         self.cfg, self.layer = cfg, layer
         hd = cfg.n_heads * cfg.d_head
         self.half = cfg.d_head // 2
@@ -136,14 +140,11 @@ class DiffAttention(nn.Module):
             for h in (self.hook_attn_scores1, self.hook_attn_scores2, self.hook_pattern1, self.hook_pattern2)
         ) or observed(self.hook_pattern)
 
-    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x: [batch, pos, d_model] -> q, k, v, each [batch, n_heads, pos, d_head] (through hook_q/k/v)."""
-        cfg = self.cfg
-        b, t, _ = x.shape
-        q = self.hook_q(self.q_proj(x).view(b, t, cfg.n_heads, cfg.d_head)).transpose(1, 2)
-        k = self.hook_k(self.k_proj(x).view(b, t, cfg.n_heads, cfg.d_head)).transpose(1, 2)
-        v = self.hook_v(self.v_proj(x).view(b, t, cfg.n_heads, cfg.d_head)).transpose(1, 2)
-        return q, k, v
+    def project(self, x: Tensor, *, queries: bool = True) -> tuple[Tensor | None, Tensor, Tensor]:
+        """x: [batch, pos, d_model] -> q, k, v, each [batch, n_heads, pos, d_head] (through hook_q/k/v);
+        q is None without `queries`."""
+        q = split_heads(self.cfg, self.hook_q, self.q_proj(x)) if queries else None
+        return q, split_heads(self.cfg, self.hook_k, self.k_proj(x)), split_heads(self.cfg, self.hook_v, self.v_proj(x))
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         """x: [batch, pos, d_model] -> [batch, pos, d_model]."""
@@ -190,13 +191,3 @@ class DiffAttention(nn.Module):
         z = self.hook_z(z)
         out = self.o_proj(z.reshape(b, t, cfg.n_heads * cfg.d_head))
         return F.dropout(out, p_drop) if p_drop else out
-
-    # TransformerLens-style per-head views (W_Q[h][:, :d_head/2] are Q1's columns, the rest Q2's).
-    W_Q = Attention.W_Q
-    W_K = Attention.W_K
-    W_V = Attention.W_V
-    W_O = Attention.W_O
-    b_Q = Attention.b_Q
-    b_K = Attention.b_K
-    b_V = Attention.b_V
-    b_O = Attention.b_O

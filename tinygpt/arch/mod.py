@@ -79,14 +79,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from tinygpt.arch.yoco import SharedKV
 from tinygpt.config import GPTConfig
-from tinygpt.model import Block, KVCache, observed
+from tinygpt.errors import TinyGPTError
+from tinygpt.inputs import eval_mode
+from tinygpt.model.cache import KVCache, SharedKV
+from tinygpt.model.layers import Block, ModelError, observed
 
 __all__ = [
     "MOD_AUX_COEF",
     "ROUTING_MODES",
     "MoDBlock",
+    "RoutedCacheError",
     "RoutedKV",
     "capacity_k",
     "routing",
@@ -97,6 +100,10 @@ __all__ = [
 MOD_AUX_COEF = 0.1
 """Weight of the router's auxiliary BCE loss (predict top-k membership from the router's own score)."""
 ROUTING_MODES = ("auto", "topk", "predictor")
+
+
+class RoutedCacheError(TinyGPTError, RuntimeError):
+    """A routed layer's cache out of step with the model's cache (use a fresh one, or reset its length)."""
 
 
 def capacity_k(capacity: float, pos: int) -> int:
@@ -131,7 +138,7 @@ class RoutedKV(KVCache):
         return _RowKV(self, r)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        raise RuntimeError("RoutedKV rows have different lengths: update through RoutedKV.row(r)")
+        raise RoutedCacheError("RoutedKV rows have different lengths: update through RoutedKV.row(r)")
 
 
 class _RowKV(KVCache):
@@ -152,7 +159,7 @@ class _RowKV(KVCache):
         if st.window is not None:
             return self._ring_update(k, v)
         if s + t > st.max_len:
-            raise ValueError(f"routed KV cache full: {s} + {t} tokens exceed max_len={st.max_len}")
+            raise ModelError(f"routed KV cache full: {s} + {t} tokens exceed max_len={st.max_len}")
         st.k[self.r, :, s : s + t] = k[0]
         st.v[self.r, :, s : s + t] = v[0]
         return st.k[self.r : self.r + 1, :, : s + t], st.v[self.r : self.r + 1, :, : s + t]
@@ -181,12 +188,12 @@ def _routed_cache(cache: KVCache, layer: int, batch: int, window: int | None = N
     if st is None or (start == 0 and st.seen != 0):
         st = layers[layer] = RoutedKV(batch, cache.max_len, window)
     elif st.seen != start:
-        raise RuntimeError(
+        raise RoutedCacheError(
             f"the routed KV cache of layer {layer} holds {st.seen} positions but the cache says {start}; "
             "use a fresh cache (model.make_cache) or reset it with cache.length = 0"
         )
     if st.batch != batch:
-        raise ValueError(f"the KV cache was built for batch {st.batch}, got a batch of {batch}")
+        raise ModelError(f"the KV cache was built for batch {st.batch}, got a batch of {batch}")
     return st
 
 
@@ -194,12 +201,16 @@ class MoDBlock(Block):
     """A routed Mixture-of-Depths block: a `Block` plus `router` (see the module docstring).
 
     Args:
-        cfg: the model config (`mod_capacity`; attention and feed-forward from `tinygpt.arch`).
+        cfg: the model config (`mod_capacity`).
         layer: block index.
+        attn, ffn: its attention and feed-forward modules, as for `Block` (`tinygpt.arch.make_block` passes
+            the ones the config asks for).
     """
 
-    def __init__(self, cfg: GPTConfig, layer: int):
-        super().__init__(cfg, layer)
+    def __init__(
+        self, cfg: GPTConfig, layer: int, attn: nn.Module | None = None, ffn: tuple[str, nn.Module] | None = None
+    ):
+        super().__init__(cfg, layer, attn, ffn)
         self.cfg, self.layer = cfg, layer
         self.capacity = cfg.mod_capacity
         self.router = nn.Linear(cfg.d_model, 1)
@@ -216,10 +227,10 @@ class MoDBlock(Block):
 
     def _mode(self, decoding: bool) -> str:
         if self.routing not in ROUTING_MODES:
-            raise ValueError(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
+            raise ModelError(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
         if decoding:
             if self.routing == "topk":
-                raise ValueError(
+                raise ModelError(
                     "top-k routing is not causal and cannot decode with a KV cache; "
                     "use routing 'auto' or 'predictor' (tinygpt.arch.mod.set_routing)"
                 )
@@ -295,10 +306,17 @@ class MoDBlock(Block):
             a = self._cached_attn(h, cache, b, valid)
         attn_out = self.hook_attn_out(zeros.scatter(1, gidx, (gate * a).to(zeros.dtype)))
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
-        m = getattr(self, self._ffn_name)(self.ln2(resid_mid.gather(1, gidx)))
+        m = self.ffn(self.ln2(resid_mid.gather(1, gidx)))
         mlp_out = self.hook_mlp_out(zeros.scatter(1, gidx, (gate * m).to(zeros.dtype)))
         self._advance(cache, b, t, valid if valid is not None else idx.shape[1])
         return self.hook_resid_post(resid_mid + mlp_out)
+
+    def finish(self, resid_mid: Tensor) -> Tensor:
+        """Not defined for a routed block: its feed-forward half needs the routing made from `resid_pre`."""
+        raise ModelError(
+            f"block {self.layer} is a routed (Mixture-of-Depths) block: its feed-forward half needs the routing "
+            "decided from its resid_pre; run it from resid_pre"
+        )
 
     @property
     def _window(self) -> int | None:
@@ -346,7 +364,7 @@ def mod_blocks(model: nn.Module) -> list[MoDBlock]:
 def set_routing(model: nn.Module, mode: str) -> dict[int, str]:
     """Set every routed block's routing rule ("auto", "topk" or "predictor"); returns the previous ones."""
     if mode not in ROUTING_MODES:
-        raise ValueError(f"routing must be one of {ROUTING_MODES}, got {mode!r}")
+        raise ModelError(f"routing must be one of {ROUTING_MODES}, got {mode!r}")
     before = {}
     for blk in mod_blocks(model):
         before[blk.layer] = blk.routing
@@ -382,24 +400,19 @@ def routing_agreement(model: nn.Module, tokens: Tensor) -> dict[str, float]:
     """
     blocks = mod_blocks(model)
     if not blocks:
-        raise ValueError("the model has no Mixture-of-Depths blocks (build it with mod=True)")
+        raise ModelError("the model has no Mixture-of-Depths blocks (build it with mod=True)")
     out: dict[str, float] = {}
     seen: dict[int, Tensor] = {}
 
     def grab(scores: Tensor, hook: HookPoint) -> None:
         seen[int(hook.name.split(".")[1])] = scores.detach()
 
-    was_training = model.training
-    model.eval()
-    try:
-        with routing(model, "topk"):
-            model.run_with_hooks(
-                tokens,
-                return_type=None,
-                fwd_hooks=[(f"blocks.{blk.layer}.hook_router_scores", grab) for blk in blocks],
-            )
-    finally:
-        model.train(was_training)
+    with eval_mode(model), routing(model, "topk"):
+        model.run_with_hooks(
+            tokens,
+            return_type=None,
+            fwd_hooks=[(f"blocks.{blk.layer}.hook_router_scores", grab) for blk in blocks],
+        )
     for blk in blocks:
         r = seen[blk.layer]
         top_i = r.topk(capacity_k(blk.capacity, r.shape[1]), dim=-1).indices

@@ -18,7 +18,7 @@ Tokens are *dispatched* (`MoE.dispatch`): the (token, expert) assignments are so
 outputs return to token order through the inverse permutation (a second gather: on CPU much faster than a
 scatter-add), weighted and summed over the k slots. No expert ever sees a token that was not routed to it.
 
-Auxiliary losses (added to the training loss through `aux_loss`, see `tinygpt.model.GPT.aux_loss`):
+Auxiliary losses (added to the training loss through `aux_loss`, see `tinygpt.model.gpt.GPT.aux_loss`):
 
 - Switch-Transformer load balancing (Fedus et al. 2021), coefficient `GPTConfig.moe_aux_coef` (0.01):
   `N * sum_i f_i * P_i`, with `f_i` the fraction of the k·T (token, expert) assignments that went to expert
@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from tinygpt.config import GPTConfig
+from tinygpt.config import ConfigError, GPTConfig
 
 __all__ = [
     "COLLAPSE_DEAD_FRACTION",
@@ -140,7 +140,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         if cfg.moe_experts < 1:
-            raise ValueError("MoE needs cfg.moe_experts >= 1 (0 means a dense MLP)")
+            raise ConfigError("MoE needs cfg.moe_experts >= 1 (0 means a dense MLP)")
         self.cfg, self.layer = cfg, layer
         self.n_experts, self.top_k = cfg.moe_experts, cfg.moe_topk
         self.router = nn.Linear(cfg.d_model, cfg.moe_experts, bias=False)

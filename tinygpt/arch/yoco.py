@@ -10,6 +10,10 @@ The layer stack is split in two halves (`n_self = n_layers // 2`):
 - **cross-decoder**, blocks `n_self .. n_layers - 1`: pre-LN blocks whose attention (`CrossAttention`) has
   only `q_proj` and `o_proj`; its queries attend causally to the shared K/V.
 
+The model is a plain `GPT` whose model-level strategy is `YocoStack` (`tinygpt.arch.model_stack` picks it for
+`yoco=True`): it adds `yoco_kv` and `n_self`, gives the blocks their YOCO attention and chains the two halves.
+The caches (`SharedKV`, `YocoCache`) live in `tinygpt.model.cache` and are re-exported here.
+
 Generation (`YocoCache`) keeps a ring buffer of the last `yoco_window` keys/values per self-decoder layer
 plus ONE global K/V cache for the cross-decoder: `O(n_self * window + T)` memory instead of the vanilla
 `O(n_layers * T)`.
@@ -56,108 +60,28 @@ same way.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from tinygpt.arch import backends
 from tinygpt.arch.diff_attn import DiffAttention
 from tinygpt.config import ConfigError, GPTConfig
-from tinygpt.model import GPT, Attention, KVCache, LayerNorm, observed
+from tinygpt.model.cache import CacheError, KVCache, SharedKV, YocoCache
+from tinygpt.model.layers import Attention, HeadViews, LayerNorm, ModelError, observed, split_heads
+from tinygpt.model.stack import Stack
 
 __all__ = [
+    "YOCO_STACK",
     "CrossAttention",
     "DiffCrossAttention",
     "DiffSlidingWindowAttention",
     "SharedKV",
     "SlidingWindowAttention",
     "YocoCache",
-    "YocoGPT",
     "YocoKV",
+    "YocoStack",
 ]
-
-
-def _softmax(scores: Tensor, dtype: torch.dtype) -> Tensor:
-    """Softmax over the last axis in at least fp32, returned in `dtype` (as `Attention` does)."""
-    return scores.softmax(-1, dtype=torch.promote_types(dtype, torch.float32)).to(dtype)
-
-
-class YocoCache:
-    """Decoding cache of a `YocoGPT`: window caches for the self-decoder, one global cache for the cross-decoder.
-
-    Attributes:
-        wk, wv: [n_self, batch, n_heads, w, d_head] ring buffers, `w = min(yoco_window, max_len)`; the
-            key/value of position `s` lives in slot `s % w` (only the last `w` positions are kept).
-        k, v: [batch, n_heads, max_len, d_head], the shared K/V of every position so far (cross-decoder).
-        length: positions processed so far (the model advances it; set it to 0 to start over).
-        max_len: capacity of the global cache.
-    """
-
-    def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device, dtype: torch.dtype):
-        n_self = cfg.n_layers // 2
-        self.window = cfg.yoco_window
-        self.slots = min(cfg.yoco_window, max_len)
-        wshape = (n_self, batch, cfg.n_heads, self.slots, cfg.d_head)
-        self.wk = torch.empty(wshape, device=device, dtype=dtype)
-        self.wv = torch.empty(wshape, device=device, dtype=dtype)
-        gshape = (batch, cfg.n_heads, max_len, cfg.d_head)
-        self.k = torch.empty(gshape, device=device, dtype=dtype)
-        self.v = torch.empty(gshape, device=device, dtype=dtype)
-        self.length = 0
-        self.max_len = max_len
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the cache tensors (with Mixture-of-Depths, the routed layers' caches too)."""
-        tensors = [self.wk, self.wv, self.k, self.v]
-        for st in getattr(self, "routed_layers", {}).values():
-            tensors += [t for t in (st.k, st.v) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def window_step(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """One new position (k, v: [batch, n_heads, 1, d_head]) into the ring of self-decoder `layer`.
-
-        Returns every key/value in the window of the new position, [batch, n_heads, n, d_head], in ring
-        (not position) order: fine for attention without a mask, where the order of keys does not matter.
-        """
-        p = self.length
-        self.wk[layer, :, :, p % self.slots] = k[:, :, 0]
-        self.wv[layer, :, :, p % self.slots] = v[:, :, 0]
-        n = min(p + 1, self.window, self.slots)
-        return self.wk[layer, :, :, :n], self.wv[layer, :, :, :n]
-
-    def window_update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, int]:
-        """New positions (k, v: [batch, n_heads, t, d_head]) for self-decoder `layer`.
-
-        Returns (keys, values, first): the cached positions the new queries can still see followed by the
-        new ones, in position order, [batch, n_heads, n_cached + t, d_head]; `first` is the position of
-        the first returned key. Then keeps the last `w` positions in the ring.
-        """
-        p, t = self.length, k.shape[2]
-        n_cached = min(p, self.window - 1)
-        if n_cached:
-            idx = torch.arange(p - n_cached, p, device=k.device) % self.slots
-            k_all = torch.cat([self.wk[layer].index_select(2, idx), k], dim=2)
-            v_all = torch.cat([self.wv[layer].index_select(2, idx), v], dim=2)
-        else:
-            k_all, v_all = k, v
-        m = min(t, self.slots)
-        idx = torch.arange(p + t - m, p + t, device=k.device) % self.slots
-        self.wk[layer].index_copy_(2, idx, k[:, :, t - m :])
-        self.wv[layer].index_copy_(2, idx, v[:, :, t - m :])
-        return k_all, v_all, p - n_cached
-
-    def update_global(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append the shared k, v [batch, n_heads, t, d_head]; return all of them so far."""
-        s, t = self.length, k.shape[2]
-        self.k[:, :, s : s + t] = k
-        self.v[:, :, s : s + t] = v
-        return self.k[:, :, : s + t], self.v[:, :, : s + t]
 
 
 def _window_keys(attn: nn.Module, k: Tensor, v: Tensor, cache, fast: bool) -> tuple[Tensor, Tensor, int | None]:
@@ -189,32 +113,12 @@ def _window_keys(attn: nn.Module, k: Tensor, v: Tensor, cache, fast: bool) -> tu
     return k[:, :, -keep:], v[:, :, -keep:], w
 
 
-def _attention(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, *, window=None, q_pos=None) -> Tensor:
-    """Plain attention of a YOCO module: the fast/eager rule, `hook_z`, `o_proj`.
-
-    Args:
-        attn: the module (`cfg`, `hook_attn_scores`, `hook_pattern`, `hook_z`, `o_proj`, `needs_eager`).
-        q: [batch, n_heads, t, d_head]; k, v: [batch, n_heads, n, d_head], the queries' positions last.
-        window, q_pos: the mask options of `tinygpt.arch.backends.attn_mask`.
-
-    Returns:
-        [batch, t, d_model].
-    """
-    cfg = attn.cfg
-    b, _, t, _ = q.shape
-    n = k.shape[2]
-    p_drop = cfg.dropout if attn.training else 0.0
-    if backends.use_eager(cfg.attn_impl, attn.needs_eager(), q.device):
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(cfg.d_head)  # [b, H, t, n]
-        mask = backends.attn_mask(t, n, q.device, window=window, q_pos=q_pos)
-        scores = attn.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
-        pattern = attn.hook_pattern(_softmax(scores, q.dtype))
-        z = F.dropout(pattern, p_drop) @ v if p_drop else pattern @ v
-    else:  # fused: SDPA or our Triton kernel
-        z = backends.attend(q, k, v, n - t, p_drop, cfg.attn_impl, window=window, q_pos=q_pos)
-    z = attn.hook_z(z.transpose(1, 2))  # [b, t, H, d_head]
-    out = attn.o_proj(z.reshape(b, t, cfg.n_heads * cfg.d_head))
-    return F.dropout(out, p_drop) if p_drop else out
+def _window_qkv(attn: nn.Module, x: Tensor, cache) -> tuple[Tensor, Tensor, Tensor, int | None]:
+    """A self-decoder attention's queries [batch, n_heads, t, d_head], the keys and values they see and the
+    window to mask them with (see `_window_keys`)."""
+    q, k, v = attn.project(x)
+    fast = not backends.use_eager(attn.cfg.attn_impl, attn.needs_eager(), x.device)
+    return q, *_window_keys(attn, k, v, cache, fast)
 
 
 class SlidingWindowAttention(Attention):
@@ -231,14 +135,8 @@ class SlidingWindowAttention(Attention):
 
     def forward(self, x: Tensor, cache: YocoCache | KVCache | None = None) -> Tensor:
         """x: [batch, pos, d_model] -> [batch, pos, d_model]."""
-        cfg = self.cfg
-        b, t, _ = x.shape
-        q = self.hook_q(self.q_proj(x).view(b, t, cfg.n_heads, cfg.d_head)).transpose(1, 2)
-        k = self.hook_k(self.k_proj(x).view(b, t, cfg.n_heads, cfg.d_head)).transpose(1, 2)
-        v = self.hook_v(self.v_proj(x).view(b, t, cfg.n_heads, cfg.d_head)).transpose(1, 2)
-        fast = not backends.use_eager(cfg.attn_impl, self.needs_eager(), x.device)
-        k, v, window = _window_keys(self, k, v, cache, fast)
-        return _attention(self, q, k, v, window=window)
+        q, k, v, window = _window_qkv(self, x, cache)
+        return self.out(self.attend(q, k, v, k.shape[2] - q.shape[2], window=window))
 
 
 class DiffSlidingWindowAttention(DiffAttention):
@@ -254,9 +152,7 @@ class DiffSlidingWindowAttention(DiffAttention):
 
     def forward(self, x: Tensor, cache: YocoCache | KVCache | None = None) -> Tensor:
         """x: [batch, pos, d_model] -> [batch, pos, d_model]."""
-        q, k, v = self.project(x)
-        fast = not backends.use_eager(self.cfg.attn_impl, self.needs_eager(), x.device)
-        k, v, window = _window_keys(self, k, v, cache, fast)
+        q, k, v, window = _window_qkv(self, x, cache)
         return self.attend(q, k, v, window=window)
 
 
@@ -278,47 +174,20 @@ class YocoKV(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: [batch, pos, d_model] -> (k, v), each [batch, n_heads, pos, d_head]."""
-        cfg = self.cfg
-        b, t, _ = x.shape
         h = self.ln(x)
-        k = self.hook_k(self.k_proj(h).view(b, t, cfg.n_heads, cfg.d_head)).transpose(1, 2)
-        v = self.hook_v(self.v_proj(h).view(b, t, cfg.n_heads, cfg.d_head)).transpose(1, 2)
-        return k, v
+        return split_heads(self.cfg, self.hook_k, self.k_proj(h)), split_heads(self.cfg, self.hook_v, self.v_proj(h))
 
-    W_K = Attention.W_K  # [n_heads, d_model, d_head]
-    W_V = Attention.W_V
-    b_K = Attention.b_K  # [n_heads, d_head]
-    b_V = Attention.b_V
-
-
-@dataclass
-class SharedKV:
-    """What a cross-decoder block attends to: the shared keys/values of every position so far.
-
-    Attributes:
-        k, v: [batch, n_heads, past + pos, d_head].
-        past: positions before the current chunk; the block's queries are positions `past .. past + pos - 1`.
-        q_pos: [batch, q] key index of each query, when the queries are a sub-sequence of the chunk (a
-            Mixture-of-Depths routed block; see `select`); None: the whole chunk, in order.
-        cached: a `YocoCache` is in use (incremental decoding).
-    """
-
-    k: Tensor
-    v: Tensor
-    past: int = 0
-    q_pos: Tensor | None = None
-    cached: bool = False
-
-    def select(self, idx: Tensor) -> SharedKV:
-        """The same keys, for queries at positions `idx` [batch, q] (int64) of the current chunk."""
-        return SharedKV(self.k, self.v, self.past, idx + self.past, self.cached)
+    W_K = HeadViews.W_K  # [n_heads, d_model, d_head]
+    W_V = HeadViews.W_V
+    b_K = HeadViews.b_K  # [n_heads, d_head]
+    b_V = HeadViews.b_V
 
 
 def _check_shared(kv) -> None:
     if not isinstance(kv, SharedKV):
-        raise TypeError(
+        raise CacheError(
             "a YOCO cross-decoder block attends to the shared K/V: call the whole model "
-            f"(YocoGPT.run_blocks passes a SharedKV), got {type(kv).__name__}"
+            f"(YocoStack.run_blocks passes a SharedKV), got {type(kv).__name__}"
         )
 
 
@@ -345,15 +214,15 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, kv: SharedKV) -> Tensor:
         """x: [batch, pos, d_model], kv: the shared keys/values -> [batch, pos, d_model]."""
         _check_shared(kv)
-        cfg = self.cfg
-        b, t, _ = x.shape
-        q = self.hook_q(self.q_proj(x).view(b, t, cfg.n_heads, cfg.d_head)).transpose(1, 2)
-        return _attention(self, q, kv.k, kv.v, q_pos=kv.q_pos)
+        q = split_heads(self.cfg, self.hook_q, self.q_proj(x))
+        return self.out(self.attend(q, kv.k, kv.v, kv.k.shape[2] - q.shape[2], q_pos=kv.q_pos))
 
-    W_Q = Attention.W_Q
-    W_O = Attention.W_O
-    b_Q = Attention.b_Q
-    b_O = Attention.b_O
+    attend = Attention.attend  # the attention math and output projection of `Attention`, written once
+    out = Attention.out
+    W_Q = HeadViews.W_Q
+    W_O = HeadViews.W_O
+    b_Q = HeadViews.b_Q
+    b_O = HeadViews.b_O
     W_K = property(lambda self: self._shared.W_K)
     W_V = property(lambda self: self._shared.W_V)
     b_K = property(lambda self: self._shared.b_K)
@@ -375,9 +244,7 @@ class DiffCrossAttention(DiffAttention):
     def forward(self, x: Tensor, kv: SharedKV) -> Tensor:
         """x: [batch, pos, d_model], kv: the shared keys/values -> [batch, pos, d_model]."""
         _check_shared(kv)
-        cfg = self.cfg
-        b, t, _ = x.shape
-        q = self.hook_q(self.q_proj(x).view(b, t, cfg.n_heads, cfg.d_head)).transpose(1, 2)
+        q = split_heads(self.cfg, self.hook_q, self.q_proj(x))
         return self.attend(q, kv.k, kv.v, q_pos=kv.q_pos)
 
     W_K = property(lambda self: self._shared.W_K)
@@ -386,49 +253,73 @@ class DiffCrossAttention(DiffAttention):
     b_V = property(lambda self: self._shared.b_V)
 
 
-class YocoGPT(GPT):
-    """A `GPT` whose layer stack is YOCO's self-decoder + shared K/V + cross-decoder (see the module doc).
+class YocoStack(Stack):
+    """YOCO's layer stack: self-decoder, the shared K/V (`model.yoco_kv`, computed once), cross-decoder.
 
-    `GPT(cfg)` with `cfg.yoco` builds this class; block names, residual hooks and weights views are those of
-    `GPT`. Attributes: `n_self` (self-decoder blocks, `n_layers // 2`), `yoco_kv` (the shared K/V module).
+    `GPT(cfg)` with `cfg.yoco` uses it (`tinygpt.arch.model_stack`); block names, residual hooks and weight
+    views are those of every `GPT`. `build` adds `model.n_self` (self-decoder blocks, `n_layers // 2`) and
+    `model.yoco_kv` (the shared K/V module), and gives each block the YOCO form of its attention.
     """
 
-    def __init__(self, cfg: GPTConfig | str, tokenizer=None):
-        c = GPTConfig.preset(cfg) if isinstance(cfg, str) else cfg
-        if not c.yoco:
-            raise ConfigError("YocoGPT needs a config with yoco=True (or build GPT(cfg), which picks the class)")
-        super().__init__(cfg, tokenizer)
+    name = "yoco"
 
-    def build_extra(self) -> None:
-        cfg = self.cfg
-        self.n_self = cfg.n_layers // 2
-        self.yoco_kv = YocoKV(cfg)
+    def build(self, model: nn.Module) -> None:
+        cfg = model.cfg
+        if not cfg.yoco:
+            raise ConfigError("the YOCO stack needs a config with yoco=True (GPT(cfg) picks the stack)")
+        model.n_self = cfg.n_layers // 2
+        model.yoco_kv = YocoKV(cfg)
         if cfg.diff_attn:
             window_cls, cross_cls = DiffSlidingWindowAttention, DiffCrossAttention
         else:
             window_cls, cross_cls = SlidingWindowAttention, CrossAttention
-        for i, block in enumerate(self.blocks):
-            block.attn = window_cls(cfg, i) if i < self.n_self else cross_cls(cfg, i, self.yoco_kv)
+        for i, block in enumerate(model.blocks):
+            block.attn = window_cls(cfg, i) if i < model.n_self else cross_cls(cfg, i, model.yoco_kv)
 
-    def run_blocks(self, x: Tensor, cache: YocoCache | None) -> Tensor:
+    def run_blocks(self, model: nn.Module, x: Tensor, cache: YocoCache | None) -> Tensor:
         """Self-decoder, shared K/V (computed once), cross-decoder: [batch, pos, d_model] -> same."""
         if cache is not None and not isinstance(cache, YocoCache):
-            raise TypeError(
+            raise CacheError(
                 f"a YOCO model needs a YocoCache, got {type(cache).__name__}; create it with model.make_cache(batch)"
             )
-        for block in self.blocks[: self.n_self]:
+        return self._run(model, 0, x, cache, len(model.blocks))
+
+    def _run(self, model: nn.Module, layer: int, x: Tensor, cache: YocoCache | None, stop: int) -> Tensor:
+        for block in model.blocks[layer : min(stop, model.n_self)]:
             x = block(x, cache)
-        k, v = self.yoco_kv(x)
+        if stop <= model.n_self:
+            return x
+        k, v = model.yoco_kv(x)
         past = 0
         if cache is not None:
             past = cache.length
             k, v = cache.update_global(k, v)
         shared = SharedKV(k, v, past, cached=cache is not None)
-        for block in self.blocks[self.n_self :]:
+        for block in model.blocks[max(layer, model.n_self) : stop]:
             x = block(x, shared)
         return x
 
-    def make_cache(self, batch: int, max_len: int | None = None) -> YocoCache:
+    def make_cache(self, model: nn.Module, batch: int, max_len: int) -> YocoCache:
         """A `YocoCache`: window caches for the self-decoder plus one global K/V cache of `max_len` positions."""
-        w = self.embed.weight
-        return YocoCache(self.cfg, batch, max_len or self.cfg.n_ctx, w.device, w.dtype)
+        w = model.embed.weight
+        return YocoCache(model.cfg, batch, max_len, w.device, w.dtype)
+
+    def check_run_from(self, model: nn.Module, layer: int, start_at: str, stop_at: int, cache) -> None:
+        """YOCO runs from a self-decoder layer, or from `n_self` (whose input is the self-decoder's output, from
+        which the shared K/V is computed), without a cache."""
+        if cache is not None:
+            raise CacheError("a YOCO model runs from a layer without a cache (its caches are YocoCache rings)")
+        if layer > model.n_self or (layer == model.n_self and start_at == "resid_mid" and stop_at > layer + 1):
+            raise ModelError(
+                f"a YOCO cross-decoder block attends to the shared K/V of the self-decoder's output: run from a "
+                f"layer <= n_self = {model.n_self} (the whole cross-decoder then runs), not from layer {layer}"
+            )
+
+    def run_range(
+        self, model: nn.Module, layer: int, x: Tensor, stop_at: int, cache: KVCache | None, last_only: bool
+    ) -> Tensor:
+        x = self._run(model, layer, x, None, stop_at)
+        return x[:, -1:] if last_only else x
+
+
+YOCO_STACK = YocoStack()

@@ -9,22 +9,17 @@ Both run offline; see `tinygpt.interop.hf` for the weight mapping and what GPT-2
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from tinygpt.cli._command import command, out_file
+from tinygpt.cli._flags import add
 
 
-def add_parsers(sub) -> None:
-    """Register the `export` and `import` subcommands on an argparse subparsers object."""
-    p = sub.add_parser("export", help="write a .tinygpt model as a Hugging Face GPT2LMHeadModel directory")
+def _export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="input .tinygpt")
     p.add_argument("--hf", required=True, metavar="DIR", help="output directory (weights, config, tokenizer)")
 
-    p = sub.add_parser("import", help="convert a local Hugging Face GPT-2-architecture directory to .tinygpt")
-    p.add_argument("directory", help="Hugging Face model directory (config.json, weights, tokenizer files)")
-    p.add_argument("--out", required=True, help="output .tinygpt")
-    p.add_argument("--tokenizer", default=None, help="override the directory's tokenizer ('byte' or a path)")
-    p.add_argument("--dropout", type=float, default=None, help="needed only if the config's dropouts differ")
 
-
+@command("export", "write a .tinygpt model as a Hugging Face GPT2LMHeadModel directory", flags=_export_flags)
 def cmd_export(a: argparse.Namespace) -> int:
     from tinygpt.checkpoint import load
     from tinygpt.interop.hf import export_hf
@@ -36,13 +31,19 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _import_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", help="Hugging Face model directory (config.json, weights, tokenizer files)")
+    add(p, "--out", help="output .tinygpt")
+    add(p, "--tokenizer", help="override the directory's tokenizer ('byte' or a path)")
+    add(p, "--dropout", help="needed only if the config's dropouts differ")
+
+
+@command("import", "convert a local Hugging Face GPT-2-architecture directory to .tinygpt", flags=_import_flags)
 def cmd_import(a: argparse.Namespace) -> int:
     from tinygpt.checkpoint import save
     from tinygpt.interop.hf import import_hf
 
-    out = Path(a.out)
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a directory; give a file path such as {out / 'model.tinygpt'}")
+    out = out_file(a.out)
     model = import_hf(a.directory, tokenizer=a.tokenizer, dropout=a.dropout)
     save(model, out)
     c = model.cfg
@@ -51,6 +52,3 @@ def cmd_import(a: argparse.Namespace) -> int:
         f"n_ctx {c.n_ctx}, {model.n_params():,} parameters, tokenizer {model.tokenizer.kind}; saved {out}"
     )
     return 0
-
-
-COMMANDS = {"export": cmd_export, "import": cmd_import}

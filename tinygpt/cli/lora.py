@@ -14,39 +14,32 @@ from __future__ import annotations
 
 import argparse
 
-from tinygpt.cli.distill import add_run_flags, add_training_flags, corpus_arg, report, run_options
+from tinygpt.cli._command import command, report
+from tinygpt.cli._flags import add, add_corpus_flags, add_run_flags, add_training_flags, corpus_arg, run_options
 
 
-def add_parsers(sub) -> None:
-    """Register `lora` and `lora-merge` on an argparse subparsers object."""
-    p = sub.add_parser("lora", help="fine-tune LoRA adapters on a .tinygpt model (base weights frozen)")
+def _lora_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="the base .tinygpt file")
-    p.add_argument("--corpus", default=None, help="text file, directory or .jsonl (default: built-in Shakespeare)")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    add_corpus_flags(p)
     p.add_argument(
         "--targets",
         default="attn.q_proj,attn.v_proj",
         help="comma-separated: mlp.fc_in, mlp.fc_out, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, groups "
         "mlp/attn/all, or block-relative paths with * (default attn.q_proj,attn.v_proj)",
     )
-    p.add_argument("--layers", default=None, help="e.g. 0-3, 0,2 or all (default all)")
+    add(p, "--layers")
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=None, help="update scale numerator (default 2 x rank)")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    add(p, "--alpha", help="update scale numerator (default 2 x rank)")
+    add(p, "--dropout", default=0.0, help="dropout on the adapters' input")
     add_training_flags(p, max_lr="1e-3", weight_decay="0")
     add_run_flags(p, out="the adapter file to write (.lora)", resume="continue the run kept in OUT.run.tinygpt")
     p.add_argument("--merge-out", default=None, help="also write the merged model as a plain .tinygpt")
     p.add_argument("--no-checkpoint", action="store_true", help="keep no run checkpoint (no --resume later)")
 
-    p = sub.add_parser("lora-merge", help="fold a LoRA adapter file into its base model (writes a .tinygpt)")
-    p.add_argument("model", help="the base .tinygpt file the adapter was trained on")
-    p.add_argument("adapter", help="the adapter file (.lora)")
-    p.add_argument("--out", required=True, help="the merged .tinygpt to write")
-    p.add_argument("--force", action="store_true", help="apply the adapter even if the base model does not match")
 
-
+@command("lora", "fine-tune LoRA adapters on a .tinygpt model (base weights frozen)", flags=_lora_flags)
 def cmd_lora(a: argparse.Namespace) -> int:
-    from tinygpt.training.lora import lora_finetune
+    from tinygpt.training import lora_finetune
 
     res = lora_finetune(
         a.model,
@@ -64,9 +57,17 @@ def cmd_lora(a: argparse.Namespace) -> int:
     extra.append(f"saved {res.adapter_path}")
     if res.merged_path:
         extra.append(f"merged {res.merged_path}")
-    return report(res.result, ("loss",), tuple(extra))
+    return report(getattr(res, "result", res), ("loss",), tuple(extra))
 
 
+def _merge_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="the base .tinygpt file the adapter was trained on")
+    p.add_argument("adapter", help="the adapter file (.lora)")
+    add(p, "--out", help="the merged .tinygpt to write")
+    p.add_argument("--force", action="store_true", help="apply the adapter even if the base model does not match")
+
+
+@command("lora-merge", "fold a LoRA adapter file into its base model (writes a .tinygpt)", flags=_merge_flags)
 def cmd_lora_merge(a: argparse.Namespace) -> int:
     from tinygpt.checkpoint import load, save
     from tinygpt.training.lora import load_lora, merge_lora, read_lora
@@ -79,6 +80,3 @@ def cmd_lora_merge(a: argparse.Namespace) -> int:
     path = save(model, a.out)
     print(f"merged {len(names)} adapters from {a.adapter} into {a.model}: saved {path}")
     return 0
-
-
-COMMANDS = {"lora": cmd_lora, "lora-merge": cmd_lora_merge}

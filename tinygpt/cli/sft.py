@@ -16,20 +16,40 @@ from __future__ import annotations
 
 import argparse
 
-from tinygpt.cli.distill import add_run_flags, add_training_flags, corpus_arg, report, run_options
+from tinygpt.cli._command import CommandError, command, report
+from tinygpt.cli._flags import (
+    add,
+    add_corpus_flags,
+    add_device_flags,
+    add_run_flags,
+    add_training_flags,
+    corpus_arg,
+    given,
+    progress,
+    run_options,
+)
+
+# flag dest -> sft() keyword, for the data options (None: not given)
+_SFT_FLAGS = {
+    "template": "template",
+    "packing": "packing",
+    "min_length": "min_length",
+    "max_repetition": "max_repetition",
+    "dedup": "dedup",
+    "near_dedup": "near_dedup",
+    "train_on_prompt": "train_on_prompt",
+}
 
 
-def _training_flags(p: argparse.ArgumentParser, steps: str) -> None:
+def _training_tail(p: argparse.ArgumentParser, steps: str) -> None:
     add_training_flags(p, steps=steps, max_lr="3e-4")
     add_run_flags(p, out="checkpoint to write (.tinygpt)")
 
 
-def add_parsers(sub) -> None:
-    """Register `sft`, `finetune` and `magpie` on an argparse subparsers object."""
-    p = sub.add_parser("sft", help="supervised fine-tuning on instruction/chat JSONL with a chat template")
+def _sft_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="the .tinygpt model to fine-tune (ignored with --resume)")
     p.add_argument("--data", default=None, help='JSONL: {"instruction", "response"} or {"messages": [...]} per line')
-    p.add_argument("--template", default=None, help="chat template: chatml (default), alpaca, or a .json file")
+    add(p, "--template", help="chat template: chatml (default), alpaca, or a .json file")
     p.add_argument("--packing", action="store_true", default=None, help="pack conversations into rows (no padding)")
     p.add_argument("--min-length", type=int, default=None, help="drop replies shorter than this many characters")
     p.add_argument("--max-repetition", type=float, default=None, help="drop replies repeating more (e.g. 0.5)")
@@ -38,70 +58,57 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--train-on-prompt", action="store_true", default=None, help="loss on user/system turns too, not only replies"
     )
-    _training_flags(p, "200")
+    _training_tail(p, "200")
 
-    p = sub.add_parser("finetune", help="continue next-token training of a .tinygpt model on new text")
+
+@command("sft", "supervised fine-tuning on instruction/chat JSONL with a chat template", flags=_sft_flags)
+def cmd_sft(a: argparse.Namespace) -> int:
+    from tinygpt.training import sft
+
+    if a.data is None and not a.resume:
+        raise CommandError("--data is required (a .jsonl file of instruction/response or messages records)")
+    res = sft(None if a.resume else a.model, a.data, **given(a, _SFT_FLAGS), **run_options(a))
+    extra = (f"template {res.template.name}", f"saved {res.path}")
+    return report(res, ("loss",), extra, before=(f"data: {res.describe_data()}",))
+
+
+def _finetune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="the .tinygpt model to fine-tune (ignored with --resume)")
-    p.add_argument("--corpus", default=None, help="text file, directory or .jsonl (default: built-in Shakespeare)")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    _training_flags(p, "500")
+    add_corpus_flags(p)
+    _training_tail(p, "500")
 
-    p = sub.add_parser("magpie", help="synthesise instruction data from a chat model's template (Magpie)")
+
+@command("finetune", "continue next-token training of a .tinygpt model on new text", flags=_finetune_flags)
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from tinygpt.training import finetune
+
+    res = finetune(None if a.resume else a.model, corpus_arg(a), **run_options(a))
+    return report(res, ("loss",), (f"saved {res.path}",))
+
+
+def _magpie_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a chat .tinygpt file (after sft) or a local Hugging Face chat model directory")
     p.add_argument("--count", type=int, required=True, help="records to keep")
-    p.add_argument("--template", default="chatml", help="the model's chat template (default chatml)")
-    p.add_argument("--temperature", type=float, default=1.0, help="instruction sampling temperature (default 1)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
+    add(p, "--template", default="chatml", help="the model's chat template (default chatml)")
+    add(p, "--temperature", default=1.0, help="instruction sampling temperature (default 1)")
+    add(p, "--top-p", default=1.0)
+    add(p, "--top-k")
     p.add_argument("--response-temperature", type=float, default=0.0, help="response temperature (default 0: greedy)")
     p.add_argument("--response-top-p", type=float, default=1.0)
     p.add_argument("--response-top-k", type=int, default=None)
     p.add_argument("--max-instruction-tokens", type=int, default=128)
     p.add_argument("--max-response-tokens", type=int, default=256)
     p.add_argument("--system", default=None, help="system message in the pre-query prefix")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=16, help="instructions sampled at once")
+    add(p, "--seed", default=0, help="random seed (default 0)")
+    add(p, "--batch", default=16, help="instructions sampled at once (default 16)")
     p.add_argument(
         "--max-attempts", type=int, default=None, help="instructions to try at most (default 4 x count + 16)"
     )
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--out", required=True, help="JSONL to write (settings go to NAME.meta.json beside it)")
-    p.add_argument("--no-progress", action="store_true")
+    add(p, "--out", help="JSONL to write (settings go to NAME.meta.json beside it)")
+    add_device_flags(p)
 
 
-def cmd_sft(a: argparse.Namespace) -> int:
-    from tinygpt.training.sft import sft
-
-    if a.data is None and not a.resume:
-        raise ValueError("--data is required (a .jsonl file of instruction/response or messages records)")
-    res = sft(
-        None if a.resume else a.model,
-        a.data,
-        template=a.template,
-        packing=a.packing,
-        min_length=a.min_length,
-        max_repetition=a.max_repetition,
-        dedup=a.dedup,
-        near_dedup=a.near_dedup,
-        train_on_prompt=a.train_on_prompt,
-        **run_options(a),
-    )
-    extra = (f"template {res.template.name}", f"saved {res.path}")
-    return report(res, ("loss",), extra, before=(f"data: {res.describe_data()}",))
-
-
-def cmd_finetune(a: argparse.Namespace) -> int:
-    from tinygpt.training.sft import finetune
-
-    res = finetune(
-        None if a.resume else a.model,
-        corpus_arg(a),
-        **run_options(a),
-    )
-    return report(res, ("loss",), (f"saved {res.path}",))
-
-
+@command("magpie", "synthesise instruction data from a chat model's template (Magpie)", flags=_magpie_flags)
 def cmd_magpie(a: argparse.Namespace) -> int:
     import warnings
 
@@ -111,7 +118,7 @@ def cmd_magpie(a: argparse.Namespace) -> int:
         warnings.filterwarnings("ignore", message="magpie kept")  # reported below
         res = magpie(
             a.model,
-            a.count,
+            count=a.count,
             template=a.template,
             temperature=a.temperature,
             top_p=a.top_p,
@@ -127,7 +134,7 @@ def cmd_magpie(a: argparse.Namespace) -> int:
             max_attempts=a.max_attempts,
             out=a.out,
             device=a.device,
-            progress=not a.no_progress,
+            progress=progress(a),
         )
     s = res.stats
     dropped = ", ".join(f"{k} {s[k]}" for k in STATUSES)
@@ -138,6 +145,3 @@ def cmd_magpie(a: argparse.Namespace) -> int:
     if s["kept"] < a.count:
         print(f"warning: only {s['kept']} of {a.count} records; raise --max-attempts or the token budgets")
     return 0 if s["kept"] else 1
-
-
-COMMANDS = {"sft": cmd_sft, "finetune": cmd_finetune, "magpie": cmd_magpie}

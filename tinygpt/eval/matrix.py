@@ -41,22 +41,16 @@ Greedy (`temperature=0`) continuations of `max_new_tokens` tokens, cut at `stop`
 (lower case, no punctuation) occurs in the normalised output.
 
 ## Retrieval
-`BM25Retriever` indexes chunks (paragraphs packed up to `chunk_chars` characters) with `bm25s` (Lù 2024: a
-sparse-matrix BM25, numpy only), English stop words removed; the query is the instruction. Chunks sharing no word
-with the query (score 0) are not retrieved.
+`BM25Retriever` (`tinygpt.eval.retrieval`) indexes chunks of the retrieval corpus with BM25; the query is the
+instruction. The result and its views (`EvalMatrixResult`) live in `tinygpt.eval.matrix_result`.
 """
 
 from __future__ import annotations
 
 import copy
-import html
-import math
 import os
-import re
-import string
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +58,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tinygpt.eval.matrix_result import EvalMatrixResult, normalize_answer
+from tinygpt.eval.perplexity import EvalError, EvalTypeError
+from tinygpt.eval.retrieval import BM25Retriever, chunk_text
+from tinygpt.inputs import eval_mode, model_device, progress_enabled
 from tinygpt.io import iter_jsonl
+from tinygpt.sampling import generate
 
 DEFAULT_TEMPLATE = "Q: {instruction}\nA:"
 DEFAULT_ANSWER = " {response}"
@@ -82,16 +81,16 @@ def load_qa(path: str | os.PathLike) -> list[dict[str, str]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path} does not exist; pass a JSONL file of {{'instruction', 'response'}} records")
+        raise EvalError(f"{path} does not exist; pass a JSONL file of {{'instruction', 'response'}} records")
     out = []
     for lineno, rec in iter_jsonl(path):
         if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str):
-            raise ValueError(f"{path}:{lineno}: expected an object with a string field 'instruction'")
+            raise EvalError(f"{path}:{lineno}: expected an object with a string field 'instruction'")
         if "response" in rec and not isinstance(rec["response"], str):
-            raise ValueError(f"{path}:{lineno}: 'response' must be a string")
+            raise EvalError(f"{path}:{lineno}: 'response' must be a string")
         out.append(rec)
     if not out:
-        raise ValueError(f"{path} holds no records")
+        raise EvalError(f"{path} holds no records")
     return out
 
 
@@ -106,334 +105,20 @@ def _as_pairs(items: Any, answers: Sequence[str | None] | None = None) -> list[t
     for x in items:
         if isinstance(x, dict):
             if not isinstance(x.get("instruction"), str):
-                raise ValueError(f"a record needs a string 'instruction': {str(x)[:80]}")
+                raise EvalError(f"a record needs a string 'instruction': {str(x)[:80]}")
             pairs.append((x["instruction"], x.get("response")))
         elif isinstance(x, (tuple, list)) and len(x) == 2:
             pairs.append((str(x[0]), None if x[1] is None else str(x[1])))
         elif isinstance(x, str):
             pairs.append((x, None))
         else:
-            raise TypeError(f"cannot read a prompt from {type(x).__name__}: give strings, (q, a) pairs or records")
+            raise EvalTypeError(f"cannot read a prompt from {type(x).__name__}: give strings, (q, a) pairs or records")
     if answers is not None:
         answers = list(answers)
         if len(answers) != len(pairs):
-            raise ValueError(f"{len(pairs)} prompts but {len(answers)} answers")
+            raise EvalError(f"{len(pairs)} prompts but {len(answers)} answers")
         pairs = [(q, a) for (q, _), a in zip(pairs, answers)]
     return pairs
-
-
-# ---------------------------------------------------------------------------------------------- retrieval
-def chunk_text(text: str, chunk_chars: int = 300) -> list[str]:
-    """Cut a text into chunks of at most `chunk_chars` characters: paragraphs (split at blank lines) packed
-    together while they fit; a longer paragraph is cut at line ends, then at spaces."""
-    if chunk_chars < 20:
-        raise ValueError(f"chunk_chars must be >= 20, got {chunk_chars}")
-    pieces: list[str] = []
-    for para in re.split(r"\n\s*\n", text):
-        para = para.strip()
-        if not para:
-            continue
-        if len(para) <= chunk_chars:
-            pieces.append(para)
-            continue
-        for line in para.splitlines():
-            line = line.strip()
-            while len(line) > chunk_chars:
-                cut = line.rfind(" ", 0, chunk_chars)
-                cut = cut if cut > chunk_chars // 2 else chunk_chars
-                pieces.append(line[:cut].strip())
-                line = line[cut:].strip()
-            if line:
-                pieces.append(line)
-    chunks: list[str] = []
-    for p in pieces:
-        if chunks and len(chunks[-1]) + 2 + len(p) <= chunk_chars and "\n\n" not in p:
-            # pack short paragraphs together (kept apart by a blank line)
-            chunks[-1] = chunks[-1] + "\n\n" + p
-        else:
-            chunks.append(p)
-    return chunks
-
-
-class BM25Retriever:
-    """BM25 search over text chunks (`bm25s`), English stop words removed.
-
-    Args:
-        chunks_or_corpus: a list of chunks (used as given), or a corpus (a path, `Corpus`, or a string of text)
-            cut with `chunk_text`.
-        chunk_chars: the chunk size when cutting a corpus.
-    Attributes:
-        chunks: the indexed texts.
-    """
-
-    def __init__(self, chunks_or_corpus: Any, chunk_chars: int = 300):
-        import bm25s
-
-        if isinstance(chunks_or_corpus, (list, tuple)) and all(isinstance(c, str) for c in chunks_or_corpus):
-            chunks = [c for c in chunks_or_corpus if c.strip()]
-        else:
-            chunks = chunk_text(_corpus_text(chunks_or_corpus), chunk_chars)
-        if not chunks:
-            raise ValueError("the retrieval corpus is empty")
-        self.chunks = list(chunks)
-        self._bm25s = bm25s
-        self.index = bm25s.BM25()
-        self.index.index(self._tokenize(self.chunks), show_progress=False)
-
-    def _tokenize(self, texts: list[str]):
-        return self._bm25s.tokenize(texts, stopwords="en", show_progress=False, return_ids=False)
-
-    def search(self, query: str, k: int = 3) -> list[tuple[str, float]]:
-        """The best `k` chunks for `query` as (chunk, BM25 score), best first; chunks scoring 0 are left out."""
-        if k < 1:
-            return []
-        k = min(int(k), len(self.chunks))
-        q = self._tokenize([query])
-        if not q[0]:
-            return []
-        idx, scores = self.index.retrieve(q, k=k, show_progress=False)
-        return [(self.chunks[int(i)], float(s)) for i, s in zip(idx[0], scores[0]) if s > 0]
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def __repr__(self) -> str:
-        return f"BM25Retriever({len(self.chunks)} chunks)"
-
-
-def _corpus_text(corpus: Any) -> str:
-    from tinygpt.data import Corpus
-    from tinygpt.eval.perplexity import corpus_text
-
-    if isinstance(corpus, str) and not os.path.exists(corpus) and ("\n" in corpus or " " in corpus):
-        return corpus  # text given directly
-    if corpus is None or isinstance(corpus, (str, os.PathLike, Corpus)):
-        return corpus_text(corpus)
-    raise TypeError(f"cannot build a retrieval corpus from {type(corpus).__name__}: give chunks, a path or text")
-
-
-# ---------------------------------------------------------------------------------------------- result
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-def normalize_answer(s: str) -> str:
-    """Lower case, no punctuation, single spaces (for `answer_match`)."""
-    return " ".join(s.lower().translate(_PUNCT).split())
-
-
-@dataclass
-class EvalMatrixResult:
-    """Outputs and reference-answer losses of every (prompt, setup).
-
-    Attributes:
-        prompts: the instructions [n]; references: the reference answers [n] (None where not given).
-        setups: the setup names (columns), in order.
-        outputs: {setup: [n] generated answers (cut at `stop`)}.
-        losses: {setup: [n] mean NLL of the reference answer's tokens, nats/token (nan without a reference)}.
-        inputs: {setup: [n] the full text fed to the model}.
-        truncated: {setup: [n] prompt tokens dropped from the left to fit the context}.
-        retrieved: [n] lists of (chunk, score) for the retrieval setups ([] when none ran).
-        settings: template, answer_template, k, max_new_tokens, temperature, stop, n few-shot examples.
-        elapsed: seconds.
-    """
-
-    prompts: list[str]
-    references: list[str | None]
-    setups: list[str]
-    outputs: dict[str, list[str]]
-    losses: dict[str, list[float]]
-    inputs: dict[str, list[str]] = field(default_factory=dict, repr=False)
-    truncated: dict[str, list[int]] = field(default_factory=dict, repr=False)
-    retrieved: list[list[tuple[str, float]]] = field(default_factory=list, repr=False)
-    settings: dict[str, Any] = field(default_factory=dict)
-    elapsed: float = 0.0
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def answer_match(self, setup: str) -> list[bool]:
-        """Per prompt: the normalised reference occurs in the normalised output."""
-        return [
-            ref is not None and bool(normalize_answer(ref)) and normalize_answer(ref) in normalize_answer(out)
-            for ref, out in zip(self.references, self.outputs[setup])
-        ]
-
-    def mean_loss(self, setup: str) -> float:
-        """Mean reference-answer loss of a setup over the prompts that have a reference (nan if none)."""
-        v = [x for x in self.losses[setup] if not math.isnan(x)]
-        return float(np.mean(v)) if v else float("nan")
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        """{setup: {"loss": mean reference loss, "match": answer-match rate}}."""
-        return {
-            s: {"loss": self.mean_loss(s), "match": float(np.mean(self.answer_match(s))) if len(self) else 0.0}
-            for s in self.setups
-        }
-
-    def row(self, i: int) -> dict[str, Any]:
-        """Everything about prompt `i`: prompt, reference, and per setup its output, loss, input and match."""
-        return {
-            "prompt": self.prompts[i],
-            "reference": self.references[i],
-            "retrieved": self.retrieved[i] if self.retrieved else [],
-            "setups": {
-                s: {
-                    "output": self.outputs[s][i],
-                    "loss": self.losses[s][i],
-                    "input": self.inputs.get(s, [""] * len(self))[i],
-                    "truncated": self.truncated.get(s, [0] * len(self))[i],
-                    "match": self.answer_match(s)[i],
-                }
-                for s in self.setups
-            },
-        }
-
-    def table(self, width: int = 60) -> str:
-        """Plain text: the mean reference loss and match rate per setup, then each prompt's outputs."""
-        summ = self.summary()
-        w = max(len(s) for s in self.setups)
-        lines = [f"{'setup':<{w}}  {'ref loss':>8}  {'match':>6}"]
-        for s in self.setups:
-            lines.append(f"{s:<{w}}  {summ[s]['loss']:>8.4f}  {summ[s]['match']:>6.0%}")
-        for i, (q, ref) in enumerate(zip(self.prompts, self.references)):
-            lines += ["", f"[{i}] {q}", f"{'reference':<{w}}  {'':>8}  {_clip(ref or '-', width)}"]
-            for s in self.setups:
-                loss = self.losses[s][i]
-                shown = "" if math.isnan(loss) else f"{loss:.3f}"
-                cut = " (cut)" if self.truncated.get(s, [0] * len(self))[i] else ""
-                lines.append(f"{s:<{w}}  {shown:>8}  {_clip(self.outputs[s][i], width)}{cut}")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.table()
-
-    def to_markdown(self) -> str:
-        """A markdown table: one row per prompt, the reference and each setup's output (with its loss)."""
-        head = "| # | prompt | reference | " + " | ".join(self.setups) + " |"
-        sep = "|---:|---|---|" + "---|" * len(self.setups)
-        lines = [head, sep]
-        for i in range(len(self)):
-            cells = []
-            for s in self.setups:
-                loss = self.losses[s][i]
-                cells.append(_md(self.outputs[s][i]) + ("" if math.isnan(loss) else f" ({loss:.2f})"))
-            lines.append(
-                f"| {i} | {_md(self.prompts[i])} | {_md(self.references[i] or '')} | " + " | ".join(cells) + " |"
-            )
-        summ = self.summary()
-        lines.append(
-            "| | **mean reference loss** | | " + " | ".join(f"**{summ[s]['loss']:.3f}**" for s in self.setups) + " |"
-        )
-        return "\n".join(lines)
-
-    def to_html(self, rows: Sequence[int] | None = None) -> str:
-        """An HTML table, setups side by side (the reference loss under each output, best in bold)."""
-        rows = range(len(self)) if rows is None else rows
-        summ = self.summary()
-        th = "".join(f"<th style='text-align:left'>{html.escape(s)}</th>" for s in self.setups)
-        out = [
-            "<table style='border-collapse:collapse;font-size:12px'>",
-            f"<tr><th>#</th><th style='text-align:left'>prompt</th><th style='text-align:left'>reference</th>{th}</tr>",
-        ]
-        for i in rows:
-            vals = [self.losses[s][i] for s in self.setups]
-            finite = [v for v in vals if not math.isnan(v)]
-            best = min(finite) if finite else None
-            cells = []
-            for s, v in zip(self.setups, vals):
-                loss = "" if math.isnan(v) else f"{v:.3f}"
-                if best is not None and v == best:
-                    loss = f"<b>{loss}</b>"
-                mark = " ✓" if self.answer_match(s)[i] else ""
-                cells.append(
-                    f"<td style='vertical-align:top'><code>{html.escape(self.outputs[s][i])}</code>{mark}"
-                    f"<br><span style='color:#666'>ref loss {loss}</span></td>"
-                )
-            out.append(
-                f"<tr style='border-top:1px solid #ddd'><td style='vertical-align:top'>{i}</td>"
-                f"<td style='vertical-align:top'>{html.escape(self.prompts[i])}</td>"
-                f"<td style='vertical-align:top'><i>{html.escape(self.references[i] or '')}</i></td>"
-                f"{''.join(cells)}</tr>"
-            )
-        means = "".join(f"<td><b>{summ[s]['loss']:.3f}</b> ({summ[s]['match']:.0%} match)</td>" for s in self.setups)
-        out.append(f"<tr style='border-top:2px solid #999'><td></td><td colspan=2>mean reference loss</td>{means}</tr>")
-        out.append("</table>")
-        return "".join(out)
-
-    def _repr_html_(self) -> str:
-        return self.to_html()
-
-    def figure(self, highlight: int | None = None):
-        """Plotly: mean reference-answer loss per setup (bars) and each prompt's loss (points; `highlight` one)."""
-        import plotly.graph_objects as go
-
-        fig = go.Figure()
-        means = [self.mean_loss(s) for s in self.setups]
-        fig.add_trace(
-            go.Bar(
-                x=self.setups,
-                y=means,
-                name="mean",
-                text=[f"{m:.3f}" for m in means],
-                textposition="outside",
-                marker_color="rgba(99,110,250,0.45)",
-            )
-        )
-        xs, ys, texts, sizes, colors = [], [], [], [], []
-        for s in self.setups:
-            for i, v in enumerate(self.losses[s]):
-                xs.append(s)
-                ys.append(v)
-                texts.append(f"[{i}] {self.prompts[i]}<br>{html.escape(self.outputs[s][i])}")
-                sizes.append(14 if i == highlight else 7)
-                colors.append("#d62728" if i == highlight else "#444")
-        fig.add_trace(
-            go.Scatter(
-                x=xs,
-                y=ys,
-                mode="markers",
-                name="per prompt",
-                text=texts,
-                hovertemplate="%{text}<br>ref loss %{y:.3f}<extra></extra>",
-                marker={"size": sizes, "color": colors, "opacity": 0.8},
-            )
-        )
-        fig.update_layout(
-            title="reference-answer loss per setup (nats/token; lower is better)",
-            xaxis_title="setup",
-            yaxis_title="loss of the reference answer",
-            template="plotly_white",
-            showlegend=False,
-        )
-        return fig
-
-    def extend(self, other: EvalMatrixResult) -> EvalMatrixResult:
-        """Append another result's prompts (same setups) in place; returns self."""
-        if other.setups != self.setups:
-            raise ValueError(f"cannot merge results with setups {other.setups} into {self.setups}")
-        self.prompts += other.prompts
-        self.references += other.references
-        for s in self.setups:
-            self.outputs[s] += other.outputs[s]
-            self.losses[s] += other.losses[s]
-            self.inputs.setdefault(s, []).extend(other.inputs.get(s, [""] * len(other)))
-            self.truncated.setdefault(s, []).extend(other.truncated.get(s, [0] * len(other)))
-        self.retrieved += other.retrieved or [[] for _ in range(len(other))]
-        return self
-
-    def __repr__(self) -> str:
-        summ = self.summary()
-        parts = ", ".join(f"{s} {summ[s]['loss']:.3f}" for s in self.setups)
-        return f"EvalMatrixResult({len(self)} prompts; mean reference loss: {parts})"
-
-
-def _clip(s: str, n: int) -> str:
-    s = s.replace("\n", "⏎")
-    return s if len(s) <= n else s[: n - 1] + "…"
-
-
-def _md(s: str) -> str:
-    return s.replace("|", "\\|").replace("\n", " ")
 
 
 # ---------------------------------------------------------------------------------------------- the matrix
@@ -473,12 +158,12 @@ class EvalMatrix:
         seed: int = 0,
         stop: str | None = "\n",
     ):
-        from tinygpt.checkpoint import load
+        from tinygpt.checkpoint import as_model
 
-        self.model = load(model) if isinstance(model, (str, os.PathLike)) else model
+        self.model = as_model(model, what="base model")
         self.model._require_tokenizer()
         if lora is not None and lora is self.model:
-            raise ValueError(
+            raise EvalError(
                 "lora= is the base model itself; pass the base and the adapted model separately "
                 "(lora_finetune adapts in place: fine-tune a copy.deepcopy(base))"
             )
@@ -489,23 +174,23 @@ class EvalMatrix:
             self.retriever = BM25Retriever(retrieval, chunk_chars)
         self.few_shot = _as_pairs(few_shot) if few_shot is not None else []
         if any(a is None for _, a in self.few_shot):
-            raise ValueError("few-shot examples need answers: give records with 'response' or (q, a) pairs")
+            raise EvalError("few-shot examples need answers: give records with 'response' or (q, a) pairs")
         have = {"few-shot": bool(self.few_shot), "lora": self.lora_model is not None, "retrieval": bool(self.retriever)}
         if setups is None:
             setups = [s for s in DEFAULT_SETUPS if all(have[p] for p in s.split("+") if p != "base")]
         setups = list(setups)
         for s in setups:
             if s not in SETUPS:
-                raise ValueError(f"unknown setup {s!r}; choose from {', '.join(SETUPS)}")
+                raise EvalError(f"unknown setup {s!r}; choose from {', '.join(SETUPS)}")
             missing = [p for p in s.split("+") if p != "base" and not have[p]]
             if missing:
                 arg = {"few-shot": "few_shot", "lora": "lora", "retrieval": "retrieval"}[missing[0]]
-                raise ValueError(f"setup {s!r} needs {arg}=")
+                raise EvalError(f"setup {s!r} needs {arg}=")
         if not setups:
-            raise ValueError("no setups to run")
+            raise EvalError("no setups to run")
         self.setups = setups
         if k < 0 or max_new_tokens < 1 or temperature < 0:
-            raise ValueError(
+            raise EvalError(
                 f"need k >= 0, max_new_tokens >= 1, temperature >= 0 (got {k}, {max_new_tokens}, {temperature})"
             )
         self.k = int(k)
@@ -521,7 +206,7 @@ class EvalMatrix:
     def _lora_model(self, lora: Any):
         if isinstance(lora, torch.nn.Module):
             if lora.cfg.d_vocab != self.model.cfg.d_vocab:
-                raise ValueError("the LoRA model's vocabulary differs from the base model's")
+                raise EvalError("the LoRA model's vocabulary differs from the base model's")
             return lora
         from tinygpt.training.lora import load_lora
 
@@ -552,13 +237,15 @@ class EvalMatrix:
         return ctx + shots + self.prompt(instruction)
 
     # ------------------------------------------------------------------ run
-    def run(self, prompts: Any, answers: Sequence[str | None] | None = None, *, progress: bool = True):
+    def run(
+        self, prompts: Any, answers: Sequence[str | None] | None = None, *, progress: bool | None = None
+    ) -> EvalMatrixResult:
         """Run every setup on `prompts` (records, (q, a) pairs, strings with `answers`, or a JSONL path)."""
         from tqdm.auto import tqdm
 
         pairs = _as_pairs(prompts, answers)
         if not pairs:
-            raise ValueError("no prompts to evaluate")
+            raise EvalError("no prompts to evaluate")
         t0 = time.perf_counter()
         uses_retrieval = any("retrieval" in s for s in self.setups)
         hits = [self.retriever.search(q, self.k) if uses_retrieval else [] for q, _ in pairs]
@@ -566,7 +253,7 @@ class EvalMatrix:
         losses: dict[str, list[float]] = {}
         inputs: dict[str, list[str]] = {}
         truncated: dict[str, list[int]] = {}
-        bar = tqdm(total=len(self.setups), desc="eval matrix", disable=not progress)
+        bar = tqdm(total=len(self.setups), desc="eval matrix", disable=not progress_enabled(progress))
         try:
             for s in self.setups:
                 model = self.lora_model if s.startswith("lora") else self.model
@@ -613,9 +300,9 @@ class EvalMatrix:
                 continue
             a = tok.encode(self.answer(ref))
             if not a:
-                raise ValueError(f"the reference answer {ref!r} encodes to no tokens")
+                raise EvalError(f"the reference answer {ref!r} encodes to no tokens")
             if not p:
-                raise ValueError(f"the prompt {text!r} encodes to no tokens")
+                raise EvalError(f"the prompt {text!r} encodes to no tokens")
             a = a[: n_ctx - 1]
             drop = max(0, len(p) + len(a) - n_ctx)  # a <= n_ctx - 1 tokens, so p keeps at least one
             p = p[drop:]
@@ -625,7 +312,7 @@ class EvalMatrix:
         out = [float("nan")] * len(texts)
         live = [i for i, s in enumerate(seqs) if s is not None]
         if live:
-            device = next(model.parameters()).device
+            device = model_device(model)
             width = max(len(seqs[i]) for i in live)
             x = torch.zeros(len(live), width, dtype=torch.long)
             y = torch.full((len(live), width), -100, dtype=torch.long)
@@ -634,12 +321,8 @@ class EvalMatrix:
                 x[r, : len(s)] = s
                 start, n = spans[i]
                 y[r, start - 1 : start - 1 + n] = s[start : start + n]  # position t predicts token t + 1
-            was = model.training
-            model.eval()
-            try:
+            with eval_mode(model):
                 logits = model(x.to(device)).float()
-            finally:
-                model.train(was)
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(device).reshape(-1), reduction="none")
             nll = nll.view(len(live), width).cpu()
             mask = (y != -100).float()
@@ -648,27 +331,21 @@ class EvalMatrix:
                 out[i] = float(per[r])
         return out, cut
 
-    @torch.no_grad()
     def _generate(self, model, texts: list[str]) -> list[str]:
-        from tinygpt.sampling import generate_tokens
-
         tok = model._require_tokenizer()
         keep = max(1, model.cfg.n_ctx - self.max_new_tokens)
         ids = [tok.encode(t)[-keep:] or tok.encode("\n") for t in texts]
         groups: dict[int, list[int]] = {}
         for i, x in enumerate(ids):
             groups.setdefault(len(x), []).append(i)
-        device = next(model.parameters()).device
+        device = model_device(model)
         out = [""] * len(texts)
-        for _, members in sorted(groups.items()):
+        for n, members in sorted(groups.items()):
             batch = torch.tensor([ids[i] for i in members], device=device)
-            steps = list(
-                generate_tokens(
-                    model, batch, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, seed=self.seed
-                )
+            gen = generate(
+                model, batch, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, seed=self.seed
             )
-            gen = torch.stack(steps, dim=1).cpu().tolist()
-            for i, g in zip(members, gen):
+            for i, g in zip(members, gen[:, n:].cpu().tolist()):
                 out[i] = cut_at_stop(tok.decode(g), self.stop)
         return out
 
@@ -693,7 +370,7 @@ def eval_matrix(
     few_shot: Any = None,
     setups: Sequence[str] | None = None,
     k: int = 2,
-    progress: bool = True,
+    progress: bool | None = None,
     **options: Any,
 ) -> EvalMatrixResult:
     """Run held-out prompts under base / few-shot / LoRA / LoRA + retrieval and compare (see the module docstring).
@@ -708,7 +385,7 @@ def eval_matrix(
         few_shot: worked examples prepended in the few-shot setups.
         setups: the columns (default: base, few-shot, lora, lora+retrieval, those whose ingredients are given).
         k: retrieved chunks per prompt.
-        progress: a progress bar over the setups.
+        progress: a progress bar over the setups (None: the package default).
         **options: `EvalMatrix` options: chunk_chars, template, answer_template, context_template, max_new_tokens,
             temperature, top_k, seed, stop.
     Returns:
@@ -727,10 +404,16 @@ def few_shot_pool(records: Iterable[dict[str, str]], n: int, seed: int = 0) -> l
 
 
 __all__ = [
+    "DEFAULT_ANSWER",
+    "DEFAULT_CONTEXT",
+    "DEFAULT_SETUPS",
+    "DEFAULT_TEMPLATE",
+    "SETUPS",
     "BM25Retriever",
     "EvalMatrix",
     "EvalMatrixResult",
     "chunk_text",
+    "cut_at_stop",
     "eval_matrix",
     "few_shot_pool",
     "load_qa",

@@ -26,10 +26,11 @@ symbols as ids 0..255 and no merges) that `PreTrainedTokenizerFast` loads and th
 the ids `ByteTokenizer` gives; a BPE tokenizer writes its own `tokenizer.json`. Importing reads the directory's
 tokenizer back (a byte-level vocabulary becomes a `ByteTokenizer` again).
 
-Tokenizer comparison (`vocab_mismatch`) is by vocabulary *content*: every token is reduced to the bytes it
-stands for (`<0x41>` and the byte-level symbol "A" are both b"A", "Ġthe" is b" the"), so a tinygpt tokenizer
-and a Hugging Face tokenizer compare meaningfully whatever their spelling, and a probe text must encode to the
-same ids as well.
+Tokenizer comparison (`vocab_mismatch`, in `tinygpt.tokenizer`, re-exported here) is by vocabulary *content*:
+every token is reduced to the bytes it stands for (`<0x41>` and the byte-level symbol "A" are both b"A", "Ġthe"
+is b" the"), so a tinygpt tokenizer and a Hugging Face tokenizer compare meaningfully whatever their spelling,
+and a probe text must encode to the same ids as well. Running any local causal LM (a teacher, a chat model) goes
+through `tinygpt.interop.causal_lm`.
 
 `transformers` is imported lazily: importing this module is cheap.
 """
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,21 +47,26 @@ import torch
 from torch import Tensor
 
 from tinygpt.config import GPTConfig
-from tinygpt.tokenizer import (
+from tinygpt.errors import TinyGPTError
+from tinygpt.tokenizer import (  # noqa: F401  (tokenizer comparison, re-exported: it lived here)
+    PROBE_TEXT,
     BPETokenizer,
     ByteTokenizer,
     Tokenizer,
     TokenizerError,
     bytes_to_unicode,
+    canonical_vocab,
+    describe_tokenizer,
     load_tokenizer,
     unicode_to_bytes,
+    vocab_mismatch,
 )
 
 if TYPE_CHECKING:
     from tinygpt.model import GPT
 
 
-class InteropError(ValueError):
+class InteropError(TinyGPTError, ValueError):
     """A model, config or directory cannot be converted to or from Hugging Face format."""
 
 
@@ -373,63 +378,6 @@ def tokenizer_from_hf_dir(directory: str | os.PathLike) -> Tokenizer:
             ) from e
     as_bytes = ByteTokenizer(t for t, _ in sorted(tok.special_tokens.items(), key=lambda kv: kv[1]))
     return as_bytes if vocab_mismatch(tok, as_bytes) is None else tok
-
-
-# Tokenizer identity by content -----------------------------------------------------------------------
-_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-PROBE_TEXT = "ROMEO: But, soft! what light through yonder window breaks?\n\tIt is the east 1599 — ünïcödé 日本 🙂"
-
-
-def _canonical_token(s: str) -> bytes | str:
-    """The bytes a token stands for: `<0x41>` and byte-level "A" are b"A"; "Ġthe" is b" the"; else the string."""
-    m = _BYTE_TOKEN.fullmatch(s)
-    if m:
-        return bytes([int(m[1], 16)])
-    u2b = unicode_to_bytes()
-    if s and all(c in u2b for c in s):
-        return bytes(u2b[c] for c in s)
-    return s
-
-
-def canonical_vocab(tokenizer: Any) -> dict[int, bytes | str]:
-    """id -> canonical content, for a tinygpt tokenizer (`vocab_items`) or a HF one (`get_vocab`)."""
-    if hasattr(tokenizer, "vocab_items"):
-        items = tokenizer.vocab_items()
-    elif hasattr(tokenizer, "get_vocab"):
-        items = tokenizer.get_vocab().items()
-    else:
-        raise TokenizerError(f"cannot read the vocabulary of a {type(tokenizer).__name__}")
-    return {int(i): _canonical_token(s) for s, i in items}
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    if isinstance(tokenizer, Tokenizer):
-        return list(tokenizer.encode(text))
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
-def describe_tokenizer(tokenizer: Any) -> str:
-    """A short description: kind, vocabulary size and the start of the fingerprint."""
-    if isinstance(tokenizer, Tokenizer):
-        return f"{tokenizer.kind}, vocab {tokenizer.vocab_size}, fingerprint {tokenizer.fingerprint[:12]}"
-    return f"{type(tokenizer).__name__}, vocab {len(tokenizer.get_vocab())}"
-
-
-def vocab_mismatch(a: Any, b: Any) -> str | None:
-    """None if two tokenizers have the same vocabulary content and encode a probe text identically; else why not.
-
-    Works across kinds: tinygpt `ByteTokenizer` / `BPETokenizer` and Hugging Face tokenizers.
-    """
-    va, vb = canonical_vocab(a), canonical_vocab(b)
-    if va != vb:
-        ids = sorted(set(va) | set(vb))
-        diff = [i for i in ids if va.get(i) != vb.get(i)]
-        examples = ", ".join(f"id {i}: {va.get(i, '(none)')!r} vs {vb.get(i, '(none)')!r}" for i in diff[:3])
-        return f"vocabularies differ ({len(va)} vs {len(vb)} tokens, {len(diff)} ids differ; e.g. {examples})"
-    ea, eb = _encode(a, PROBE_TEXT), _encode(b, PROBE_TEXT)
-    if ea != eb:
-        return f"same vocabulary but different encodings of a probe text ({ea[:8]}... vs {eb[:8]}...)"
-    return None
 
 
 # ----------------------------------------------------------------------------------------------- files

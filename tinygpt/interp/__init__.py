@@ -1,23 +1,36 @@
-"""Interpretability tools that operate on a `tinygpt.GPT`: lenses, ablations, activation patching."""
+"""Interpretability tools that operate on a `tinygpt.GPT`: lenses, ablations, activation patching, attention views.
 
-from tinygpt.interp.ablation import (  # noqa: F401
+- `lens/`: the logit lens (`logit`), the tuned lens and its `.lenses` file (`tuned`), `lens_report` (`report`);
+- `ablation/`: ablation specs (`specs`), the hooks that apply them (`context`), one-at-a-time sweeps (`sweep`);
+- `patching`: activation patching (`patch_resid_pre`, `patch_heads`, ..., `patch_sweep`);
+- `attention`: attention maps, induction / previous-token scores; `routing`: the MoE / MoD router readout;
+- `toy`: the induction-head toy task (`train_induction_model`).
+
+Every function takes the model first, then its data (a prompt, tokens or a corpus), then keyword options; every
+result has `.figure()` (plotly, imported when called).
+"""
+
+from tinygpt.interp import patching as _patching
+from tinygpt.interp.ablation import (
     Ablation,
+    AblationComparison,
     AblationContext,
     AblationError,
     AblationSweepResult,
     ablate,
     ablated_loss,
+    ablation_compare,
     ablation_sweep,
     parse_ablations,
 )
-from tinygpt.interp.attention import (  # noqa: F401
+from tinygpt.interp.attention import (
     AttentionResult,
     attention_maps,
     attention_patterns,
     induction_scores,
     previous_token_scores,
 )
-from tinygpt.interp.lens import (  # noqa: F401
+from tinygpt.interp.lens import (
     LensError,
     LensReport,
     LensResult,
@@ -25,22 +38,47 @@ from tinygpt.interp.lens import (  # noqa: F401
     lens_report,
     logit_lens,
     residual_stack,
+    stack_labels,
     tuned_lens,
     unembed_sha256,
 )
-from tinygpt.interp.patching import (  # noqa: F401
-    PatchingError,
-    PatchingResult,
-    logit_diff,
-    logit_diff_metric,
-    patch_attn_out,
-    patch_block_every,
-    patch_heads,
-    patch_heads_by_pos,
-    patch_mlp_out,
-    patch_resid,
-    patch_resid_mid,
-    patch_resid_pre,
-    patch_sweep,
-)
-from tinygpt.interp.toy import induction_batch, repeated_tokens, train_induction_model  # noqa: F401
+from tinygpt.interp.patching import *  # noqa: F403  (its __all__: PatchingError, patch_resid_pre, ...)
+from tinygpt.interp.routing import Routing, moe_layers, read_routing, routed_layers
+from tinygpt.interp.toy import induction_batch, induction_config, repeated_tokens, train_induction_model
+
+__all__ = [
+    "Ablation",
+    "AblationComparison",
+    "AblationContext",
+    "AblationError",
+    "AblationSweepResult",
+    "AttentionResult",
+    "LensError",
+    "LensReport",
+    "LensResult",
+    "Routing",
+    "TunedLens",
+    "ablate",
+    "ablated_loss",
+    "ablation_compare",
+    "ablation_sweep",
+    "attention_maps",
+    "attention_patterns",
+    "induction_batch",
+    "induction_config",
+    "induction_scores",
+    "lens_report",
+    "logit_lens",
+    "moe_layers",
+    "parse_ablations",
+    "previous_token_scores",
+    "read_routing",
+    "repeated_tokens",
+    "residual_stack",
+    "routed_layers",
+    "stack_labels",
+    "train_induction_model",
+    "tuned_lens",
+    "unembed_sha256",
+    *_patching.__all__,
+]

@@ -18,7 +18,8 @@ A mixture-of-depths block (`mod=True`) attends only among the tokens it routes: 
 and scatters the map back to token positions, NaN in the rows and columns of skipped tokens
 (`AttentionResult.routing_masks` keeps the masks); induction and previous-token scores average over the
 tokens the block computes (NaN if it computes none of them). The router's choices themselves (experts per
-token, routing masks, scores) are drawn by `tinygpt.widgets.AttentionViewer`.
+token, routing masks, scores) are read by `tinygpt.interp.routing.read_routing` (re-exported here) and drawn by
+its `Routing.figure()` (and `tinygpt.widgets.AttentionViewer`).
 """
 
 from __future__ import annotations
@@ -30,9 +31,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tinygpt.inputs import as_tokens, eval_mode, model_device
+from tinygpt.interp._common import color_range, nan_to_none, position_ticks, str_tokens
+from tinygpt.interp.routing import (  # noqa: F401  (re-exported: widgets and patching read them here)
+    Routing,
+    as_mask,
+    moe_layers,
+    read_routing,
+    routed_layers,
+    routed_slots,
+    scatter_routed,
+)
 from tinygpt.interp.toy import repeated_tokens
 
 MAIN_MAP = "pattern"
+MAP_TITLES = {"pattern1": "A1 (hook_pattern1)", "pattern2": "A2 (hook_pattern2)"}
 
 
 def attention_maps(model, layer: int) -> dict[str, str]:
@@ -86,9 +99,6 @@ class AttentionResult:
             raise KeyError(f"layer {layer} was not collected; have layers {self.layers}")
         return self.layers.index(layer)
 
-    def _ticks(self) -> list[str]:
-        return [f"{i} {s!r}" for i, s in enumerate(self.str_tokens)]
-
     def _signed(self, map: str) -> bool:
         """The combined map of differential attention (A1 - λ A2) is signed."""
         return map == MAIN_MAP and len(self.maps) > 1
@@ -98,17 +108,23 @@ class AttentionResult:
         return f"AttentionResult(layers={self.layers}, heads={H}, pos={T}, maps={sorted(self.maps)})"
 
     def figure(self, layer: int, head: int, map: str = MAIN_MAP):
-        """Plotly heatmap of one head: rows = destination (query) tokens, columns = source (key) tokens."""
+        """Plotly heatmap of one head: rows = destination (query) tokens, columns = source (key) tokens.
+
+        `map="all"` draws every map of the head side by side (differential attention: A1, A2, then the
+        combined A1 - λ A2 with the layer's λ in its title).
+        """
         import plotly.graph_objects as go
 
+        if map == "all":
+            return self._maps_figure(layer, head)
         z = self.head(layer, head, map).float().cpu()
-        ticks = self._ticks()
+        ticks = position_ticks(self.str_tokens)
         fig = go.Figure(
             go.Heatmap(
-                z=_rows(z),
+                z=nan_to_none(z),
                 x=ticks,
                 y=ticks,
-                **_color(z, signed=self._signed(map)),
+                **color_range(z, signed=self._signed(map)),
                 hovertemplate="dest %{y}<br>src %{x}<br>%{z:.3f}<extra></extra>",
             )
         )
@@ -119,6 +135,46 @@ class AttentionResult:
             height=size,
             xaxis=dict(title="source", type="category", tickangle=-60),
             yaxis=dict(title="destination", type="category", autorange="reversed"),
+        )
+        return fig
+
+    def _maps_figure(self, layer: int, head: int):
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        names = sorted(self.maps, key=lambda m: (m == MAIN_MAP, m))  # A1, A2, then the combined map
+        lam = self.lambdas.get(layer)
+        combined = "A1 − λ·A2 (hook_pattern)" + (f", λ = {lam:.3f}" if lam is not None else "")
+        titles = [MAP_TITLES.get(m, combined if len(names) > 1 else "hook_pattern") for m in names]
+        fig = make_subplots(rows=1, cols=len(names), subplot_titles=titles, horizontal_spacing=0.12)
+        ticks = position_ticks(self.str_tokens)
+        for c, name in enumerate(names, start=1):
+            z = self.head(layer, head, name).float().cpu()
+            dom = fig.layout[f"xaxis{c if c > 1 else ''}"].domain
+            fig.add_trace(
+                go.Heatmap(
+                    z=nan_to_none(z),
+                    x=ticks,
+                    y=ticks,
+                    name=name,
+                    **color_range(z, signed=self._signed(name)),
+                    colorbar={"x": dom[1] + 0.01, "thickness": 12, "len": 0.9},
+                    hovertemplate="dest %{y}<br>src %{x}<br>%{z:.3f}<extra>" + name + "</extra>",
+                ),
+                row=1,
+                col=c,
+            )
+            fig.update_xaxes(title_text="source", type="category", tickangle=-60, row=1, col=c)
+            fig.update_yaxes(type="category", autorange="reversed", row=1, col=c)
+        fig.update_yaxes(title_text="destination", row=1, col=1)
+        # square-ish panels that fit a notebook's output area (~1100 px) side by side
+        side = min(620 if len(names) == 1 else 950 // len(names) - 100, 220 + 16 * len(ticks))
+        fig.update_layout(
+            title=f"layer {layer}, head {head}",
+            template="plotly_white",
+            height=side + 130,
+            width=len(names) * (side + 100) + 60,
+            margin={"t": 70, "b": 40, "l": 90, "r": 60},
         )
         return fig
 
@@ -136,13 +192,13 @@ class AttentionResult:
             vertical_spacing=0.03,
             subplot_titles=[f"L{layer}H{h}" for layer in layers for h in heads],
         )
-        ticks = self._ticks()
+        ticks = position_ticks(self.str_tokens)
         for r, layer in enumerate(layers, start=1):
             for c, h in enumerate(heads, start=1):
                 z = self.head(layer, h, map).float().cpu()
                 fig.add_trace(
                     go.Heatmap(
-                        z=_rows(z),
+                        z=nan_to_none(z),
                         x=ticks,
                         y=ticks,
                         coloraxis="coloraxis",
@@ -153,7 +209,7 @@ class AttentionResult:
                 )
                 fig.update_xaxes(showticklabels=False, type="category", row=r, col=c)
                 fig.update_yaxes(showticklabels=False, type="category", autorange="reversed", row=r, col=c)
-        color = _color(self._map(map), signed=self._signed(map))
+        color = color_range(self._map(map), signed=self._signed(map))
         fig.update_layout(
             title=f"Attention {map}: {len(layers)} layers x {len(heads)} heads",
             coloraxis=dict(colorscale=color["colorscale"], cmin=color["zmin"], cmax=color["zmax"]),
@@ -161,65 +217,6 @@ class AttentionResult:
             width=170 * len(heads) + 120,
         )
         return fig
-
-
-def _rows(z: Tensor) -> list[list[float | None]]:
-    """A [rows, cols] map as nested lists, NaN (a token a routed block skipped) as None: a blank cell."""
-    return [[None if v != v else v for v in row] for row in z.tolist()]
-
-
-def _color(z: Tensor, signed: bool = False) -> dict[str, Any]:
-    """Blues on [0, max] for probabilities; a diverging scale around 0 for signed maps (differential attention's
-    A1 - λ A2, drawn on it even when a prompt's values happen to be non-negative). NaN entries (skipped tokens
-    of a routed block) are ignored."""
-    finite = z[torch.isfinite(z)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
-    if lo >= 0 and not signed:
-        return dict(colorscale="Blues", zmin=0.0, zmax=max(hi, 1e-9))
-    lim = max(abs(lo), abs(hi), 1e-9)
-    return dict(colorscale="RdBu_r", zmin=-lim, zmax=lim)
-
-
-def routed_layers(model) -> list[int]:
-    """Layers whose block computes only some tokens (mixture-of-depths): they have `hook_routing_mask`."""
-    return [i for i in range(model.cfg.n_layers) if f"blocks.{i}.hook_routing_mask" in model.hook_dict]
-
-
-def routed_slots(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """A routed block's sub-sequence layout for its routing mask [batch, pos] (bool, or float > 0.5 = routed).
-
-    Returns:
-        (positions [batch, routed] int64: the token position each slot of the block's sub-sequence holds --
-        routed tokens in causal order, then skipped ones as padding, as `MoDBlock` gathers them;
-        valid [batch, routed] bool: the slot holds a routed token).
-    """
-    mask = mask if mask.dtype == torch.bool else mask > 0.5
-    counts = mask.sum(1)
-    kmax = int(counts.max()) if mask.numel() else 0
-    idx = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :kmax]
-    valid = torch.arange(kmax, device=mask.device)[None] < counts[:, None]
-    return idx, valid
-
-
-def scatter_routed(pattern: Tensor, mask: Tensor) -> Tensor:
-    """A routed block's attention map back at token positions.
-
-    Args:
-        pattern: [batch, heads, routed, routed] the block's `attn.hook_pattern*` (routed tokens in causal order;
-            rows shorter than `routed` are padded at the end, as the block pads them).
-        mask: [batch, pos] the block's `hook_routing_mask` (bool, or float > 0.5 = routed).
-    Returns:
-        [batch, heads, pos, pos] float32, NaN in the rows and columns of tokens the block skipped.
-    """
-    mask = mask if mask.dtype == torch.bool else mask > 0.5
-    b, t = mask.shape
-    out = torch.full((b, pattern.shape[1], t, t), float("nan"), device=pattern.device)
-    for row in range(b):
-        idx = mask[row].nonzero()[:, 0]  # routed positions, in causal order (the block's sub-sequence)
-        k = len(idx)
-        if k:
-            out[row][:, idx[:, None], idx[None, :]] = pattern[row, :, :k, :k].float()
-    return out
 
 
 def _read_maps(model, tokens: Tensor, layers: list[int]) -> tuple[dict, Any]:
@@ -237,12 +234,8 @@ def _read_maps(model, tokens: Tensor, layers: list[int]) -> tuple[dict, Any]:
     routed = [i for i in routed_layers(model) if i in hooks]
     names += [f"blocks.{i}.hook_routing_mask" for i in routed]
     names += [h for i in layers if (h := f"blocks.{i}.attn.hook_lambda") in model.hook_dict]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         _, cache = model.run_with_cache(tokens, names_filter=names, return_type=None)
-    finally:
-        model.train(was_training)
     b, t = tokens.shape
     maps: dict[int, dict[str, Tensor]] = {}
     for layer, per in hooks.items():
@@ -258,7 +251,7 @@ def _read_maps(model, tokens: Tensor, layers: list[int]) -> tuple[dict, Any]:
 
 
 @torch.no_grad()
-def attention_patterns(model, prompt: Any, layers: list[int] | None = None, batch_index: int = 0) -> AttentionResult:
+def attention_patterns(model, prompt: Any, *, layers: list[int] | None = None, batch_index: int = 0) -> AttentionResult:
     """Attention maps of a prompt for the given layers (default all), per head.
 
     Args:
@@ -270,10 +263,7 @@ def attention_patterns(model, prompt: Any, layers: list[int] | None = None, batc
         scattered back to token positions, NaN where the block skipped the query or the key token.
     """
     layer_list = list(range(model.cfg.n_layers)) if layers is None else [int(x) for x in layers]
-    tokens = model.to_tokens(prompt) if isinstance(prompt, str) else torch.as_tensor(prompt)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    tokens = tokens[batch_index : batch_index + 1].to(model.embed.weight.device)
+    tokens = as_tokens(model, prompt, what="the prompt")[batch_index : batch_index + 1]
     per_layer, cache = _read_maps(model, tokens, layer_list)
     layer_list = list(per_layer)
     map_names = sorted({m for per in per_layer.values() for m in per}, key=lambda m: (m != MAIN_MAP, m))
@@ -287,22 +277,20 @@ def attention_patterns(model, prompt: Any, layers: list[int] | None = None, batc
         for layer in layer_list
         if f"blocks.{layer}.attn.hook_lambda" in cache
     }
-    masks = {}
-    for layer in layer_list:
-        if (name := f"blocks.{layer}.hook_routing_mask") in cache:
-            mask = cache[name][0].cpu()
-            masks[layer] = mask if mask.dtype == torch.bool else mask > 0.5
-    try:
-        str_tokens = model.to_str_tokens(tokens[0])
-    except ValueError:  # no tokenizer attached
-        str_tokens = [str(int(t)) for t in tokens[0]]
-    return AttentionResult(maps, layer_list, tokens[0].cpu(), str_tokens, lambdas=lambdas, routing_masks=masks)
+    masks = {
+        layer: as_mask(cache[name][0].cpu())
+        for layer in layer_list
+        if (name := f"blocks.{layer}.hook_routing_mask") in cache
+    }
+    return AttentionResult(
+        maps, layer_list, tokens[0].cpu(), str_tokens(model, tokens[0]), lambdas=lambdas, routing_masks=masks
+    )
 
 
 @torch.no_grad()
 def _patterns_on(model, tokens: Tensor) -> Tensor:
     """[L, batch, H, T, T] main maps of every layer (NaN at tokens a routed block skipped)."""
-    per_layer, _ = _read_maps(model, tokens.to(model.embed.weight.device), list(range(model.cfg.n_layers)))
+    per_layer, _ = _read_maps(model, tokens.to(model_device(model)), list(range(model.cfg.n_layers)))
     return torch.stack([per_layer[i][MAIN_MAP].float() for i in range(model.cfg.n_layers)])
 
 
@@ -316,7 +304,7 @@ def _full(pattern: Tensor, t: int, layer: int) -> Tensor:
     return pattern
 
 
-def induction_scores(model, seq_len: int = 20, batch: int = 8, seed: int = 0) -> Tensor:
+def induction_scores(model, *, seq_len: int = 20, batch: int = 8, seed: int = 0) -> Tensor:
     """Induction score per head: [n_layers, n_heads].
 
     On `batch` sequences of `seq_len` random tokens repeated twice, the mean attention from each token of the
@@ -332,7 +320,7 @@ def induction_scores(model, seq_len: int = 20, batch: int = 8, seed: int = 0) ->
     return pat[:, :, :, dest, dest - seq_len + 1].nanmean(dim=(1, 3)).float().cpu()
 
 
-def previous_token_scores(model, seq_len: int = 40, batch: int = 8, seed: int = 0) -> Tensor:
+def previous_token_scores(model, *, seq_len: int = 40, batch: int = 8, seed: int = 0) -> Tensor:
     """Mean attention from each position (after the first) to the position before it, on random tokens:
     [n_layers, n_heads]."""
     if not 2 <= seq_len <= model.cfg.n_ctx:
@@ -342,3 +330,19 @@ def previous_token_scores(model, seq_len: int = 40, batch: int = 8, seed: int = 
     pat = _patterns_on(model, tokens)
     dest = torch.arange(1, seq_len)
     return pat[:, :, :, dest, dest - 1].nanmean(dim=(1, 3)).float().cpu()
+
+
+__all__ = [
+    "MAIN_MAP",
+    "AttentionResult",
+    "Routing",
+    "attention_maps",
+    "attention_patterns",
+    "induction_scores",
+    "moe_layers",
+    "previous_token_scores",
+    "read_routing",
+    "routed_layers",
+    "routed_slots",
+    "scatter_routed",
+]

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from tinygpt.config import GPTConfig
+from tinygpt.inputs import progress_enabled
 from tinygpt.model import GPT
 
 
@@ -85,7 +86,7 @@ def train_induction_model(
     first_layer_head_dropout: float = 0.25,
     other_head_dropout: float = 0.5,
     sinusoidal: bool = True,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> GPT:
     """Train a small GPT on repeated random segments (see `induction_batch`) and return it in eval mode.
 
@@ -100,21 +101,26 @@ def train_induction_model(
 
     Args:
         cfg: model config (default `induction_config()`).
-        steps, batch_size, lr, warmup: AdamW via `tinygpt.training.loop.make_optimizer` (weight decay 0.01), linear
-            warmup, cosine decay to lr / 10, gradient clipping 1.0.
+        steps, batch_size, lr, warmup: AdamW (betas (0.9, 0.99); weight decay 0.01 on matrices and embeddings
+            only, as `tinygpt.train` does), linear warmup, cosine decay to lr / 10, gradient clipping 1.0.
         seed: seeds the initialisation, the data and the lead heads.
         sinusoidal: initialise the positional embeddings with (small) sinusoids, which makes "attend to the
             previous position" easy to learn.
-        progress: print the loss every 100 steps.
+        progress: a progress bar with the loss (None: the package default, `tinygpt.inputs.DEFAULT_PROGRESS`).
     """
-    from tinygpt.training.loop import TrainConfig, make_optimizer
+    from tqdm.auto import tqdm
 
     cfg = cfg or induction_config()
     torch.manual_seed(seed)
     model = GPT(cfg)
     if sinusoidal:
         model.pos_embed.weight.data.copy_(_sinusoidal(cfg.n_ctx, cfg.d_model) * 0.02)
-    opt = make_optimizer(model, TrainConfig(max_lr=lr, weight_decay=0.01, betas=(0.9, 0.99)))
+    params = list(model.parameters())
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.01},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), eps=1e-8, fused=True)
     gen = torch.Generator().manual_seed(seed)
     lead = torch.randint(0, cfg.n_heads, (cfg.n_layers,), generator=gen).tolist()
 
@@ -133,8 +139,9 @@ def train_induction_model(
     if first_layer_head_dropout > 0:
         hooks.append(("blocks.0.attn.hook_z", head_dropout))
     model.train()
+    bar = tqdm(range(steps), desc="induction model", disable=not progress_enabled(progress), leave=False)
     with model.hooks(fwd_hooks=hooks):
-        for step in range(steps):
+        for step in bar:
             frac = step / max(1, steps - 1)
             cur = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
             for group in opt.param_groups:
@@ -145,8 +152,8 @@ def train_induction_model(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            if progress and (step % 100 == 0 or step == steps - 1):
-                print(f"step {step:4d}  loss {loss.item():.3f}")
+            if step % 10 == 0 or step == steps - 1:
+                bar.set_postfix_str(f"loss {loss.item():.3f}", refresh=False)
     return model.eval()
 
 

@@ -11,9 +11,12 @@ Targets are named relative to a block: mlp.fc_in, mlp.fc_out, attn.q_proj, attn.
 attn.o_proj (groups: mlp, attn, all). Layers: an int, a list, "8-11", "0,2,5" or None (all). On MoE blocks
 mlp.* stand for every expert's matrix (moe.experts.{j}.fc_in / fc_out, also nameable directly); blocks that
 lack a matrix (YOCO's cross-decoder: no attn.k_proj / attn.v_proj) are skipped by groups. See docs/surgery.md.
+
+Modules: `targets` (the target grammar, shared with LoRA), `restore` (exact undo, in-place vs context-manager
+forms, the base of swapped modules), `evaluation` (validation windows and loss), `laser/`, `hqq/`.
 """
 
-from tinygpt.surgery.common import TARGET_GROUPS, TARGETS, resolve_layers, resolve_targets, validation_loss
+from tinygpt.surgery.evaluation import EvalData, eval_data, eval_loss, validation_loss
 from tinygpt.surgery.hqq import (
     HqqGridResult,
     HqqLossCurve,
@@ -30,6 +33,7 @@ from tinygpt.surgery.hqq import (
     quantize_rtn,
     unpack_codes,
 )
+from tinygpt.surgery.hqq import triton as hqq_triton
 from tinygpt.surgery.laser import (
     PAPER_GRID,
     Intervention,
@@ -49,12 +53,34 @@ from tinygpt.surgery.laser import (
     low_rank,
     singular_values,
 )
+from tinygpt.surgery.restore import Restorer, restoring
+from tinygpt.surgery.targets import (
+    TARGET_GROUPS,
+    TARGETS,
+    LayerSpec,
+    SurgeryError,
+    TargetSpec,
+    resolve_layers,
+    resolve_targets,
+    select_linears,
+    select_modules,
+)
 
 __all__ = [
     "TARGETS",
     "TARGET_GROUPS",
+    "LayerSpec",
+    "TargetSpec",
+    "SurgeryError",
     "resolve_layers",
     "resolve_targets",
+    "select_linears",
+    "select_modules",
+    "Restorer",
+    "restoring",
+    "EvalData",
+    "eval_data",
+    "eval_loss",
     "validation_loss",
     "PAPER_GRID",
     "Intervention",
@@ -87,4 +113,5 @@ __all__ = [
     "hqq_error_grid",
     "HqqLossCurve",
     "hqq_loss_curve",
+    "hqq_triton",
 ]

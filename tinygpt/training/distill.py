@@ -16,7 +16,7 @@ runs in eval mode under `torch.no_grad()`. Options:
 
 The student can be any tinygpt model (dense, MoE, differential attention, MoD, ...): distillation only needs
 its forward logits (plus `model.aux_loss()`, e.g. router balancing, while training, when the model has one).
-Both models must share a tokenizer, compared by vocabulary content (`tinygpt.interop.hf.vocab_mismatch`).
+Both models must share a tokenizer, compared by vocabulary content (`tinygpt.tokenizer.vocab_mismatch`).
 
 Training is `tinygpt.training.loop.fit`, the loop `train()` uses: schedule, accumulation, clipping, progress bar,
 atomic checkpoints, exact resume and callbacks. The reported `val_loss` is the student's plain next-token
@@ -29,8 +29,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,24 +38,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tinygpt.checkpoint import CheckpointError, content_hash, load
+from tinygpt.checkpoint import CheckpointError, as_model
 from tinygpt.config import PRESETS, GPTConfig
-from tinygpt.data import load_corpus, tokenize_corpus
-from tinygpt.interop.hf import describe_tokenizer, vocab_mismatch
+from tinygpt.interop.causal_lm import CausalLM, GPTCausalLM, HFCausalLM, as_causal_lm
 from tinygpt.model import GPT
-from tinygpt.tokenizer import ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer
-from tinygpt.training import distributed
-from tinygpt.training.loop import (
-    TokenBatches,
-    TrainConfig,
-    TrainResult,
-    _corpus_from_record,
-    _corpus_record,
-    default_device,
-    fit,
-    next_token_loss,
-    resume_run,
+from tinygpt.tokenizer import (
+    ByteTokenizer,
+    Tokenizer,
+    TokenizerError,
+    describe_tokenizer,
+    load_tokenizer,
+    vocab_mismatch,
 )
+from tinygpt.training import distributed
+from tinygpt.training.loop import TokenBatches, TrainResult, fit, next_token_loss
+from tinygpt.training.run import corpus_batches, start_run, warn_changed_options
+from tinygpt.training.settings import RunOptions, SettingError, field_names, given
 
 
 class TokenizerMismatch(TokenizerError):
@@ -81,11 +78,11 @@ class DistillSettings:
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+            raise SettingError(f"temperature must be > 0, got {self.temperature!r}")
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
+            raise SettingError(f"alpha must be in [0, 1], got {self.alpha!r}")
         if not 0.0 <= self.on_policy <= 1.0:
-            raise ValueError(f"on_policy must be in [0, 1], got {self.on_policy!r}")
+            raise SettingError(f"on_policy must be in [0, 1], got {self.on_policy!r}")
         self.reverse_kl = bool(self.reverse_kl)
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,9 +90,9 @@ class DistillSettings:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DistillSettings:
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = set(field_names(cls))
         if unknown := sorted(set(d) - known):
-            raise ValueError(f"unknown distillation setting(s) {unknown}; known: {sorted(known)}")
+            raise SettingError(f"unknown distillation setting(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
 
 
@@ -131,7 +128,7 @@ def distill_loss(
         s_kl, t_kl = s[..., :vocab_size], t[..., :vocab_size]
     else:
         if s.shape[-1] != t.shape[-1]:
-            raise ValueError(
+            raise SettingError(
                 f"student and teacher logits have different sizes ({s.shape[-1]} vs {t.shape[-1]}); pass vocab_size="
             )
         s_kl, t_kl = s, t
@@ -151,146 +148,38 @@ def distill_loss(
 
 
 # --------------------------------------------------------------------------------------------- teachers
-class Teacher:
-    """A frozen model that labels tokens with next-token logits.
-
-    Attributes:
-        kind: "tinygpt" or "hf".
-        source: the file or directory it came from (None for an in-memory model).
-        tokenizer: its tokenizer (a tinygpt `Tokenizer`, or a Hugging Face tokenizer for "hf").
-        n_ctx: the longest sequence it accepts (None if unknown).
-        d_vocab: the size of its logits.
-    """
-
-    kind: str = "?"
-    source: str | None = None
-    tokenizer: Any = None
-    n_ctx: int | None = None
-    d_vocab: int = 0
-    model: torch.nn.Module
-
-    def logits(self, tokens: Tensor) -> Tensor:
-        """tokens [batch, pos] -> logits [batch, pos, d_vocab], without gradients."""
-        raise NotImplementedError
-
-    def to(self, device: str | torch.device) -> Teacher:
-        self.model.to(device)
-        return self
-
-    @property
-    def fingerprint(self) -> str:
-        """sha256 of the weights (names, dtypes, shapes and bytes)."""
-        if getattr(self, "_fingerprint", None) is None:
-            self._fingerprint = content_hash(self.model.state_dict())
-        return self._fingerprint
-
-    def record(self) -> dict[str, Any]:
-        """What a checkpoint stores to find and verify the teacher again."""
-        return {"kind": self.kind, "path": self.source, "fingerprint": self.fingerprint}
-
-    def student_tokenizer(self) -> Tokenizer:
-        """The teacher's tokenizer as a tinygpt tokenizer (for a fresh student)."""
-        return self.tokenizer
-
-    def tokenizer_hint(self) -> str:
-        """How to give a student this teacher's tokenizer."""
-        return "pass a preset name (e.g. 'nano') as the student to start a fresh one with the teacher's tokenizer"
+# A teacher is a `tinygpt.interop.causal_lm.CausalLM`: a tinygpt model or a Hugging Face causal LM.
+Teacher = CausalLM
+GPTTeacher = GPTCausalLM
+HFTeacher = HFCausalLM
 
 
-class GPTTeacher(Teacher):
-    """A tinygpt model as teacher."""
-
-    kind = "tinygpt"
-
-    def __init__(self, model: GPT, source: str | None = None):
-        if model.tokenizer is None:
-            raise TokenizerError("the teacher model has no tokenizer attached; set teacher.tokenizer")
-        self.model = model.eval()
-        self.source = source
-        self.tokenizer = model.tokenizer
-        self.n_ctx = model.cfg.n_ctx
-        self.d_vocab = model.cfg.d_vocab
-
-    @torch.no_grad()
-    def logits(self, tokens: Tensor) -> Tensor:
-        self.model.eval()
-        return self.model(tokens)
-
-    def tokenizer_hint(self) -> str:
-        if isinstance(self.tokenizer, ByteTokenizer):
-            how = "`tinygpt train --tokenizer byte`"
-        else:
-            src = self.source or "TEACHER.tinygpt"
-            how = f"`tinygpt.load('{src}').tokenizer.save(DIR)`, then `tinygpt train --tokenizer DIR`"
-        return f"train the student with the teacher's tokenizer ({how}), or " + super().tokenizer_hint()
-
-
-class HFTeacher(Teacher):
-    """A Hugging Face `AutoModelForCausalLM` (from a local directory) as teacher."""
-
-    kind = "hf"
-
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, source: str | None = None):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.source = source
-        c = model.config
-        self.n_ctx = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
-        out = model.get_output_embeddings()
-        self.d_vocab = int(out.weight.shape[0]) if out is not None else int(c.vocab_size)
-        self._student_tok: Tokenizer | None = None
-
-    @torch.no_grad()
-    def logits(self, tokens: Tensor) -> Tensor:
-        self.model.eval()
-        return self.model(input_ids=tokens).logits
-
-    def student_tokenizer(self) -> Tokenizer:
-        if self._student_tok is None:
-            if self.source is None:
-                raise TokenizerError("an in-memory Hugging Face teacher has no tokenizer files; pass tokenizer=")
-            from tinygpt.interop.hf import tokenizer_from_hf_dir
-
-            self._student_tok = tokenizer_from_hf_dir(self.source)
-        return self._student_tok
-
-    def tokenizer_hint(self) -> str:
-        src = self.source or "TEACHER_DIR"
-        return f"train the student with `tinygpt train --tokenizer {src}`, or " + super().tokenizer_hint()
-
-
-def load_teacher(spec: GPT | Teacher | str | os.PathLike, device: str | None = None) -> Teacher:
+def load_teacher(spec: GPT | CausalLM | str | os.PathLike, device: str | None = None) -> CausalLM:
     """A teacher from a tinygpt `GPT`, a `.tinygpt` file or a local Hugging Face causal-LM directory."""
-    if isinstance(spec, Teacher):
-        teacher = spec
-    elif isinstance(spec, GPT):
-        teacher = GPTTeacher(spec, getattr(spec, "source_path", None))
-    elif isinstance(spec, (str, os.PathLike)):
-        p = Path(spec)
-        if p.is_dir():
-            from tinygpt.interop.hf import load_hf_causal_lm
+    return as_causal_lm(spec, device=device, what="teacher")
 
-            model, tok = load_hf_causal_lm(p)
-            teacher = HFTeacher(model, tok, str(p))
-        elif p.exists():
-            teacher = GPTTeacher(load(p), str(p))
-        else:
-            raise CheckpointError(
-                f"teacher {spec} does not exist; pass a .tinygpt file or a Hugging Face model directory"
-            )
+
+def tokenizer_hint(teacher: CausalLM) -> str:
+    """How to give a student this teacher's tokenizer."""
+    fresh = "pass a preset name (e.g. 'nano') as the student to start a fresh one with the teacher's tokenizer"
+    if teacher.kind == "hf":
+        return f"train the student with `tinygpt train --tokenizer {teacher.source or 'TEACHER_DIR'}`, or {fresh}"
+    if isinstance(teacher.tokenizer, ByteTokenizer):
+        how = "`tinygpt train --tokenizer byte`"
     else:
-        raise TypeError(f"cannot use a {type(spec).__name__} as teacher; pass a GPT, a .tinygpt path or a directory")
-    return teacher.to(device) if device else teacher
+        src = teacher.source or "TEACHER.tinygpt"
+        how = f"`tinygpt.load('{src}').tokenizer.save(DIR)`, then `tinygpt train --tokenizer DIR`"
+    return f"train the student with the teacher's tokenizer ({how}), or {fresh}"
 
 
-def check_tokenizers(student: Any, teacher: Teacher, what: str = "the student's tokenizer") -> None:
+def check_tokenizers(student: Any, teacher: CausalLM, what: str = "the student's tokenizer") -> None:
     """Raise `TokenizerMismatch` unless `student` (a tokenizer) has the teacher's vocabulary content."""
     why = vocab_mismatch(student, teacher.tokenizer)
     if why is not None:
         raise TokenizerMismatch(
             f"{what} ({describe_tokenizer(student)}) does not match the teacher's "
             f"({describe_tokenizer(teacher.tokenizer)}): {why}. Distillation compares both models' "
-            f"distributions over the same token ids: {teacher.tokenizer_hint()}."
+            f"distributions over the same token ids: {tokenizer_hint(teacher)}."
         )
 
 
@@ -334,7 +223,7 @@ class DistillObjective:
     """`(student, micro_batch) -> loss` for `fit`; also logs the KL and NLL parts into each step's record."""
 
     def __init__(
-        self, teacher: Teacher, settings: DistillSettings, vocab_size: int | None = None, *, lockstep: bool = False
+        self, teacher: CausalLM, settings: DistillSettings, vocab_size: int | None = None, *, lockstep: bool = False
     ):
         """
         Args:
@@ -408,7 +297,7 @@ class DistillObjective:
 # --------------------------------------------------------------------------------------------- distill()
 def distill(
     student: GPT | str | os.PathLike | None,
-    teacher: GPT | Teacher | str | os.PathLike | None,
+    teacher: GPT | CausalLM | str | os.PathLike | None,
     corpus: Any = None,
     *,
     temperature: float | None = None,
@@ -416,75 +305,52 @@ def distill(
     reverse_kl: bool | None = None,
     on_policy: float | None = None,
     tokenizer: Any = None,
-    config: TrainConfig | None = None,
-    out: str | os.PathLike | None = None,
-    resume: bool = False,
-    callbacks: Sequence[Callable[[dict[str, float]], Any]] = (),
-    device: str | None = None,
-    progress: bool = True,
-    cache_dir: str | os.PathLike | None = None,
-    strategy: str = "ddp",
-    **settings: Any,
+    **options: Any,
 ) -> TrainResult:
     """Distil a teacher into a student on a corpus.
 
     Args:
         student: a tinygpt `GPT` (any architecture), a `.tinygpt` path, or a preset name ("nano", "tiny", ...)
             for a fresh student with the teacher's tokenizer and output size. Ignored with `resume=True`.
-        teacher: a tinygpt `GPT`, a `.tinygpt` path, or a local Hugging Face causal-LM directory. With
-            `resume=True`, None reloads the teacher the checkpoint records (its fingerprint is checked).
-        corpus: a path (text file, directory, .jsonl) or None for the built-in Shakespeare.
+        teacher: a tinygpt `GPT`, a `.tinygpt` path, or a local Hugging Face causal-LM directory (any
+            `tinygpt.interop.causal_lm.CausalLM`). With `resume=True`, None reloads the teacher the checkpoint
+            records (its fingerprint is checked).
+        corpus: a path (text file, directory, .jsonl), a `Corpus`, or None for the built-in Shakespeare.
         temperature, alpha, reverse_kl, on_policy: see `DistillSettings` (defaults 2.0, 0.5, False, 0.0;
             on resume, the saved values unless given).
         tokenizer: optional; must match the teacher's (checked), e.g. the teacher's tokenizer directory.
-        config, **settings: `TrainConfig` and its fields (`steps=200, max_lr=1e-3, ...`), as for `train()`.
-        out, resume, callbacks, device, progress, cache_dir: as for `train()`. Each step's record also holds
-            `kl`, `nll` and `on_policy` (the fraction of on-policy micro-batches).
-        strategy: under torchrun, "ddp" (default) or "fsdp" (the student sharded; the teacher is replicated
-            on every process); see `tinygpt.distributed`. The micro-batches of a step are split whole
-            across processes, so `accum` must be a multiple of the number of processes; the run then equals
-            a single-process run with the same settings.
+        **options: the shared keyword tail, as for `train()` (`TrainConfig` fields and `config`, `out`, `resume`,
+            `callbacks`, `device`, `progress`, `cache_dir`, `strategy`). Each step's record also holds `kl`,
+            `nll` and `on_policy` (the fraction of on-policy micro-batches). Under torchrun, `strategy="fsdp"`
+            shards the student (the teacher is replicated on every process); the micro-batches of a step are
+            split whole across processes, so `accum` must be a multiple of the number of processes; the run
+            then equals a single-process run with the same settings.
     Returns:
         `TrainResult`; `val_loss` is the student's plain next-token loss (comparable with `train()`).
     Raises:
         TokenizerMismatch: the student's (or `tokenizer`'s) vocabulary differs from the teacher's.
     """
-    if strategy not in distributed.STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(distributed.STRATEGIES)}, got {strategy!r}")
-    device = device or default_device()
-    out = Path(out) if out is not None else None
-    given = {
-        k: v
-        for k, v in dict(temperature=temperature, alpha=alpha, reverse_kl=reverse_kl, on_policy=on_policy).items()
-        if v is not None
-    }
-    run = resume_run(out, config, settings) if resume else None
-    if run is not None:
-        rec = run.train_state.get("distill")
-        if not isinstance(rec, dict):
-            raise CheckpointError(f"cannot resume distillation from {out}: it is not a distillation checkpoint")
-        dset = DistillSettings.from_dict({**rec["settings"], **given})
-        if changed := sorted(k for k, v in given.items() if rec["settings"].get(k) != v):
-            warnings.warn(
-                f"resuming with changed distillation settings {changed}: the run will not reproduce an "
-                "uninterrupted one",
-                stacklevel=2,
-            )
+    own = ("temperature", "alpha", "reverse_kl", "on_policy", "tokenizer")
+    opts, settings = RunOptions.split(options, what="distill", own=own)
+    explicit = given(temperature=temperature, alpha=alpha, reverse_kl=reverse_kl, on_policy=on_policy)
+    run = start_run(opts, settings, what="distill", record="distill")
+    cfg = run.config
+    if run.resumed is not None:
+        rec = run.record
+        dset = DistillSettings.from_dict({**rec["settings"], **explicit})
+        warn_changed_options(rec["settings"], explicit, "distillation settings")
         saved_teacher = rec["teacher"]
         if teacher is None:
             if not saved_teacher.get("path"):
-                raise ValueError("the run's teacher was an in-memory model; pass teacher= to resume")
+                raise SettingError("the run's teacher was an in-memory model; pass teacher= to resume")
             teacher = saved_teacher["path"]
-        cfg, model = run.config, run.model
-        corpus = corpus if corpus is not None else _corpus_from_record(run.train_state.get("corpus"))
     else:
         if teacher is None:
-            raise ValueError("distill needs a teacher: a .tinygpt file, a Hugging Face directory or a GPT")
-        cfg = dataclasses.replace(config, **settings) if config else TrainConfig(**settings)
-        dset = DistillSettings(**given)
+            raise SettingError("distill needs a teacher: a .tinygpt file, a Hugging Face directory or a GPT")
+        dset = DistillSettings(**explicit)
     t = load_teacher(teacher)
-    if run is not None and t.fingerprint != saved_teacher.get("fingerprint"):
-        raise ValueError(
+    if run.resumed is not None and t.fingerprint != saved_teacher.get("fingerprint"):
+        raise SettingError(
             f"the teacher {t.source or '(in-memory)'} is not the one this run was distilled from (weight "
             f"fingerprint {t.fingerprint[:12]} vs saved {str(saved_teacher.get('fingerprint'))[:12]} from "
             f"{saved_teacher.get('path')}); pass the original teacher, or start a new run without resume"
@@ -492,8 +358,10 @@ def distill(
     tok_given = load_tokenizer(tokenizer) if tokenizer is not None else None
     if tok_given is not None:
         check_tokenizers(tok_given, t, "the tokenizer given")
-    if run is None:
-        torch.manual_seed(cfg.seed)  # after loading the teacher: the same student init as train(seed=...)
+    if run.resumed is not None:
+        model = run.resumed.model
+    else:
+        run.seed()  # after loading the teacher: the same student init as train(seed=...)
         model = make_student(student, t, tok_given, cfg.ctx)
     tok = model._require_tokenizer()
     check_tokenizers(tok, t)
@@ -501,65 +369,71 @@ def distill(
     if cfg.ctx is None and t.n_ctx is not None:
         cfg.ctx = min(model.cfg.n_ctx, t.n_ctx)
     if t.n_ctx is not None and cfg.ctx is not None and cfg.ctx > t.n_ctx:
-        raise ValueError(f"ctx={cfg.ctx} exceeds the teacher's context of {t.n_ctx} tokens; lower --ctx")
-    corpus_obj = load_corpus(corpus)
-    data = tokenize_corpus(corpus_obj, tok, cache_dir=cache_dir, progress=progress)
-    batches = DistillBatches(TokenBatches(data, cfg, model.cfg.n_ctx), dset.on_policy, cfg.seed)
-    t.to(distributed.local_device(device))  # under torchrun each process's own GPU, as `fit` uses
-    objective = DistillObjective(t, dset, vocab_size, lockstep=strategy == "fsdp" and dset.on_policy > 0)
-    state = {
-        "corpus": _corpus_record(corpus, corpus_obj),
-        "distill": {"teacher": t.record(), "settings": dset.to_dict()},
-    }
+        raise SettingError(f"ctx={cfg.ctx} exceeds the teacher's context of {t.n_ctx} tokens; lower --ctx")
+    tokens, corpus_rec = corpus_batches(model, run.corpus(corpus), cfg, run=run)
+    batches = DistillBatches(tokens, dset.on_policy, cfg.seed)
+    t.to(distributed.local_device(run.device))  # under torchrun each process's own GPU, as `fit` uses
+    objective = DistillObjective(t, dset, vocab_size, lockstep=opts.strategy == "fsdp" and dset.on_policy > 0)
+    state = {"corpus": corpus_rec, "distill": {"teacher": t.record(), "settings": dset.to_dict()}}
     result = fit(
         model,
         cfg,
         batches,
         loss_fn=objective,
         val_loss_fn=next_token_loss,
-        out=out,
-        run=run,
-        callbacks=[objective.log, *callbacks],
-        device=device,
-        progress=progress,
+        **run.fit_options(objective.log),
         state=state,
         desc="distill",
-        strategy=strategy,
     )
     result.model.train_state["distill"] = state["distill"]
     return result
 
 
 def make_student(
-    student: GPT | str | os.PathLike, teacher: Teacher, tokenizer: Tokenizer | None = None, ctx: int | None = None
+    student: GPT | str | os.PathLike, teacher: CausalLM, tokenizer: Tokenizer | None = None, ctx: int | None = None
 ) -> GPT:
-    """The student: a given model, a `.tinygpt` file, or a fresh preset with the teacher's tokenizer and vocab."""
-    if isinstance(student, GPT):
-        return student
+    """The student: a given model or `.tinygpt` file (`as_model`), or a fresh preset with the teacher's tokenizer
+    and output size."""
     if student is None:
-        raise ValueError("distill needs a student: a GPT, a .tinygpt file or a preset name such as 'nano'")
-    p = Path(student)
-    if p.exists():
-        return load(p)
-    if isinstance(student, str) and student in PRESETS:
-        tok = tokenizer if tokenizer is not None else teacher.student_tokenizer()
-        overrides: dict[str, Any] = {"d_vocab": max(teacher.d_vocab, tok.vocab_size)}
-        if ctx and ctx > GPTConfig.preset(student).n_ctx:
-            overrides["n_ctx"] = ctx
-        return GPT(GPTConfig.preset(student, **overrides), tokenizer=tok)
-    raise CheckpointError(
-        f"student {student!s} is neither an existing .tinygpt file nor a preset ({', '.join(PRESETS)})"
-    )
+        raise SettingError("distill needs a student: a GPT, a .tinygpt file or a preset name such as 'nano'")
+    if isinstance(student, (str, os.PathLike)) and not Path(student).exists():
+        if isinstance(student, str) and student in PRESETS:
+            tok = tokenizer if tokenizer is not None else teacher.tinygpt_tokenizer()
+            overrides: dict[str, Any] = {"d_vocab": max(teacher.d_vocab, tok.vocab_size)}
+            if ctx and ctx > GPTConfig.preset(student).n_ctx:
+                overrides["n_ctx"] = ctx
+            return GPT(GPTConfig.preset(student, **overrides), tokenizer=tok)
+        raise CheckpointError(
+            f"student {student!s} is neither an existing .tinygpt file nor a preset ({', '.join(PRESETS)})"
+        )
+    return as_model(student, what="student")
 
 
-def _shared_vocab(model: GPT, teacher: Teacher, tok: Tokenizer) -> int | None:
+def _shared_vocab(model: GPT, teacher: CausalLM, tok: Tokenizer) -> int | None:
     """None when both output the same number of logits; else the tokenizer's size, which both must cover."""
     if model.cfg.d_vocab == teacher.d_vocab:
         return None
     v = tok.vocab_size
     if model.cfg.d_vocab < v or teacher.d_vocab < v:
-        raise ValueError(
+        raise SettingError(
             f"the student outputs {model.cfg.d_vocab} logits and the teacher {teacher.d_vocab}, but the tokenizer "
             f"has {v} tokens; both must cover it"
         )
     return v
+
+
+__all__ = [
+    "DistillBatches",
+    "DistillObjective",
+    "DistillSettings",
+    "GPTTeacher",
+    "HFTeacher",
+    "Teacher",
+    "TokenizerMismatch",
+    "check_tokenizers",
+    "distill",
+    "distill_loss",
+    "load_teacher",
+    "make_student",
+    "tokenizer_hint",
+]

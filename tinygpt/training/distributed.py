@@ -24,100 +24,37 @@ The rules (see docs/distributed.md):
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import datetime
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from tinygpt.data.processes import (  # noqa: F401  (re-exported: the helpers a torchrun script may want)
+    TIMEOUT_ENV,
+    DistributedError,
+    active,
+    barrier,
+    init_from_env,
+    is_main,
+    launched,
+    local_device,
+    local_main_first,
+    local_rank,
+    rank,
+    shutdown,
+    world,
+)
+from tinygpt.errors import TinyGPTValueError
+
 STRATEGIES = ("ddp", "fsdp")
 FAULT_ENV = "TINYGPT_FAULT_INJECT"  # test hook: "RANK:STEP" makes rank RANK raise before optimizer step STEP
-TIMEOUT_ENV = "TINYGPT_DIST_TIMEOUT"  # seconds a collective may wait (default: torch's, 30 min for gloo)
 
 
 # ------------------------------------------------------------------------------------------ environment
-def launched() -> bool:
-    """True when this process is one of several started by torchrun (WORLD_SIZE > 1 in the environment)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def active() -> bool:
-    """True when a process group of more than one process is initialised."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank() -> int:
-    """This process's global rank (0 when not distributed)."""
-    return dist.get_rank() if active() else int(os.environ.get("RANK", "0")) if launched() else 0
-
-
-def world() -> int:
-    """The number of processes (1 when not distributed)."""
-    return dist.get_world_size() if active() else int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def local_rank() -> int:
-    """This process's rank on its machine (torchrun's LOCAL_RANK)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) if launched() else 0
-
-
-def is_main() -> bool:
-    """True on rank 0 (and in a plain single-process run): the process that logs and saves."""
-    return rank() == 0
-
-
-def init_from_env() -> bool:
-    """Join the process group torchrun describes; a no-op outside torchrun or when already joined.
-
-    Backend: "cpu:gloo,cuda:nccl" when CUDA is available (NCCL for GPU tensors, gloo for CPU ones, e.g. the
-    parameter broadcast before FSDP sharding), else "gloo". With CUDA, the current device is set from
-    LOCAL_RANK. The collective timeout is `TINYGPT_DIST_TIMEOUT` seconds when set (torch's default
-    otherwise). The group is destroyed at interpreter exit.
-
-    Returns:
-        True when this process is part of a group of more than one process.
-    """
-    if not launched():
-        return False
-    if not dist.is_available():
-        raise RuntimeError("torch.distributed is not available in this PyTorch build; run a single process")
-    if dist.is_initialized():
-        return dist.get_world_size() > 1
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(local_rank())
-    kw: dict[str, Any] = {}
-    if os.environ.get(TIMEOUT_ENV):
-        kw["timeout"] = datetime.timedelta(seconds=float(os.environ[TIMEOUT_ENV]))
-    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo", **kw)
-    atexit.register(shutdown)
-    return dist.get_world_size() > 1
-
-
-def shutdown() -> None:
-    """Destroy the process group (if any); safe to call more than once."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def local_device(device: str) -> str:
-    """ "cuda" -> "cuda:LOCAL_RANK" in a distributed run; other devices unchanged."""
-    if launched() and device == "cuda":
-        return f"cuda:{local_rank()}"
-    return device
-
-
-def barrier() -> None:
-    """Wait for every process (no-op when not distributed)."""
-    if active():
-        dist.barrier()
-
-
+# the process environment lives in the data layer (the token cache is built once per machine): re-exported here
 def all_reduce_sum(values: list[float], device: str | torch.device = "cpu") -> list[float]:
     """Element-wise sum of `values` over all processes (the values themselves when not distributed)."""
     if not active():
@@ -145,22 +82,6 @@ def _collective_device(device: str | torch.device) -> torch.device:
     return d if d.type in ("cuda", "cpu") else torch.device("cpu")
 
 
-@contextlib.contextmanager
-def local_main_first() -> Iterator[bool]:
-    """Run the body on each machine's first process, then on the others (e.g. building the token cache).
-
-    Yields:
-        True on the process that goes first (LOCAL_RANK 0, or the only process).
-    """
-    init_from_env()
-    first = local_rank() == 0
-    if not first:
-        barrier()
-    yield first
-    if first:
-        barrier()
-
-
 def fault_injection(step: int) -> None:
     """The test hook behind `TINYGPT_FAULT_INJECT=RANK:STEP`: raise on that rank before that optimizer step.
 
@@ -173,7 +94,7 @@ def fault_injection(step: int) -> None:
     try:
         r, s = (int(p) for p in spec.split(":"))
     except ValueError as e:
-        raise ValueError(f"{FAULT_ENV} must look like RANK:STEP (e.g. 1:3), got {spec!r}") from e
+        raise TinyGPTValueError(f"{FAULT_ENV} must look like RANK:STEP (e.g. 1:3), got {spec!r}") from e
     if r == rank() and s == step:
         raise RuntimeError(f"{FAULT_ENV}: injected fault on rank {r} at step {s}")
 
@@ -341,7 +262,7 @@ def wrap_model(
         A `DataParallel` handle (`.module` is the model).
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        raise TinyGPTValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     cfg = getattr(model, "cfg", None)
     routed = bool(getattr(cfg, "moe_experts", 0) or getattr(cfg, "mod", False))  # may leave parameters unused
     if not init_from_env():
@@ -349,7 +270,7 @@ def wrap_model(
         return DataParallel(model, "single", device)
     device = local_device(device)
     if device.split(":")[0] not in ("cpu", "cuda"):
-        raise ValueError(f"distributed training runs on CUDA or CPU, not {device!r}; pass --device cuda or cpu")
+        raise TinyGPTValueError(f"distributed training runs on CUDA or CPU, not {device!r}; pass --device cuda or cpu")
     if strategy == "ddp":
         model.to(device)
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -374,7 +295,7 @@ def wrap_model(
     if mixed_precision == "bfloat16":
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     elif mixed_precision not in (None, "float32"):
-        raise ValueError(f"mixed_precision must be None, 'float32' or 'bfloat16', got {mixed_precision!r}")
+        raise TinyGPTValueError(f"mixed_precision must be None, 'float32' or 'bfloat16', got {mixed_precision!r}")
     for block in getattr(model, "blocks", []):
         fully_shard(block, **kw)  # moves one block at a time to the device, then keeps only its shard
     fully_shard(model, **kw)
@@ -398,7 +319,7 @@ def shard_micro_batches(batches: Any, step: int, rank: int, world: int) -> list:
         return batches.train_shard(step, rank, world)
     micro = batches.train(step)
     if len(micro) % world:
-        raise ValueError(
+        raise TinyGPTValueError(
             f"this objective's {len(micro)} micro-batches per step (accum) cannot be split evenly across "
             f"{world} processes; make --accum a multiple of {world}"
         )

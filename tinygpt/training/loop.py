@@ -1,9 +1,11 @@
-"""`train()`: next-token training as a plain function returning a `TrainResult`.
+"""The training loop every objective shares (`fit`), the batches of next-token training and the result.
 
-AdamW with weight-decay groups (fused where available), cosine or constant LR with warmup and a
-minimum LR, gradient clipping and accumulation, fp32 or bf16 autocast, a validation split, atomic
-checkpoints that resume exactly, sampling during training, and callbacks that receive each step's
-metrics (the live dashboard uses them).
+`fit(model, cfg, batches, loss_fn=...)` is AdamW with weight-decay groups (fused where available), cosine or
+constant LR with warmup and a minimum LR, gradient clipping and accumulation, fp32 or bf16 autocast, a
+validation split, atomic checkpoints that resume exactly, sampling during training, data parallelism under
+torchrun, and callbacks that receive each step's metrics (the live dashboard uses them). `train`, `finetune`
+(`tinygpt.training.pretrain`), `distill`, `sft` and `lora_finetune` are `fit` with their own batches and loss;
+each returns a `TrainResult` (or a subclass) with `.figure()`.
 """
 
 from __future__ import annotations
@@ -11,141 +13,58 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from tinygpt.checkpoint import CheckpointError, load, optimizer_state_dict, read_checkpoint, save
-from tinygpt.config import GPTConfig
-from tinygpt.data import (
-    Corpus,
-    CorpusError,
-    TokenData,
-    batch_starts,
-    load_corpus,
-    tokenize_corpus,
-    val_starts,
-    windows,
-)
+from tinygpt.checkpoint import CheckpointError, optimizer_state_dict, read_checkpoint, save
+from tinygpt.data import TokenData, batch_starts, val_starts, windows
+from tinygpt.errors import TinyGPTError
+from tinygpt.inputs import progress_enabled
 from tinygpt.model import GPT
-from tinygpt.tokenizer import Tokenizer, load_tokenizer
 from tinygpt.training import distributed
+from tinygpt.training.settings import SettingError, TrainConfig
+
+if TYPE_CHECKING:
+    from tinygpt.training.run import ResumedRun
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(TinyGPTError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint was kept."""
 
 
 @dataclass
-class TrainConfig:
-    """Hyper-parameters of a run (saved in every checkpoint; `resume` reuses them).
+class TrainResult:
+    """What every training function returns: the model, the metric history and where it was saved.
+
+    Subclasses (`SFTResult`, `ESResult`, ...) add their own fields; `TrainResult.extend(result, ...)` builds one
+    from `fit`'s result.
 
     Attributes:
-        steps: total optimizer steps of the run.
-        batch_size: sequences per micro-batch.
-        accum: micro-batches per optimizer step (gradient accumulation). The global batch is
-            `batch_size × accum` sequences whatever the number of processes: under torchrun each of W
-            processes takes `batch_size × accum / W` of them (see docs/distributed.md).
-        ctx: sequence length (default: the model's n_ctx).
-        max_lr, min_lr: peak and final learning rate (min_lr defaults to max_lr / 10).
-        lr_schedule: "cosine" (warmup, then cosine decay to min_lr) or "constant" (warmup, then max_lr).
-        warmup: linear warmup steps.
-        weight_decay, betas, eps: AdamW; no decay on biases, LayerNorm and other 1-D parameters.
-        grad_clip: max global gradient norm (0 disables).
-        dtype: "float32" or "bfloat16" (autocast).
-        val_split: fraction of the tokens held out for validation.
-        val_every, val_batches: validate every N steps on `val_batches` fixed batches (0 disables).
-        save_every: write the checkpoint every N steps (and at the end) when `out` is set.
-        sample_every, sample_prompt, sample_tokens: print a sample every N steps.
-        seed: seeds initialisation, batches and dropout.
+        model: the trained model (in eval mode).
+        config: the run's settings (`TrainConfig`, or the objective's own settings class).
+        history: one metrics dict per step (`step`, `loss`, `lr`, ..., `val_loss` when validated).
+        path: the checkpoint written (None without `out`).
+        elapsed: seconds.
+        interrupted: stopped early by Ctrl-C or a callback raising KeyboardInterrupt.
     """
 
-    steps: int = 500
-    batch_size: int = 8
-    accum: int = 1
-    ctx: int | None = None
-    max_lr: float = 6e-4
-    min_lr: float | None = None
-    lr_schedule: str = "cosine"
-    warmup: int = 50
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    dtype: str = "float32"
-    val_split: float = 0.01
-    val_every: int = 100
-    val_batches: int = 8
-    save_every: int = 0
-    sample_every: int = 0
-    sample_prompt: str = "\n"
-    sample_tokens: int = 200
-    seed: int = 1337
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
-        if self.min_lr is None:
-            self.min_lr = self.max_lr / 10
-        checks = {
-            "steps": self.steps >= 1,
-            "batch_size": self.batch_size >= 1,
-            "accum": self.accum >= 1,
-            "warmup": self.warmup >= 0,
-            "max_lr": self.max_lr > 0,
-            "min_lr": 0 <= self.min_lr <= self.max_lr,
-            "grad_clip": self.grad_clip >= 0,
-            "val_batches": self.val_batches >= 1,
-            "ctx": self.ctx is None or self.ctx >= 1,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"invalid training setting {name}={getattr(self, name)!r}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-
-    def lr_at(self, step: int) -> float:
-        """Learning rate for optimizer step `step` (0-based)."""
-        if step < self.warmup:
-            return self.max_lr * (step + 1) / self.warmup
-        if self.lr_schedule == "constant":
-            return self.max_lr
-        span = max(1, self.steps - self.warmup)
-        ratio = min(1.0, (step - self.warmup) / span)
-        return self.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (self.max_lr - self.min_lr)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
-
-
-@dataclass
-class TrainResult:
-    """What `train()` returns: the model, the metric history and where it was saved."""
-
     model: GPT
-    config: TrainConfig
+    config: Any
     history: list[dict[str, float]] = field(default_factory=list)
     path: Path | None = None
     elapsed: float = 0.0
     interrupted: bool = False
+
+    @classmethod
+    def extend(cls, result: TrainResult, **extra: Any) -> Any:
+        """A `cls` (a subclass) holding every `TrainResult` field of `result` plus the subclass's `extra` ones."""
+        return cls(**{f.name: getattr(result, f.name) for f in dataclasses.fields(TrainResult)}, **extra)
 
     @property
     def step(self) -> int:
@@ -153,7 +72,7 @@ class TrainResult:
 
     @property
     def losses(self) -> list[float]:
-        return [h["loss"] for h in self.history]
+        return [h["loss"] for h in self.history if "loss" in h]
 
     @property
     def val_losses(self) -> list[tuple[int, float]]:
@@ -161,36 +80,31 @@ class TrainResult:
 
     @property
     def final_loss(self) -> float | None:
-        return self.history[-1]["loss"] if self.history else None
+        return self.history[-1].get("loss") if self.history else None
 
     @property
     def final_val_loss(self) -> float | None:
         v = self.val_losses
         return v[-1][1] if v else None
 
-    def figure(self):
-        """Plotly figure: train loss, validation loss and learning rate against step."""
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
+    def figure(self, *, smoothing: float = 0.6, log_y: bool = False, title: str | None = None):
+        """Plotly figure against step: train loss (raw and smoothed), validation loss, and the learning rate in a
+        row below (traces in that order; `tinygpt.training.curves.training_figure`).
 
-        fig = make_subplots(specs=[[{"secondary_y": True}]])
-        steps = [h["step"] for h in self.history]
-        fig.add_trace(go.Scatter(x=steps, y=self.losses, name="train loss", mode="lines"))
-        if self.val_losses:
-            vs, vl = zip(*self.val_losses)
-            fig.add_trace(go.Scatter(x=vs, y=vl, name="val loss", mode="lines+markers"))
-        fig.add_trace(
-            go.Scatter(x=steps, y=[h["lr"] for h in self.history], name="lr", line=dict(dash="dot")), secondary_y=True
-        )
-        fig.update_layout(title="training", xaxis_title="step", template="plotly_white")
-        fig.update_yaxes(title_text="loss", secondary_y=False)
-        fig.update_yaxes(title_text="learning rate", secondary_y=True)
-        return fig
+        Args:
+            smoothing: EMA factor of the smoothed train-loss line, in [0, 1) (0 = the raw loss).
+            log_y: a log-scale loss axis.
+            title: the figure's title (default "training").
+        """
+        from tinygpt.training.curves import training_figure
+
+        return training_figure(self.history, smoothing=smoothing, log_y=log_y, title=title)
 
     def __repr__(self) -> str:
         v = f", val loss {self.final_val_loss:.3f}" if self.final_val_loss is not None else ""
         loss = f"loss {self.final_loss:.3f}" if self.final_loss is not None else "no steps"
-        return f"TrainResult(step {self.step}, {loss}{v}, {self.elapsed:.1f}s, path={self.path})"
+        name = type(self).__name__
+        return f"{name}(step {self.step}, {loss}{v}, {self.elapsed:.1f}s, path={self.path})"
 
 
 def default_device() -> str:
@@ -215,86 +129,19 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
         return torch.optim.AdamW(groups, **kw)
 
 
-def train(
-    model: GPT | None = None,
-    corpus: Any = None,
-    tokenizer: Tokenizer | str | os.PathLike | None = None,
-    *,
-    preset: str = "tiny",
-    model_config: dict[str, Any] | None = None,
-    config: TrainConfig | None = None,
-    out: str | os.PathLike | None = None,
-    resume: bool = False,
-    callbacks: Sequence[Callable[[dict[str, float]], Any]] = (),
-    device: str | None = None,
-    progress: bool = True,
-    cache_dir: str | os.PathLike | None = None,
-    strategy: str = "ddp",
-    **settings: Any,
-) -> TrainResult:
-    """Train a GPT on a corpus.
-
-    Args:
-        model: a model to train; None builds `preset` sized for the tokenizer.
-        corpus: a path (text file, directory, .jsonl) or None for the built-in Shakespeare.
-        tokenizer: for a new model: "byte" (default), a tokenizer.json path / directory, or an object.
-        preset: preset name used when `model` is None.
-        model_config: `GPTConfig` overrides for a new model, e.g. `{"diff_attn": True, "n_layers": 6}`.
-        config: a `TrainConfig`; keyword `settings` (e.g. `steps=200, max_lr=1e-3`) override fields.
-        out: checkpoint path (`.tinygpt`), written atomically every `save_every` steps and at the end.
-        resume: continue from `out` (weights, optimizer, step, history); the run's saved settings are
-            reused except those given explicitly.
-        callbacks: functions called with each step's metrics dict (`step, loss, lr, grad_norm,
-            tokens_per_sec, tokens_seen, elapsed`, plus `val_loss` when validated).
-        device: "cuda", "mps" or "cpu" (default: the best available).
-        progress: show a progress bar.
-        strategy: under torchrun, "ddp" (default) or "fsdp" (fully sharded); see `fit`.
-    Returns:
-        TrainResult with the model, the history and the checkpoint path.
-    Raises:
-        TrainingDiverged: the loss became NaN/inf (the last checkpoint is left untouched).
-    """
-    device = device or default_device()
-    out = Path(out) if out is not None else None
-    run = resume_run(out, config, settings) if resume else None
-    if run is not None:
-        cfg, model = run.config, run.model
-        corpus = corpus if corpus is not None else _corpus_from_record(run.train_state.get("corpus"))
-    else:
-        cfg = dataclasses.replace(config, **settings) if config else TrainConfig(**settings)
-    torch.manual_seed(cfg.seed)
-    if model is None:
-        tok = load_tokenizer(tokenizer)
-        overrides = {"d_vocab": tok.vocab_size, **(model_config or {})}
-        if cfg.ctx and cfg.ctx > GPTConfig.preset(preset).n_ctx:
-            overrides["n_ctx"] = cfg.ctx
-        model = GPT(GPTConfig.preset(preset, **overrides), tokenizer=tok)
-    elif tokenizer is not None and run is None:
-        model.tokenizer = load_tokenizer(tokenizer)
-    tok = model._require_tokenizer()
-    if tok.vocab_size > model.cfg.d_vocab:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's d_vocab is {model.cfg.d_vocab}")
-    corpus_obj = load_corpus(corpus)
-    data = tokenize_corpus(corpus_obj, tok, cache_dir=cache_dir, progress=progress)
-    batches = TokenBatches(data, cfg, model.cfg.n_ctx)
-    return fit(
-        model,
-        cfg,
-        batches,
-        out=out,
-        run=run,
-        callbacks=callbacks,
-        device=device,
-        progress=progress,
-        state={"corpus": _corpus_record(corpus, corpus_obj)},
-        strategy=strategy,
-    )
-
-
 def next_token_loss(model: GPT, batch: tuple[Tensor, ...]) -> Tensor:
     """The default objective: mean next-token cross-entropy of x -> y."""
     x, y = batch
     return model(x, return_type="loss", targets=y)
+
+
+def check_global_batch(total: int, cfg: TrainConfig, world: int) -> None:
+    """The global batch of `total` sequences must split evenly across `world` processes."""
+    if total % world:
+        raise SettingError(
+            f"the global batch of {total} sequences (batch {cfg.batch_size} x accum {cfg.accum}) cannot be split "
+            f"evenly across {world} processes; choose --batch and --accum with a product divisible by {world}"
+        )
 
 
 class TokenBatches:
@@ -308,12 +155,12 @@ class TokenBatches:
     def __init__(self, data: TokenData, cfg: TrainConfig, n_ctx: int):
         ctx = cfg.ctx or n_ctx
         if ctx > n_ctx:
-            raise ValueError(f"ctx={ctx} exceeds the model's n_ctx={n_ctx}")
+            raise SettingError(f"ctx={ctx} exceeds the model's n_ctx={n_ctx}")
         cfg.ctx = ctx
         self.cfg, self.ctx = cfg, ctx
         self.train_tokens, self.val_tokens = data.split(cfg.val_split)
         if len(self.train_tokens) <= ctx + 1:
-            raise ValueError(
+            raise SettingError(
                 f"the corpus has {len(self.train_tokens)} training tokens, too few for ctx={ctx}; lower --ctx"
             )
         self.has_val = cfg.val_every > 0 and cfg.val_split > 0
@@ -335,11 +182,7 @@ class TokenBatches:
         """
         b = self.cfg.batch_size
         total = b * self.cfg.accum
-        if total % world:
-            raise ValueError(
-                f"the global batch of {total} sequences (batch {b} x accum {self.cfg.accum}) cannot be split "
-                f"evenly across {world} processes; choose --batch and --accum with a product divisible by {world}"
-            )
+        check_global_batch(total, self.cfg, world)
         n = total // world
         starts = batch_starts(len(self.train_tokens), self.ctx, total, self.cfg.seed, step)[rank * n : (rank + 1) * n]
         return [windows(self.train_tokens, starts[i : i + b], self.ctx, self.device) for i in range(0, n, b)]
@@ -348,37 +191,6 @@ class TokenBatches:
         b = self.cfg.batch_size
         for i in range(0, len(self.v_starts), b):
             yield windows(self.val_tokens, self.v_starts[i : i + b], self.ctx, self.device)
-
-
-@dataclass
-class ResumedRun:
-    """What `resume_run` recovers from a training checkpoint."""
-
-    checkpoint: Any
-    config: TrainConfig
-    model: GPT
-    step: int
-    history: list[dict[str, float]]
-
-    @property
-    def train_state(self) -> dict[str, Any]:
-        return self.checkpoint.train_state
-
-
-def resume_run(out: Path | None, config: TrainConfig | None, settings: dict[str, Any]) -> ResumedRun:
-    """Read a training checkpoint: its model, settings (overridden by those given), step and history."""
-    if out is None:
-        raise ValueError("resume=True needs out= (the checkpoint to continue)")
-    if not out.exists():
-        raise CheckpointError(f"cannot resume: {out} does not exist (drop --resume to start a new run)")
-    ckpt = read_checkpoint(out)
-    state = ckpt.train_state
-    if "train_config" not in state:
-        raise CheckpointError(f"cannot resume from {out}: it holds no training state")
-    saved = TrainConfig.from_dict(state["train_config"])
-    cfg = dataclasses.replace(saved, **{**(dataclasses.asdict(config) if config else {}), **settings})
-    _warn_changed(saved, cfg, settings)
-    return ResumedRun(ckpt, cfg, load(ckpt), int(state["step"]), list(state.get("history", [])))
 
 
 def fit(
@@ -392,15 +204,15 @@ def fit(
     run: ResumedRun | None = None,
     callbacks: Sequence[Callable[[dict[str, float]], Any]] = (),
     device: str = "cpu",
-    progress: bool = True,
+    progress: bool | None = None,
     state: dict[str, Any] | None = None,
     desc: str = "train",
     strategy: str = "ddp",
 ) -> TrainResult:
-    """The training loop shared by `train`, distillation and fine-tuning.
+    """The training loop shared by `train`, `finetune`, `distill`, `sft` and `lora_finetune`.
 
     Under torchrun (WORLD_SIZE > 1) the same loop runs data-parallel on `torch.distributed` (see
-    `tinygpt.distributed` and docs/distributed.md): every process takes its share of each step's global
+    `tinygpt.training.distributed` and docs/distributed.md): every process takes its share of each step's global
     batch, gradients are averaged by DDP or FSDP, the logged loss and the validation loss are averaged over
     all processes (they equal a single-process run's up to floating-point reduction order), and rank 0 alone
     shows progress, prints samples, calls `callbacks` and writes the checkpoint.
@@ -415,14 +227,20 @@ def fit(
         val_loss_fn: the loss reported as `val_loss`.
         out: checkpoint path (atomic saves every `cfg.save_every` steps and at the end).
         run: a `ResumedRun` to continue (optimizer, RNG, step and history are restored).
+        callbacks, device, progress: see `RunOptions`.
         state: extra JSON-serialisable entries for the checkpoint's training state.
+        desc: the progress bar's label.
         strategy: under torchrun, "ddp" or "fsdp" (ignored in a single process).
+    Returns:
+        `TrainResult` (the model in eval mode; `interrupted` after Ctrl-C or a callback's KeyboardInterrupt).
+    Raises:
+        TrainingDiverged: the loss or the gradient norm became NaN/inf (the last checkpoint is kept).
     """
     from tqdm.auto import tqdm
 
     par = distributed.wrap_model(model, strategy, device=device, mixed_precision=cfg.dtype)
     device, main, rank, world = par.device, par.is_main, par.rank, par.world
-    progress = progress and main
+    progress = progress_enabled(progress) and main
     batches.device = device
     history = list(run.history) if run else []
     start_step = run.step if run else 0
@@ -598,27 +416,6 @@ def _micro_shares(micro: list) -> list[float] | None:
     return [n / sum(sizes) for n in sizes]
 
 
-def _corpus_record(corpus: Any, corpus_obj: Corpus) -> str | dict[str, Any] | None:
-    """What a checkpoint records so `resume` finds the corpus again: the path given, or a `Corpus`'s fields."""
-    if corpus is None or isinstance(corpus, (str, os.PathLike)):
-        return None if corpus is None else str(corpus)
-    return {
-        "name": corpus_obj.name,
-        "files": [str(f) for f in corpus_obj.files],
-        "kind": corpus_obj.kind,
-        "text_field": corpus_obj.text_field,
-    }
-
-
-def _corpus_from_record(rec: Any) -> Any:
-    if not isinstance(rec, dict):
-        return rec  # a path, or None for the built-in corpus
-    files = [Path(f) for f in rec["files"]]
-    if missing := [str(f) for f in files if not f.exists()]:
-        raise CorpusError(f"cannot resume: corpus file(s) {missing[:3]} no longer exist; pass corpus= / --corpus")
-    return Corpus(name=rec["name"], files=files, kind=rec["kind"], text_field=rec["text_field"])
-
-
 def _last_val(history: list[dict[str, float]]) -> float | None:
     vals = [h["val_loss"] for h in history if "val_loss" in h]
     return vals[-1] if vals else None
@@ -631,11 +428,13 @@ def _saved_step(path: Path) -> int | str:
         return "?"
 
 
-def _warn_changed(saved: TrainConfig, new: TrainConfig, explicit: dict[str, Any]) -> None:
-    harmless = {"steps", "val_every", "save_every", "sample_every", "sample_prompt", "sample_tokens", "val_batches"}
-    changed = [k for k in explicit if k not in harmless and getattr(saved, k) != getattr(new, k)]
-    if changed:
-        warnings.warn(
-            f"resuming with changed settings {changed}: the run will not reproduce an uninterrupted one",
-            stacklevel=3,
-        )
+__all__ = [
+    "TokenBatches",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "default_device",
+    "fit",
+    "make_optimizer",
+    "next_token_loss",
+]

@@ -28,7 +28,6 @@ tokenizer and the embedding. Template text is encoded with them; message *conten
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 import re
@@ -37,13 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tinygpt.errors import TinyGPTValueError
+from tinygpt.training.settings import did_you_mean
+
 TEMPLATE_DIR = Path(__file__).resolve().parent / "chat_templates"
 ROLES = ("system", "user", "assistant")
 _TEMPLATE_KEYS = {"name", "description", "special_tokens", "bos", "default_system", "roles"}
 _ROLE_KEYS = {"prefix", "end", "after"}
 
 
-class TemplateError(ValueError):
+class TemplateError(TinyGPTValueError):
     """A chat template is unknown or malformed, or a tokenizer lacks the special tokens it needs."""
 
 
@@ -291,8 +293,7 @@ def load_template(spec: str | os.PathLike | dict[str, Any] | Template = "chatml"
     names = available_templates()
     if str(spec) in names:
         return load_template(TEMPLATE_DIR / f"{spec}.json")
-    close = difflib.get_close_matches(str(spec), names, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    hint = did_you_mean(str(spec), names)
     listed = ", ".join(names) if names else f"(none found in {TEMPLATE_DIR})"
     raise TemplateError(
         f"unknown chat template {str(spec)!r}{hint}; available: {listed}, or the path of a template .json file"

@@ -1,4 +1,4 @@
-"""Triton kernels of `tinygpt.arch.triton_attn` (FlashAttention-2 style, forward and backward).
+"""Triton kernels of `tinygpt.arch.triton.attention` (FlashAttention-2 style, forward and backward).
 
 Imported lazily, through `tinygpt.arch.triton.attention.kernels()` (this module imports triton). Whether the
 kernels are compiled for the GPU or run by Triton's CPU interpreter is settled by `TRITON_INTERPRET` when

@@ -41,7 +41,31 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_HEAD_DIM", "diff_flash_attention", "flash_attention", "interpreting", "unavailable_reason"]
+from tinygpt.errors import TinyGPTError, TinyGPTValueError
+
+__all__ = [
+    "BackendUnavailable",
+    "KernelDTypeError",
+    "KernelInputError",
+    "MAX_HEAD_DIM",
+    "diff_flash_attention",
+    "flash_attention",
+    "interpreting",
+    "unavailable_reason",
+]
+
+
+class BackendUnavailable(TinyGPTError, RuntimeError):
+    """The requested attention backend cannot run here (the message says which and why)."""
+
+
+class KernelInputError(TinyGPTValueError):
+    """Inputs the Triton kernel does not support (shapes, devices, mask options)."""
+
+
+class KernelDTypeError(TinyGPTError, TypeError):
+    """Inputs of a dtype the Triton kernel does not support."""
+
 
 MAX_HEAD_DIM = 128
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -131,30 +155,31 @@ def check_inputs(
 ) -> None:
     """Raise a clear error for inputs the kernel does not support."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"flash_attention expects [batch, heads, pos, d] tensors, got {q.shape}, {k.shape}, {v.shape}")
+        shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        raise KernelInputError(f"flash_attention expects [batch, heads, pos, d] tensors, got {shapes}")
     b, h, m, dqk = q.shape
     n = k.shape[2]
     if k.shape != (b, h, n, dqk) or v.shape[:3] != (b, h, n):
-        raise ValueError(f"mismatched q/k/v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise KernelInputError(f"mismatched q/k/v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"the Triton kernel supports float32, bfloat16 and float16 (all alike), got "
+        raise KernelDTypeError(f"the Triton kernel supports float32, bfloat16 and float16 (all alike), got "
                         f"{q.dtype}, {k.dtype}, {v.dtype}")  # fmt: skip
     if max(dqk, v.shape[3]) > MAX_HEAD_DIM:
-        raise ValueError(
+        raise KernelInputError(
             f"the Triton kernel supports head dims up to {MAX_HEAD_DIM}, got d_qk={dqk}, d_v={v.shape[3]}; "
             "use attn_impl='sdpa'"
         )
     if causal and m > n:
-        raise ValueError(f"causal attention needs at least as many keys as queries, got {m} queries and {n} keys")
+        raise KernelInputError(f"causal attention needs at least as many keys as queries, got {m} queries and {n} keys")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+        raise KernelInputError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
     if (window is not None or q_pos is not None) and not causal:
-        raise ValueError("window and q_pos refine the causal mask: they need causal=True")
+        raise KernelInputError("window and q_pos refine the causal mask: they need causal=True")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise ValueError(f"window must be a positive integer, got {window!r}")
+        raise KernelInputError(f"window must be a positive integer, got {window!r}")
     if q_pos is not None:
         if tuple(q_pos.shape) != (b, m) or q_pos.dtype.is_floating_point or q_pos.device != q.device:
-            raise ValueError(f"q_pos must be an integer tensor [batch, M] = {[b, m]} on {q.device}, got "
+            raise KernelInputError(f"q_pos must be an integer tensor [batch, M] = {[b, m]} on {q.device}, got "
                              f"{q_pos.dtype} {list(q_pos.shape)} on {q_pos.device}")  # fmt: skip
 
 
@@ -345,7 +370,7 @@ def flash_attention(
     """
     reason = unavailable_reason(q.device)
     if reason is not None:
-        raise RuntimeError(f"attn_impl='triton' is not available: {reason}")
+        raise BackendUnavailable(f"attn_impl='triton' is not available: {reason}")
     check_inputs(q, k, v, causal, window, q_pos)
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])

@@ -1,0 +1,159 @@
+"""`tinygpt train`, `sample`, `inspect` and `tokenizer`: the core commands.
+
+tinygpt train --preset tiny --steps 300 --out tiny.tinygpt
+tinygpt train --out tiny.tinygpt --steps 600 --resume        # only the flags given override the saved run
+tinygpt sample tiny.tinygpt --prompt "ROMEO:" --tokens 200 --temperature 0.8 --seed 1
+tinygpt inspect tiny.tinygpt
+tinygpt tokenizer --corpus FILE --vocab-size 4096 --out tok/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tinygpt.cli._command import CommandError, command, report
+from tinygpt.cli._flags import (
+    add,
+    add_corpus_flags,
+    add_device_flags,
+    add_training_flags,
+    corpus_arg,
+    progress,
+    training_settings,
+)
+from tinygpt.config import PRESETS
+
+# flag dest -> GPTConfig field of a new model (None / False: not given)
+_ARCH_FLAGS = (
+    "attn_impl",
+    "tie_embeddings",
+    "dropout",
+    "diff_attn",
+    "mod",
+    "mod_capacity",
+    "mod_every",
+    "moe_experts",
+    "moe_topk",
+    "yoco",
+    "yoco_window",
+)
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size (default tiny)")
+    add(p, "--tokenizer", help="'byte' (default) or a tokenizer.json / HF tokenizer directory")
+    add_corpus_flags(p)
+    add_training_flags(p, ctx="the preset's n_ctx")
+    add(p, "--resume")
+    add(p, "--out", required=False, help="checkpoint path (default: PRESET.tinygpt)")
+    add(p, "--strategy")
+    add_device_flags(p)
+    arch = p.add_argument_group("architecture (GPTConfig knobs of a new model)")
+    arch.add_argument("--attn-impl", default=None, help="auto, eager, sdpa, triton (our kernel; CUDA) or mps (Apple)")
+    arch.add_argument("--tie-embeddings", action="store_true")
+    add(arch, "--dropout")
+    arch.add_argument("--diff-attn", action="store_true", help="differential attention (Ye et al. 2024)")
+    arch.add_argument("--mod", action="store_true", help="mixture-of-depths routing (Raposo et al. 2024)")
+    arch.add_argument("--mod-capacity", type=float, default=None, help="fraction of tokens a routed block takes")
+    arch.add_argument("--mod-every", type=int, default=None, help="route every N-th block (default 2)")
+    arch.add_argument("--moe-experts", type=int, default=None, help="mixture-of-experts: experts per layer")
+    arch.add_argument("--moe-topk", type=int, default=None, help="experts per token")
+    arch.add_argument("--yoco", action="store_true", help="you-only-cache-once decoder (Sun et al. 2024)")
+    arch.add_argument("--yoco-window", type=int, default=None, help="sliding window of the self-decoder")
+
+
+def _model_config(a: argparse.Namespace) -> dict:
+    """GPTConfig overrides from the architecture flags that were given."""
+    out = {k: getattr(a, k) for k in _ARCH_FLAGS if getattr(a, k) is not None and getattr(a, k) is not False}
+    if out and a.resume:
+        raise CommandError(f"architecture flags ({', '.join(sorted(out))}) cannot change a run being resumed")
+    return out
+
+
+@command("train", "train a model (built-in Shakespeare and bytes by default)", flags=_train_flags)
+def cmd_train(a: argparse.Namespace) -> int:
+    from tinygpt.training import train
+
+    # the training flags default to None: only those given reach train(), whose defaults (TrainConfig's) or,
+    # with --resume, the saved run's settings stand for the rest
+    res = train(
+        corpus=corpus_arg(a),
+        tokenizer=a.tokenizer,
+        preset=a.preset,
+        model_config=_model_config(a),
+        out=a.out or f"{a.preset}.tinygpt",
+        resume=a.resume,
+        device=a.device,
+        progress=progress(a),
+        strategy=a.strategy,
+        **training_settings(a),
+    )
+    return report(res, ("loss",), (f"saved {res.path}",))  # under torchrun, rank 0 reports
+
+
+def _sample_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file")
+    add(p, "--prompt")
+    add(p, "--tokens")
+    add(p, "--temperature", default=0.8, help="sampling temperature (default 0.8; 0: greedy)")
+    add(p, "--top-k")
+    add(p, "--top-p")
+    add(p, "--seed", help="random seed (sample i uses seed + i)")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context every token")
+    add(p, "--device", help="cuda, mps or cpu (default: cpu)")
+
+
+@command("sample", "generate text from a .tinygpt file", flags=_sample_flags)
+def cmd_sample(a: argparse.Namespace) -> int:
+    from tinygpt.checkpoint import load
+    from tinygpt.sampling import stream
+
+    model = load(a.file, device=a.device)
+    for i in range(a.num_samples):
+        seed = None if a.seed is None else a.seed + i
+        sys.stdout.write(a.prompt)
+        pieces = stream(
+            model,
+            a.prompt,
+            a.tokens,
+            temperature=a.temperature,
+            top_k=a.top_k,
+            top_p=a.top_p,
+            seed=seed,
+            use_cache=not a.no_cache,
+        )
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n" if a.num_samples == 1 else "\n---\n")
+    return 0
+
+
+def _inspect_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file")
+
+
+@command("inspect", "print config, tokenizer and every tensor of a .tinygpt file", flags=_inspect_flags)
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from tinygpt.checkpoint import describe
+
+    print(describe(a.file))
+    return 0
+
+
+def _tokenizer_flags(p: argparse.ArgumentParser) -> None:
+    add(p, "--corpus", help="default: built-in Shakespeare")
+    p.add_argument("--vocab-size", type=int, required=True)
+    add(p, "--out", help="directory to write tokenizer.json into")
+    add(p, "--no-progress")
+
+
+@command("tokenizer", "train a byte-level BPE tokenizer on a corpus", flags=_tokenizer_flags)
+def cmd_tokenizer(a: argparse.Namespace) -> int:
+    from tinygpt.data import train_bpe
+
+    tok = train_bpe(a.corpus, a.vocab_size, out=a.out, progress=progress(a))
+    print(f"trained BPE tokenizer, vocab {tok.vocab_size}, saved {tok.source}")
+    return 0

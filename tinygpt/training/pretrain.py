@@ -1,0 +1,122 @@
+"""Next-token training on a corpus: `train` (a new or given model) and `finetune` (continue an existing one).
+
+    import tinygpt
+    res = tinygpt.train(preset="tiny", steps=300, out="tiny.tinygpt")            # built-in Shakespeare, bytes
+    res = tinygpt.train(tinygpt.GPT(cfg), "corpus.txt", steps=200, max_lr=1e-3)  # a model and a corpus
+    res = tinygpt.finetune("tiny.tinygpt", "new_text.txt", steps=100, out="tiny-ft.tinygpt")
+    res.figure()                                                                  # loss, val loss, lr
+
+Both are `tinygpt.training.loop.fit` over `TokenBatches` of the corpus, and take the shared keyword tail
+(`tinygpt.training.settings`: `TrainConfig` fields and the run options `out`, `resume`, `callbacks`, `device`,
+`progress`, `cache_dir`, `strategy`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from tinygpt.checkpoint import as_model
+from tinygpt.config import GPTConfig
+from tinygpt.model import GPT
+from tinygpt.tokenizer import Tokenizer, load_tokenizer
+from tinygpt.training.loop import TrainResult, fit
+from tinygpt.training.run import corpus_batches, start_run
+from tinygpt.training.settings import RunOptions, SettingError
+
+FINETUNE_DEFAULTS: dict[str, Any] = {"max_lr": 3e-4, "warmup": 20}
+
+
+def train(
+    model: GPT | str | os.PathLike | None = None,
+    corpus: Any = None,
+    tokenizer: Tokenizer | str | os.PathLike | None = None,
+    *,
+    preset: str = "tiny",
+    model_config: dict[str, Any] | None = None,
+    **options: Any,
+) -> TrainResult:
+    """Train a GPT on a corpus.
+
+    Args:
+        model: a model to train (a `GPT` or a `.tinygpt` path); None builds `preset` sized for the tokenizer.
+            Ignored with `resume=True`.
+        corpus: a path (text file, directory, .jsonl), a `Corpus`, or None for the built-in Shakespeare (on
+            resume: the run's).
+        tokenizer: "byte" (default for a new model), a tokenizer.json path / directory, or an object.
+        preset: preset name used when `model` is None.
+        model_config: `GPTConfig` overrides for a new model, e.g. `{"diff_attn": True, "n_layers": 6}`.
+        **options: the shared keyword tail (`tinygpt.training.settings`): `TrainConfig` fields (`steps=200,
+            max_lr=1e-3, ...`) and the run options `config`, `out` (the `.tinygpt` checkpoint, written atomically
+            every `save_every` steps and at the end), `resume` (continue from `out`: weights, optimizer, step,
+            history; the saved settings are reused except those given), `callbacks` (called with each step's
+            metrics: `step, loss, lr, grad_norm, tokens_per_sec, tokens_seen, elapsed`, plus `val_loss` when
+            validated), `device`, `progress`, `cache_dir`, `strategy` (under torchrun: "ddp" or "fsdp").
+    Returns:
+        TrainResult with the model, the history and the checkpoint path.
+    Raises:
+        TrainingDiverged: the loss became NaN/inf (the last checkpoint is left untouched).
+        UnknownSettingError: a keyword that is neither a setting nor a run option.
+    """
+    opts, settings = RunOptions.split(options, what="train", own=("tokenizer", "preset", "model_config"))
+    run = start_run(opts, settings, what="train")
+    cfg = run.config
+    corpus = run.corpus(corpus)
+    run.seed()
+    if run.resumed is not None:
+        model = run.resumed.model
+    elif model is None:
+        tok = load_tokenizer(tokenizer)
+        overrides = {"d_vocab": tok.vocab_size, **(model_config or {})}
+        if cfg.ctx and cfg.ctx > GPTConfig.preset(preset).n_ctx:
+            overrides["n_ctx"] = cfg.ctx
+        model = GPT(GPTConfig.preset(preset, **overrides), tokenizer=tok)
+    else:
+        model = as_model(model)
+        if tokenizer is not None:
+            model.tokenizer = load_tokenizer(tokenizer)
+    tok = model._require_tokenizer()
+    if tok.vocab_size > model.cfg.d_vocab:
+        raise SettingError(f"tokenizer has {tok.vocab_size} tokens but the model's d_vocab is {model.cfg.d_vocab}")
+    batches, corpus_rec = corpus_batches(model, corpus, cfg, run=run)
+    return fit(model, cfg, batches, **run.fit_options(), state={"corpus": corpus_rec})
+
+
+def finetune(model: GPT | str | os.PathLike | None, corpus: Any = None, **options: Any) -> TrainResult:
+    """Continue next-token training of an existing model on new text (all weights train).
+
+    Args:
+        model: a `GPT` (trained in place) or a `.tinygpt` path. Ignored with `resume=True`.
+        corpus: a text file, directory, `.jsonl` or `Corpus` (None: the built-in Shakespeare); on resume, the
+            run's unless given.
+        **options: the shared keyword tail, as for `train()`; the setting defaults are `train()`'s except
+            `FINETUNE_DEFAULTS` (max_lr 3e-4, warmup 20).
+    Returns:
+        `TrainResult`; the checkpoint's training state records the base model's path under "finetune" (and
+        keeps the model's SFT record, so a fine-tuned chat model still knows its template).
+    """
+    opts, settings = RunOptions.split(options, what="finetune")
+    run = start_run(opts, settings, what="finetune", record="finetune", defaults=FINETUNE_DEFAULTS)
+    if run.resumed is not None:
+        model, rec, state = run.resumed.model, run.record, run.resumed.train_state
+    else:
+        base = str(model) if isinstance(model, (str, os.PathLike)) else getattr(model, "source_path", None)
+        model = run.model(model)
+        run.seed()
+        state = model.train_state or {}
+        rec = {"base": base, "base_step": state.get("step")}
+    kept = {k: v for k, v in state.items() if k == "sft"}
+    batches, corpus_rec = corpus_batches(model, run.corpus(corpus), run.config, run=run)
+    res = fit(
+        model,
+        run.config,
+        batches,
+        **run.fit_options(),
+        state={"corpus": corpus_rec, "finetune": rec, **kept},
+        desc="finetune",
+    )
+    res.model.train_state.update({"finetune": rec, **kept})
+    return res
+
+
+__all__ = ["FINETUNE_DEFAULTS", "finetune", "train"]
