@@ -57,6 +57,15 @@ def make_model(cfg: GPTConfig = SMALL, seed: int = 0, **changes) -> GPT:
     return model.eval()
 
 
+def tiny_model(seed: int = 0, **overrides) -> GPT:
+    """A seeded 2-layer model (d_model 32, 2 heads, n_ctx 64, byte vocabulary) in eval mode; `overrides` are
+    further `GPTConfig` fields."""
+    torch.manual_seed(seed)
+    cfg = dict(n_layers=2, d_model=32, n_heads=2, n_ctx=64)
+    cfg.update(overrides)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
 def single_thread():
     """A fixture body (`yield from single_thread()`): these models are tiny, so intra-op threads only add
     overhead, and on a shared 2-core machine oversubscribed OpenMP threads make small ops up to 100x slower."""

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import torch
+from _model_helpers import tiny_model
 
 from tinygpt import GPT, GPTConfig
 
@@ -21,14 +22,6 @@ VARIANTS = {
     "diff_attn+mod": dict(diff_attn=True, mod=True),
     "yoco+mod": dict(yoco=True, yoco_window=4, mod=True, mod_every=1),
 }
-
-
-def tiny_model(seed: int = 0, **overrides) -> GPT:
-    """A seeded 2-layer model (d_model 32, 2 heads, n_ctx 64, byte vocabulary) in eval mode."""
-    torch.manual_seed(seed)
-    cfg = dict(n_layers=2, d_model=32, n_heads=2, n_ctx=64)
-    cfg.update(overrides)
-    return GPT(GPTConfig(**cfg)).eval()
 
 
 def make_model(seed: int = 0) -> GPT:

@@ -121,3 +121,13 @@ def make_corpus(tmp_path):
         return p
 
     return make
+
+
+# ------------------------------------------------------------------ shared by the evaluation tests
+@pytest.fixture(scope="module")
+def bpe():
+    """The evaluation tests' 300-token byte-level BPE (`_eval_helpers.make_bpe`), once per module (test_sampling
+    and test_tokenizer define their own `bpe`)."""
+    from _eval_helpers import make_bpe
+
+    return make_bpe()

@@ -6,21 +6,13 @@ import json
 import re
 
 import pytest
-from _eval_helpers import TEXT, make_bpe, small, uniform
+from _eval_helpers import TEXT, small, uniform
 
 from tinygpt import save
 from tinygpt.cli import main
 from tinygpt.eval import evaluate
 
-
-@pytest.fixture(autouse=True)
-def _cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TINYGPT_CACHE_DIR", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def bpe():
-    return make_bpe()
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # conftest: TINYGPT_CACHE_DIR in the test's tmp dir
 
 
 def test_cli_eval_and_leaderboard(tmp_path, capsys, bpe):

@@ -6,20 +6,12 @@ import os
 import re
 
 import pytest
-from _eval_helpers import TEXT, byte_identical_bpe_pair, make_bpe, small, uniform
+from _eval_helpers import TEXT, byte_identical_bpe_pair, small, uniform
 
 from tinygpt import save
 from tinygpt.eval import leaderboard
 
-
-@pytest.fixture(autouse=True)
-def _cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TINYGPT_CACHE_DIR", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def bpe():
-    return make_bpe()
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # conftest: TINYGPT_CACHE_DIR in the test's tmp dir
 
 
 def test_leaderboard_ranks_byte_and_bpe_models_on_the_same_text_and_writes_a_report(tmp_path, bpe):

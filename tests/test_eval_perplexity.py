@@ -7,21 +7,13 @@ import math
 
 import pytest
 import torch
-from _eval_helpers import TEXT, byte_identical_bpe_pair, make_bpe, small, uniform
+from _eval_helpers import TEXT, byte_identical_bpe_pair, small, uniform
 
 from tinygpt import GPT, CorpusError, save
 from tinygpt.errors import TinyGPTError
 from tinygpt.eval import EvalError, EvalResult, Text, evaluate, scored_bytes, sliding_windows
 
-
-@pytest.fixture(autouse=True)
-def _cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TINYGPT_CACHE_DIR", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def bpe():
-    return make_bpe()
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # conftest: TINYGPT_CACHE_DIR in the test's tmp dir
 
 
 # ------------------------------------------------------------------------------------------- bits per byte

@@ -10,10 +10,7 @@ from _eval_helpers import TEXT, small
 from tinygpt import save
 from tinygpt.eval import EvalError, ValidationWindows, validation_loss, validation_windows
 
-
-@pytest.fixture(autouse=True)
-def _cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TINYGPT_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # conftest: TINYGPT_CACHE_DIR in the test's tmp dir
 
 
 def direct_loss(model, x, y) -> float:

@@ -225,8 +225,10 @@ def test_stream_and_sampling_under_ablation(model):
 
 
 # ------------------------------------------------------------------------------------------------ sweep
-def test_ablation_sweep(model, tokens, reference):
-    sweep = ablation_sweep(
+@pytest.fixture(scope="module")
+def sweep(model, tokens, reference):
+    """Zero and mean ablations of every layer, attention, MLP and head (read-only: tests share it)."""
+    return ablation_sweep(
         model,
         tokens,
         modes=("zero", "mean"),
@@ -235,6 +237,9 @@ def test_ablation_sweep(model, tokens, reference):
         reference_tokens=reference,
         progress=False,
     )
+
+
+def test_ablation_sweep(model, tokens, reference, sweep):
     per_mode = N_LAYERS * (3 + N_HEADS)
     assert len(sweep.ablations) == 2 * per_mode
     torch.testing.assert_close(torch.tensor(sweep.baseline_loss), model(tokens, return_type="loss"))
@@ -264,16 +269,7 @@ def test_ablation_sweep_targets_restrict_positions(model, tokens):
         ablation_sweep(model, tokens, components=("atn",), progress=False)
 
 
-def test_sweep_bars_highlight_one_ablation(model, tokens, reference):
-    sweep = ablation_sweep(
-        model,
-        tokens,
-        modes=("zero", "mean"),
-        components=("layer", "attn", "mlp"),
-        heads=True,
-        reference_tokens=reference,
-        progress=False,
-    )
+def test_sweep_bars_highlight_one_ablation(sweep):
     fig = sweep.figure("mean", highlight="1.head2")
     (bar,) = fig.data
     mean = [(a, float(d)) for a, d in zip(sweep.ablations, sweep.deltas) if a.mode == "mean"]

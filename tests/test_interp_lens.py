@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from _lens_helpers import random_lens
+from _model_helpers import tiny_model
 from safetensors.torch import save_file
 
 from tinygpt import GPT, GPTConfig, train
@@ -21,16 +22,7 @@ from tinygpt.interp.lens import _show
 PROMPT = "ROMEO: But soft, what light"
 
 
-@pytest.fixture(autouse=True)
-def _cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TINYGPT_CACHE_DIR", str(tmp_path / "cache"))
-
-
-def tiny_model(seed: int = 0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    cfg = dict(n_layers=2, d_model=32, n_heads=2, n_ctx=64)
-    cfg.update(overrides)
-    return GPT(GPTConfig(**cfg)).eval()
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # conftest: TINYGPT_CACHE_DIR in the test's tmp dir
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from tinygpt.interp import (
     patch_resid_mid,
     patch_resid_pre,
     patch_sweep,
+    patching_figure,
 )
 
 N_LAYERS, N_HEADS, POS = 3, 3, 9
@@ -256,6 +257,33 @@ def test_figures(model, pair):
     every = patch_block_every(model, clean, corrupted, metric).figure()
     assert len(every.data) == 3
     assert isinstance(patch_heads(model, clean, corrupted, metric), PatchingResult)
+
+
+def test_patching_figure_puts_sweeps_side_by_side_on_one_scale(model, pair):
+    clean, corrupted = pair
+    results = {
+        "resid_pre": patch_resid_pre(model, clean, corrupted, metric),
+        "head": patch_heads(model, clean, corrupted, metric),
+    }
+    fig = patching_figure(results, title="two sweeps")
+    assert [t.name for t in fig.data] == ["resid_pre", "head"] and fig.layout.title.text == "two sweeps"
+    for trace, r in zip(fig.data, results.values()):
+        torch.testing.assert_close(torch.tensor(trace.z, dtype=torch.float32), r.values.float())
+    lim = max(float(r.values.abs().max()) for r in results.values())
+    assert fig.layout.coloraxis.cmin == pytest.approx(-lim) and fig.layout.coloraxis.cmax == pytest.approx(lim)
+    # a sequence of results is named by each result's site
+    assert [t.name for t in patching_figure(list(results.values())).data] == ["resid_pre", "head"]
+    with pytest.raises(PatchingError, match="at least one"):
+        patching_figure({})
+
+
+def test_default_answers_recorded_in_meta(model, pair):
+    clean, corrupted = pair
+    explicit = patch_resid_pre(model, clean, corrupted, correct=[5, 6], incorrect=[7, 8])
+    assert explicit.meta["correct"] == [5, 6] and explicit.meta["incorrect"] == [7, 8]
+    auto = patch_resid_pre(model, clean[:1], corrupted[:1], correct=5)
+    assert auto.meta["correct"] == [5] and auto.meta["incorrect"] == [int(model(corrupted[:1])[0, -1].argmax())]
+    assert "correct" not in patch_resid_pre(model, clean, corrupted, metric).meta  # a custom metric has no answers
 
 
 # ------------------------------------------------------------------------------------------ mixture-of-depths

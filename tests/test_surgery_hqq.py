@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from _surgery_helpers import make_model
 
 import tinygpt
-from tinygpt import GPT, GPTConfig
 from tinygpt.cli import main
 from tinygpt.surgery import (
     PackedQuantLinear,
@@ -19,11 +19,6 @@ from tinygpt.surgery import (
     unpack_codes,
 )
 from tinygpt.surgery.hqq import packed_nbytes
-
-
-def make_model(n_layers: int = 2, d_model: int = 64, seed: int = 0, **kw) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(n_layers=n_layers, d_model=d_model, n_heads=2, n_ctx=64, **kw)).eval()
 
 
 def rel_err(W, What) -> float:
@@ -273,8 +268,10 @@ def test_cli_hqq_end_to_end(saved, tmp_path, capsys):
     assert isinstance(model.blocks[1].attn.v_proj, PackedQuantLinear) and model.blocks[1].attn.v_proj.bits == 3
     assert type(model.blocks[1].attn.q_proj) is nn.Linear
     assert isinstance(model.generate("ab", max_new_tokens=5, seed=0), str)
-    # dense (drop-in) output, in place: --out equal to the input is allowed
-    assert main(["hqq", str(saved), "--bits", "8", "--rtn", "--out", str(saved)]) == 0
+    # dense (drop-in) output, in place: --out equal to the input needs --overwrite (issue 18: no silent overwrite)
+    assert main(["hqq", str(saved), "--bits", "8", "--rtn", "--out", str(saved)]) == 2
+    assert type(tinygpt.load(saved).blocks[0].mlp.fc_in) is nn.Linear
+    assert main(["hqq", str(saved), "--bits", "8", "--rtn", "--out", str(saved), "--overwrite"]) == 0
     assert type(tinygpt.load(saved).blocks[0].mlp.fc_in) is nn.Linear
 
 

@@ -7,14 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from _surgery_helpers import make_model
 
-from tinygpt import GPT, GPTConfig
+from tinygpt import GPT
 from tinygpt.surgery import hqq, hqq_error_grid, hqq_loss_curve, hqq_quantize, quantize_rtn
-
-
-def make_model(n_layers: int = 2, d_model: int = 64, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(n_layers=n_layers, d_model=d_model, n_heads=2, n_ctx=64)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from _surgery_helpers import make_model
 
-from tinygpt import GPT, GPTConfig, generate
+from tinygpt import GPT, generate
 from tinygpt.surgery import LowRankLinear, laser, laser_, laser_compare, singular_values
-
-
-def make_model(n_layers: int = 2, d_model: int = 64, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(n_layers=n_layers, d_model=d_model, n_heads=2, n_ctx=64)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -332,8 +332,25 @@ def test_distill_and_lora_commands_print_on_rank_0_only(corpus, tmp_path, monkey
     common = ["--corpus", str(corpus), "--steps", "1", "--batch", "2", "--ctx", "16", "--val-every", "0",
               "--device", "cpu", "--no-progress"]  # fmt: skip
     commands = {
-        "distill": ["distill", "nano", "--teacher", str(teacher.path), *common, "--out", str(tmp_path / "s.tinygpt")],
-        "lora": ["lora", str(teacher.path), *common, "--no-checkpoint", "--out", str(tmp_path / "a.lora")],
+        "distill": [
+            "distill",
+            "nano",
+            "--teacher",
+            str(teacher.path),
+            *common,
+            "--out",
+            str(tmp_path / "s.tinygpt"),
+            "--overwrite",
+        ],
+        "lora": [
+            "lora",
+            str(teacher.path),
+            *common,
+            "--no-checkpoint",
+            "--out",
+            str(tmp_path / "a.lora"),
+            "--overwrite",
+        ],
     }
     for name, args in commands.items():
         assert main(args) == 0

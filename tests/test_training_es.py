@@ -8,8 +8,9 @@ import copy
 import numpy as np
 import pytest
 import torch
+from _model_helpers import tiny_model
 
-from tinygpt import GPT, GPTConfig, load
+from tinygpt import GPT, load
 from tinygpt.cli import main
 from tinygpt.data import batch_starts, windows
 from tinygpt.training.es import (
@@ -25,10 +26,8 @@ from tinygpt.training.es import (
 
 
 def make_model(seed: int = 0, **kw) -> GPT:
-    torch.manual_seed(seed)
-    cfg = dict(n_layers=1, d_model=32, n_heads=2, n_ctx=32)
-    cfg.update(kw)
-    return GPT(GPTConfig(**cfg)).eval()
+    """`tiny_model` with one layer and n_ctx 32."""
+    return tiny_model(seed, **{"n_layers": 1, "n_ctx": 32, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -380,5 +379,5 @@ def test_cli_es_corpus_and_word_list(tmp_path, capsys):
     flags = "--steps 1 --population 2 --samples 2 --tokens 4 --no-progress"
     rc = main(["es", str(src), "--word-list", str(words), "--out", str(out2)] + flags.split())
     assert rc == 0 and "reward" in capsys.readouterr().out
-    rc = main(["es", str(src), "--word-list", str(words), "--corpus", str(corpus), "--out", str(out2)])
+    rc = main(["es", str(src), "--word-list", str(words), "--corpus", str(corpus), "--out", str(out2), "--overwrite"])
     assert rc == 2 and "not both" in capsys.readouterr().err

@@ -497,10 +497,15 @@ def test_cli_sft_and_finetune(tmp_path, capsys):
         == 0
     )
     assert "done: step 2" in capsys.readouterr().out
-    assert cli.main(["sft", str(base), "--data", str(data), "--template", "chatmll", "--out", str(out), *common]) == 2
+    assert (
+        cli.main(
+            ["sft", str(base), "--data", str(data), "--template", "chatmll", "--out", str(out), "--overwrite", *common]
+        )
+        == 2
+    )
     assert "unknown chat template 'chatmll'" in capsys.readouterr().err
     bad = write_jsonl(tmp_path / "bad.jsonl", [RECORDS[0], "{oops"])
-    assert cli.main(["sft", str(base), "--data", str(bad), "--out", str(out), *common]) == 2
+    assert cli.main(["sft", str(base), "--data", str(bad), "--out", str(out), "--overwrite", *common]) == 2
     assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
 
 

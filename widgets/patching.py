@@ -20,11 +20,9 @@ from typing import Any
 
 import ipywidgets as W
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
-from tinygpt import generate
 from tinygpt.inputs import progress_enabled
-from tinygpt.interp import PatchingError, PatchingResult, patch_sweep
+from tinygpt.interp import PatchingError, PatchingResult, patch_sweep, patching_figure
 from tinygpt.interp.patching import SITES
 
 from ._inputs import parse_answer, parse_tokens, prompt_box, token_strs
@@ -128,11 +126,8 @@ class PatchingDashboard(Dashboard):
                 )
                 for site in self.sites
             }
-            # TODO(model): the answers patch_sweep resolved for blank boxes, for the status line and `answers`;
-            # with them in PatchingResult.meta ("correct", "incorrect") this second forward pass goes away.
-            correct = _top_prediction(self.model, clean) if correct is None else correct
-            incorrect = _top_prediction(self.model, corrupted) if incorrect is None else incorrect
-            self.results, self.answers = results, (correct, incorrect)
+            meta = next(iter(results.values())).meta  # the answers patch_sweep resolved (blank box: top prediction)
+            self.results, self.answers = results, (meta["correct"][0], meta["incorrect"][0])
             self.draw()
         return self.results
 
@@ -147,7 +142,7 @@ class PatchingDashboard(Dashboard):
             return
         with self._reporting(PatchingError):
             shown = {s: self.shown(s) for s in self.sites}
-            show_figure(self.fig, sweeps_figure(shown))
+            show_figure(self.fig, patching_figure(shown))
             r = next(iter(self.results.values()))
             c, k = (html.escape(repr(s)) for s in token_strs(self.model, list(self.answers)))
             best = ", ".join(f"{s} {_cell(cell)} {v:.2f}" for s in self.sites for cell, v in shown[s].top(1))
@@ -160,11 +155,6 @@ class PatchingDashboard(Dashboard):
         return f"PatchingDashboard(sites={list(self.sites)}, results={list(self.results)})"
 
 
-def _top_prediction(model, tokens) -> int:
-    """The model's greedy next token after `tokens` [1, pos] (its top prediction at the last position)."""
-    return int(generate(model, tokens, 1, temperature=0.0)[0, -1])
-
-
 def _answer_text(answer: str | int | None) -> str:
     if answer is None:
         return ""
@@ -174,45 +164,6 @@ def _answer_text(answer: str | int | None) -> str:
 def _cell(cell: dict[str, int]) -> str:
     parts = {"layer": "L", "head": "H", "pos": " pos "}
     return "".join(f"{parts.get(a, a)}{i}" for a, i in cell.items())
-
-
-# TODO(figure): drawn here until the library's result draws it (see the docstring)
-def sweeps_figure(results: dict[str, PatchingResult]) -> go.Figure:
-    """One panel per site (`{site: result}`, in order), each the heatmap of the result's own `.figure()`, on one
-    diverging colour scale; panel widths follow their number of columns.
-
-    TODO(figure): a library figure of several sweeps side by side (e.g. `tinygpt.interp.patching_figure(results)`
-    or a `PatchingResults` mapping with `.figure()`); `PatchingResult.figure()` draws one site (or the
-    stacked `patch_block_every` sites, which share their axes: not "head" with "resid_pre").
-    """
-    panels = []
-    for site, r in results.items():
-        heat = r.figure().data[0]  # [layer, pos], [layer, head] or rows L0H0, L0H1, ... for head_by_pos
-        heat.update(name=site, hovertemplate="%{y} | %{x}: %{z:.4f}<extra>" + site + "</extra>")
-        panels.append(heat)
-    fig = make_subplots(
-        rows=1,
-        cols=len(panels),
-        subplot_titles=list(results),
-        horizontal_spacing=0.04,
-        column_widths=[max(len(h.x), 6) for h in panels],
-    )
-    lim = max(abs(v) for h in panels for row in h.z for v in row) or 1.0
-    for col, heat in enumerate(panels, start=1):
-        fig.add_trace(heat, row=1, col=col)
-        fig.update_yaxes(autorange="reversed", type="category", row=1, col=col)
-        fig.update_xaxes(type="category", tickangle=-60, row=1, col=col)
-    r0 = next(iter(results.values()))
-    label = "normalised metric" if r0.normalized else "logit difference"
-    fig.update_layout(
-        title=f"patched metric per cell (clean {r0.clean_metric:.3f}, corrupted {r0.corrupted_metric:.3f})",
-        coloraxis={"colorscale": "RdBu", "cmid": 0, "cmin": -lim, "cmax": lim, "colorbar": {"title": label}},
-        template="plotly_white",
-        height=max(340, 26 * max(len(h.y) for h in panels) + 200),
-        width=min(1080, 160 + sum(40 + 18 * max(len(h.x), 6) for h in panels)),  # a notebook's output area
-        margin={"t": 80, "b": 90, "l": 60, "r": 20},
-    )
-    return fig
 
 
 __all__ = ["PatchingDashboard"]

@@ -6,6 +6,7 @@ tinygpt.save(model, "copy.tinygpt")            # atomic
 
 from tinygpt.checkpoint.files import (  # noqa: F401
     CheckpointError,
+    OutputError,
     content_hash,
     model_fingerprint,
     read_manifest,
@@ -24,6 +25,7 @@ from tinygpt.checkpoint.format import (  # noqa: F401
     load_optimizer_state,
     optimizer_state_dict,
     read_checkpoint,
+    resumable_state,
     save,
 )
 from tinygpt.checkpoint.swaps import apply_surgery_record, register_swap, set_module, surgery_record  # noqa: F401

@@ -27,6 +27,11 @@ class CheckpointError(TinyGPTError, ValueError):
     """A file is missing, truncated, corrupt, foreign or inconsistent."""
 
 
+class OutputError(TinyGPTError, OSError):
+    """An output cannot (or must not) be written: a directory, read-only, an input of the same command, or an
+    existing file without `overwrite=True` (`--overwrite`). Raised before any work starts."""
+
+
 def write_tensor_file(
     path: str | os.PathLike,
     tensors: dict[str, Tensor],

@@ -152,7 +152,35 @@ def optimizer_state_dict(ckpt: Checkpoint, class_name: str) -> dict[str, Any]:
 def read_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
     """Parse and validate a `.tinygpt` file without building a model."""
     path = Path(path)
-    manifest = read_manifest(
+    manifest = _manifest(path)
+    tensors = read_tensor_file(path, manifest, error=CheckpointError, verify=verify)
+    ckpt = Checkpoint(path=path, manifest=manifest, tensors={})
+    for k, v in tensors.items():
+        if k.startswith(OPTIM_PREFIX):
+            ckpt.optimizer[k[len(OPTIM_PREFIX) :]] = v
+        elif k.startswith(RNG_PREFIX):
+            ckpt.rng[k[len(RNG_PREFIX) :]] = v
+        else:
+            ckpt.tensors[k] = v
+    return ckpt
+
+
+def resumable_state(path: str | os.PathLike) -> str | None:
+    """What a `.tinygpt` file would lose if replaced by a plain model, e.g. "a training checkpoint at step 10
+    (optimizer state: resumable)"; None for a file without optimizer state or that is not a `.tinygpt` file.
+    Reads the header only."""
+    try:
+        manifest = _manifest(Path(path))
+    except CheckpointError:
+        return None
+    if "optimizer" not in manifest:
+        return None
+    step = (manifest.get("train_state") or {}).get("step", "?")
+    return f"a training checkpoint at step {step} (optimizer state: resumable)"
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    return read_manifest(
         path,
         key=FORMAT,
         max_version=FORMAT_VERSION,
@@ -164,16 +192,6 @@ def read_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
             "metadata); save models with tinygpt.save(model, path)"
         ),
     )
-    tensors = read_tensor_file(path, manifest, error=CheckpointError, verify=verify)
-    ckpt = Checkpoint(path=path, manifest=manifest, tensors={})
-    for k, v in tensors.items():
-        if k.startswith(OPTIM_PREFIX):
-            ckpt.optimizer[k[len(OPTIM_PREFIX) :]] = v
-        elif k.startswith(RNG_PREFIX):
-            ckpt.rng[k[len(RNG_PREFIX) :]] = v
-        else:
-            ckpt.tensors[k] = v
-    return ckpt
 
 
 def load(path: str | os.PathLike | Checkpoint, device: str | torch.device | None = None):

@@ -19,8 +19,10 @@
 
 One module per command group registers its commands (`tinygpt.cli._command.command`): `train` (train, sample,
 inspect, tokenizer), `surgery`, `interp`, `interop`, `distill`, `eval`, `lora`, `sft`, `es`. The flags several
-commands share are declared once, in `tinygpt.cli._flags`. `python -m tinygpt` is the same command. Nothing here
-reads `sys.argv` at import time.
+commands share are declared once, in `tinygpt.cli._flags`. Before a command runs, `tinygpt.cli._preflight` checks
+--threads (or $TINYGPT_THREADS), --device and every output (writable, not an input, an existing file replaced
+only with --overwrite or --resume). `python -m tinygpt` is the same command. Nothing here reads `sys.argv` at
+import time.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from tinygpt.cli import sft as _sft  # noqa: F401  (sft, finetune, magpie)
 from tinygpt.cli import es as _es  # noqa: F401  (es)
 
 # isort: on
+from tinygpt.cli import _preflight
 from tinygpt.cli._command import REGISTRY, Command, CommandError
 from tinygpt.errors import TinyGPTError
 
@@ -64,13 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tinygpt` console script and `python -m tinygpt` (argv: default `sys.argv[1:]`)."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
     from tinygpt.training.distributed import record_error  # under torchrun: the rank's error in its failure summary
 
     try:
+        threads = _preflight.run(args)  # threads, device, outputs: checked before anything runs
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         return REGISTRY[args.command].run(args)
     except USER_ERRORS as e:
         record_error(e)

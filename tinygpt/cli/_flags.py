@@ -34,6 +34,7 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--out": {"required": True, "help": "the file to write"},
     "--no-progress": {"action": "store_true", "help": "no progress bars"},
     "--resume": {"action": "store_true", "help": "continue the run saved in --out"},
+    "--overwrite": {"action": "store_true", "help": "replace an existing output file (default: refuse)"},
     "--strategy": {
         "default": "ddp",
         "choices": ["ddp", "fsdp"],
@@ -121,9 +122,10 @@ def add_run_flags(
     device: str = "best available",
     strategy: bool = True,
 ) -> None:
-    """Declare the options of a run besides its settings: --out (required), --resume (unless None), --device,
-    --strategy (unless False), --threads and --no-progress."""
+    """Declare the options of a run besides its settings: --out (required), --overwrite, --resume (unless None),
+    --device, --strategy (unless False), --threads and --no-progress."""
     add(p, "--out", help=out)
+    add(p, "--overwrite", help="start a new run over an existing --out (default: refuse; --resume continues it)")
     if resume is not None:
         add(p, "--resume", help=resume)
     add_device_flags(p, device=device)
@@ -177,9 +179,10 @@ def progress(a: argparse.Namespace) -> bool:
 
 def run_options(a: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments the flags of `add_run_flags` and `add_training_flags` give a training function:
-    out, resume, device, progress, strategy and the `TrainConfig` fields whose flags were given."""
+    out, overwrite, resume, device, progress, strategy and the `TrainConfig` fields whose flags were given."""
     return dict(
         out=a.out,
+        overwrite=a.overwrite,
         resume=a.resume,
         device=a.device,
         progress=progress(a),

@@ -76,6 +76,7 @@ def _es_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--member-batch", type=int, default=None, help="members per vmapped forward (default 8)")
     add(p, "--out", help="the evolved model to write (.tinygpt)")
+    add(p, "--overwrite")
     add_device_flags(p, device="cpu")
 
 

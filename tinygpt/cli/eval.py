@@ -62,6 +62,7 @@ def _leaderboard_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", help="folder searched recursively for .tinygpt files (or one file)")
     _text_flags(p)
     add(p, "--out", required=False, help="write a markdown report here (and the chart as REPORT.bpb.html)")
+    add(p, "--overwrite")
 
 
 @command("leaderboard", "score every .tinygpt in a folder on the same held-out text (bpb)", flags=_leaderboard_flags)

@@ -17,6 +17,7 @@ from tinygpt.cli._flags import add
 def _export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="input .tinygpt")
     p.add_argument("--hf", required=True, metavar="DIR", help="output directory (weights, config, tokenizer)")
+    add(p, "--overwrite", help="replace an existing export in DIR (swapped in once the new one is complete)")
 
 
 @command("export", "write a .tinygpt model as a Hugging Face GPT2LMHeadModel directory", flags=_export_flags)
@@ -25,7 +26,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     from tinygpt.interop.hf import export_hf
 
     model = load(a.file)
-    d = export_hf(model, a.hf)
+    d = export_hf(model, a.hf, overwrite=a.overwrite)
     files = ", ".join(sorted(f.name for f in d.iterdir() if f.is_file()))
     print(f"exported {a.file} ({model.n_params():,} parameters) to {d}: {files}")
     return 0
@@ -34,6 +35,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 def _import_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", help="Hugging Face model directory (config.json, weights, tokenizer files)")
     add(p, "--out", help="output .tinygpt")
+    add(p, "--overwrite")
     add(p, "--tokenizer", help="override the directory's tokenizer ('byte' or a path)")
     add(p, "--dropout", help="needed only if the config's dropouts differ")
 

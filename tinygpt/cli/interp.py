@@ -41,6 +41,7 @@ def _tuned_lens_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-windows", type=int, default=16, help="held-out windows for the KL table")
     add(p, "--seed", default=0, help="random seed (default 0)")
     add(p, "--out", required=False, help="the .lenses file (default: MODEL with suffix .lenses)")
+    add(p, "--overwrite")
     add_device_flags(p)
 
 

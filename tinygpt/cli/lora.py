@@ -64,6 +64,7 @@ def _merge_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="the base .tinygpt file the adapter was trained on")
     p.add_argument("adapter", help="the adapter file (.lora)")
     add(p, "--out", help="the merged .tinygpt to write")
+    add(p, "--overwrite")
     p.add_argument("--force", action="store_true", help="apply the adapter even if the base model does not match")
 
 

@@ -82,7 +82,7 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
 def cmd_finetune(a: argparse.Namespace) -> int:
     from tinygpt.training import finetune
 
-    res = finetune(None if a.resume else a.model, corpus_arg(a), **run_options(a))
+    res = finetune(a.model, corpus_arg(a), **run_options(a))  # on resume the library checks it is the run's base
     return report(res, ("loss",), (f"saved {res.path}",))
 
 
@@ -105,6 +105,7 @@ def _magpie_flags(p: argparse.ArgumentParser) -> None:
         "--max-attempts", type=int, default=None, help="instructions to try at most (default 4 x count + 16)"
     )
     add(p, "--out", help="JSONL to write (settings go to NAME.meta.json beside it)")
+    add(p, "--overwrite")
     add_device_flags(p)
 
 

@@ -40,6 +40,7 @@ def _laser_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank-fraction", type=float, required=True, help="ρ in (0, 1]: fraction of the rank kept")
     p.add_argument("--factored", action="store_true", help="store two factors (fewer parameters, smaller file)")
     add(p, "--out", help="output .tinygpt")
+    add(p, "--overwrite", help="replace an existing --out (also the input file itself)")
 
 
 def _hqq_flags(p: argparse.ArgumentParser) -> None:
@@ -53,18 +54,23 @@ def _hqq_flags(p: argparse.ArgumentParser) -> None:
     _common_flags(p, required=False, targets_help=_TARGET_HELP + " (default: all)", layers="0-11")
     p.add_argument("--packed", action="store_true", help="store bit-packed codes (file really shrinks)")
     add(p, "--out", help="output .tinygpt")
+    add(p, "--overwrite", help="replace an existing --out (also the input file itself)")
 
 
 def _operate(a: argparse.Namespace, operation) -> int:
     """Load --file, apply `operation(model)` (returns the report), save to --out, print the report and sizes."""
-    from tinygpt.checkpoint import load, save
+    from tinygpt.checkpoint import load, resumable_state, save
 
-    out = out_file(a.out)
+    out = out_file(a.out)  # checked before: writable, not the input unless --overwrite (tinygpt.cli._preflight)
+    lost = resumable_state(a.file)
+    size_in = file_size(Path(a.file))  # before: --out may name the input (--overwrite)
     model = load(a.file)
     report = operation(model)
     save(model, out)
     print(report)
-    print(f"input  {a.file}: {file_size(Path(a.file))}")
+    if lost:
+        print(f"warning: {a.file} is {lost}; {out} holds the weights only (no optimizer state, not resumable)")
+    print(f"input  {a.file}: {size_in}")
     print(f"wrote  {out}: {file_size(out)}")
     return 0
 

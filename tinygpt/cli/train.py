@@ -41,12 +41,15 @@ _ARCH_FLAGS = (
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size (default tiny)")
+    p.add_argument(
+        "--preset", default=None, choices=list(PRESETS), help="model size (default tiny; with --resume: the run's)"
+    )
     add(p, "--tokenizer", help="'byte' (default) or a tokenizer.json / HF tokenizer directory")
     add_corpus_flags(p)
     add_training_flags(p, ctx="the preset's n_ctx")
     add(p, "--resume")
     add(p, "--out", required=False, help="checkpoint path (default: PRESET.tinygpt)")
+    add(p, "--overwrite", help="start a new run over an existing --out (default: refuse; --resume continues it)")
     add(p, "--strategy")
     add_device_flags(p)
     arch = p.add_argument_group("architecture (GPTConfig knobs of a new model)")
@@ -65,10 +68,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
 
 def _model_config(a: argparse.Namespace) -> dict:
     """GPTConfig overrides from the architecture flags that were given."""
-    out = {k: getattr(a, k) for k in _ARCH_FLAGS if getattr(a, k) is not None and getattr(a, k) is not False}
-    if out and a.resume:
-        raise CommandError(f"architecture flags ({', '.join(sorted(out))}) cannot change a run being resumed")
-    return out
+    # with --resume, train() accepts the values equal to the run's and refuses a change, naming both values
+    return {k: getattr(a, k) for k in _ARCH_FLAGS if getattr(a, k) is not None and getattr(a, k) is not False}
 
 
 @command("train", "train a model (built-in Shakespeare and bytes by default)", flags=_train_flags)
@@ -82,7 +83,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         tokenizer=a.tokenizer,
         preset=a.preset,
         model_config=_model_config(a),
-        out=a.out or f"{a.preset}.tinygpt",
+        out=a.out or f"{a.preset or 'tiny'}.tinygpt",
+        overwrite=a.overwrite,
         resume=a.resume,
         device=a.device,
         progress=progress(a),
@@ -100,7 +102,7 @@ def _sample_flags(p: argparse.ArgumentParser) -> None:
     add(p, "--top-k")
     add(p, "--top-p")
     add(p, "--seed", help="random seed (sample i uses seed + i)")
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--num-samples", type=int, default=1, help="samples to print (>= 1)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context every token")
     add(p, "--device", help="cuda, mps or cpu (default: cpu)")
 
@@ -110,6 +112,10 @@ def cmd_sample(a: argparse.Namespace) -> int:
     from tinygpt.checkpoint import load
     from tinygpt.sampling import stream
 
+    if a.num_samples < 1:
+        raise CommandError(f"--num-samples must be >= 1, got {a.num_samples}")
+    if a.tokens < 0:
+        raise CommandError(f"--tokens must be >= 0, got {a.tokens}")
     model = load(a.file, device=a.device)
     for i in range(a.num_samples):
         seed = None if a.seed is None else a.seed + i
@@ -147,6 +153,7 @@ def _tokenizer_flags(p: argparse.ArgumentParser) -> None:
     add(p, "--corpus", help="default: built-in Shakespeare")
     p.add_argument("--vocab-size", type=int, required=True)
     add(p, "--out", help="directory to write tokenizer.json into")
+    add(p, "--overwrite", help="replace an existing tokenizer.json there")
     add(p, "--no-progress")
 
 

@@ -381,27 +381,43 @@ def tokenizer_from_hf_dir(directory: str | os.PathLike) -> Tokenizer:
 
 
 # ----------------------------------------------------------------------------------------------- files
-def export_hf(model: GPT, directory: str | os.PathLike, *, tokenizer: Tokenizer | None = None) -> Path:
+def export_hf(
+    model: GPT, directory: str | os.PathLike, *, tokenizer: Tokenizer | None = None, overwrite: bool = False
+) -> Path:
     """Write a model as a Hugging Face `GPT2LMHeadModel` directory (weights, config and tokenizer files).
+
+    The files are written into a temporary directory beside `directory`, which replaces it only once complete:
+    a failure (a full disk) leaves the old export, or nothing, and never a mix of new config and old weights.
 
     Args:
         model: a vanilla tinygpt `GPT` (`InteropError` names any knob GPT-2 cannot express).
         directory: created if needed; loadable with `GPT2LMHeadModel.from_pretrained(directory)` and
             `AutoTokenizer.from_pretrained(directory)`.
         tokenizer: default `model.tokenizer`.
+        overwrite: replace a non-empty `directory` (default: refuse, `OutputError`).
     Returns:
         The directory.
     """
+    from tinygpt.checkpoint import OutputError
+    from tinygpt.io import atomic_directory, check_output
+
     tok = tokenizer if tokenizer is not None else model.tokenizer
     if tok is None:
         raise InteropError("the model has no tokenizer attached; pass tokenizer= (or set model.tokenizer)")
-    hf = to_hf(model)
     d = Path(directory)
     if d.exists() and not d.is_dir():
         raise InteropError(f"{d} exists and is not a directory; give a directory to write the model into")
-    d.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(str(d))
-    hf_tokenizer(tok, n_ctx=model.cfg.n_ctx).save_pretrained(str(d))
+    hint = "pass overwrite=True (--overwrite) to replace it"
+    check_output(d, overwrite=overwrite, directory=True, error=OutputError, hint=hint)
+    hf = to_hf(model)
+    with atomic_directory(d) as tmp:
+        try:
+            hf.save_pretrained(str(tmp))
+            hf_tokenizer(tok, n_ctx=model.cfg.n_ctx).save_pretrained(str(tmp))
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors / transformers raise their own types (disk full)
+            raise InteropError(f"cannot write the Hugging Face export {d}: {e}") from e
     return d
 
 
@@ -434,7 +450,14 @@ def import_hf(
     config = T.AutoConfig.from_pretrained(str(d), local_files_only=True)
     from_hf_config(config, dropout=dropout)  # fail before loading weights if the config cannot be expressed
     tok = load_tokenizer(tokenizer) if tokenizer is not None else tokenizer_from_hf_dir(d)
-    hf = T.GPT2LMHeadModel.from_pretrained(str(d), config=config, local_files_only=True)
+    try:
+        hf = T.GPT2LMHeadModel.from_pretrained(str(d), config=config, local_files_only=True)
+    except (OSError, RuntimeError, ValueError) as e:  # missing / truncated weights, shapes not config.json's
+        first = " ".join(str(e).split())[:300]
+        raise InteropError(
+            f"{d} is not a consistent Hugging Face model directory: its weights do not load with its config.json "
+            f"({type(e).__name__}: {first})"
+        ) from None
     if hf.transformer.wte.weight.dtype == torch.float16:
         hf = hf.float()
     model = from_hf(hf, tok, dropout=dropout)
@@ -471,7 +494,7 @@ def transformer_bridge(
     T = _transformers()
     if isinstance(model_or_dir, GPT):
         directory = directory or tempfile.mkdtemp(prefix="tinygpt-hf-")
-        export_hf(model_or_dir, directory)
+        export_hf(model_or_dir, directory, overwrite=True)
     else:
         directory = model_or_dir
     d = _check_hf_dir(directory)

@@ -313,9 +313,11 @@ def fit(
     step = start_step
     interrupted = False
     in_update = False
+    rng_at_step = None  # the RNG state a step starts from: an abandoned step's draws (dropout) are undone
     try:
         while step < cfg.steps:
             distributed.fault_injection(step + 1)
+            rng_at_step = torch.get_rng_state()
             t_step = time.perf_counter()
             lr = cfg.lr_at(step)
             for g in opt.param_groups:
@@ -349,6 +351,7 @@ def fit(
             opt.zero_grad(set_to_none=True)
             in_update = False
             step += 1
+            rng_at_step = None  # the step is complete: the state after it is where the next one starts
             dt = time.perf_counter() - t_step
             tps = tokens_per_step / dt if dt > 0 else float("nan")
             tps_ema = tps if tps_ema is None else 0.9 * tps_ema + 0.1 * tps
@@ -393,6 +396,10 @@ def fit(
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
         interrupted = True
+        if rng_at_step is not None and not in_update:
+            # Ctrl-C inside a step: it is abandoned, so the checkpoint must hold the RNG state it started from
+            # (its dropout masks were already drawn); resuming then replays it exactly
+            torch.set_rng_state(rng_at_step)
         if in_update:  # weights may be half-updated: keep the previous checkpoint
             model.eval()
             return TrainResult(
@@ -400,7 +407,8 @@ def fit(
             )
     finally:
         bar.close()
-    checkpoint(step)
+    if run is None or step > start_step or interrupted:  # a resumed run that had nothing to do keeps its file
+        checkpoint(step)
     distributed.barrier()  # the file is complete before any process returns
     model.train_state = {"step": step, "train_config": cfg.to_dict(), "loss": history[-1]["loss"] if history else None}
     model.eval()

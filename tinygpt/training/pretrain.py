@@ -17,7 +17,8 @@ import os
 from typing import Any
 
 from tinygpt.checkpoint import as_model
-from tinygpt.config import GPTConfig
+from tinygpt.config import PRESETS, GPTConfig
+from tinygpt.io import same_file
 from tinygpt.model import GPT
 from tinygpt.tokenizer import Tokenizer, load_tokenizer
 from tinygpt.training.loop import TrainResult, fit
@@ -32,7 +33,7 @@ def train(
     corpus: Any = None,
     tokenizer: Tokenizer | str | os.PathLike | None = None,
     *,
-    preset: str = "tiny",
+    preset: str | None = None,
     model_config: dict[str, Any] | None = None,
     **options: Any,
 ) -> TrainResult:
@@ -44,8 +45,10 @@ def train(
         corpus: a path (text file, directory, .jsonl), a `Corpus`, or None for the built-in Shakespeare (on
             resume: the run's).
         tokenizer: "byte" (default for a new model), a tokenizer.json path / directory, or an object.
-        preset: preset name used when `model` is None.
-        model_config: `GPTConfig` overrides for a new model, e.g. `{"diff_attn": True, "n_layers": 6}`.
+        preset: preset name used when `model` is None (default "tiny"). On resume, a preset given must match the
+            run's model (`SettingError` otherwise).
+        model_config: `GPTConfig` overrides for a new model, e.g. `{"diff_attn": True, "n_layers": 6}`. On
+            resume, values equal to the run's are accepted; a change is a `SettingError` naming both values.
         **options: the shared keyword tail (`tinygpt.training.settings`): `TrainConfig` fields (`steps=200,
             max_lr=1e-3, ...`) and the run options `config`, `out` (the `.tinygpt` checkpoint, written atomically
             every `save_every` steps and at the end), `resume` (continue from `out`: weights, optimizer, step,
@@ -65,7 +68,9 @@ def train(
     run.seed()
     if run.resumed is not None:
         model = run.resumed.model
+        check_resumed_architecture(model.cfg, preset, model_config, run.out)
     elif model is None:
+        preset = preset or "tiny"
         tok = load_tokenizer(tokenizer)
         overrides = {"d_vocab": tok.vocab_size, **(model_config or {})}
         if cfg.ctx and cfg.ctx > GPTConfig.preset(preset).n_ctx:
@@ -82,11 +87,32 @@ def train(
     return fit(model, cfg, batches, **run.fit_options(), state={"corpus": corpus_rec})
 
 
+def check_resumed_architecture(cfg: GPTConfig, preset: str | None, model_config: dict[str, Any] | None, out) -> None:
+    """A resumed run keeps its model: a preset or architecture value given must equal the run's (repeating the
+    command that started the run, plus `resume=True`, works); a change is refused naming old and new values."""
+    wanted: dict[str, Any] = {}
+    if preset is not None:
+        GPTConfig.preset(preset)  # an unknown name: ConfigError with a did-you-mean
+        wanted.update({k: v for k, v in PRESETS[preset].items() if k not in ("n_ctx", "d_vocab")})
+    for k, v in (model_config or {}).items():
+        if not hasattr(cfg, k):
+            raise SettingError(f"model_config has no GPTConfig field {k!r}")
+        wanted[k] = v
+    changed = [f"{k} {getattr(cfg, k)!r} -> {v!r}" for k, v in wanted.items() if getattr(cfg, k) != v]
+    if changed:
+        what = f"preset {preset!r}" if preset is not None else "architecture"
+        raise SettingError(
+            f"cannot resume {out} with a different model ({what}: {', '.join(changed)}); the run's model is kept on "
+            "resume: drop those flags, or start a new run in another file"
+        )
+
+
 def finetune(model: GPT | str | os.PathLike | None, corpus: Any = None, **options: Any) -> TrainResult:
     """Continue next-token training of an existing model on new text (all weights train).
 
     Args:
-        model: a `GPT` (trained in place) or a `.tinygpt` path. Ignored with `resume=True`.
+        model: a `GPT` (trained in place) or a `.tinygpt` path. With `resume=True` it may be None; a path given
+            must be the run's base (`SettingError` otherwise).
         corpus: a text file, directory, `.jsonl` or `Corpus` (None: the built-in Shakespeare); on resume, the
             run's unless given.
         **options: the shared keyword tail, as for `train()`; the setting defaults are `train()`'s except
@@ -98,6 +124,7 @@ def finetune(model: GPT | str | os.PathLike | None, corpus: Any = None, **option
     opts, settings = RunOptions.split(options, what="finetune")
     run = start_run(opts, settings, what="finetune", record="finetune", defaults=FINETUNE_DEFAULTS)
     if run.resumed is not None:
+        check_resumed_base(model, run.record, run.out)
         model, rec, state = run.resumed.model, run.record, run.resumed.train_state
     else:
         base = str(model) if isinstance(model, (str, os.PathLike)) else getattr(model, "source_path", None)
@@ -119,4 +146,17 @@ def finetune(model: GPT | str | os.PathLike | None, corpus: Any = None, **option
     return res
 
 
-__all__ = ["FINETUNE_DEFAULTS", "finetune", "train"]
+def check_resumed_base(model: Any, record: dict[str, Any] | None, out) -> None:
+    """On resume, a base model given (a path, or a GPT loaded from one) must be the one the run started from."""
+    given = str(model) if isinstance(model, (str, os.PathLike)) else getattr(model, "source_path", None)
+    base = (record or {}).get("base")
+    if given is None or base is None:
+        return
+    if not same_file(given, base):
+        raise SettingError(
+            f"cannot resume {out}: that run fine-tunes {base}, not {given}; pass its base (or no model), or start "
+            "a new run in another file"
+        )
+
+
+__all__ = ["FINETUNE_DEFAULTS", "check_resumed_architecture", "check_resumed_base", "finetune", "train"]

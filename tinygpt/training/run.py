@@ -23,15 +23,62 @@ from typing import Any
 
 import torch
 
-from tinygpt.checkpoint import CheckpointError, as_model, load, read_checkpoint
+from tinygpt.checkpoint import CheckpointError, OutputError, as_model, load, read_checkpoint
 from tinygpt.data import Corpus, CorpusError, load_corpus, tokenize_corpus
 from tinygpt.inputs import progress_enabled
+from tinygpt.io import check_output
 from tinygpt.model import GPT
 from tinygpt.training.loop import TokenBatches, default_device
 from tinygpt.training.settings import RunOptions, SettingError, TrainConfig, make_config
 
 #: Settings a resumed run may change without changing what it computes.
 HARMLESS = {"steps", "val_every", "save_every", "sample_every", "sample_prompt", "sample_tokens", "val_batches"}
+
+#: the training-state record each training function writes -> the function (`train` writes none); a checkpoint
+#: belongs to the first of these it holds (`finetune` keeps the model's "sft" record, so it comes before "sft")
+RECORD_OWNERS = {"lora": "lora_finetune", "distill": "distill", "es": "es", "finetune": "finetune", "sft": "sft"}
+
+#: what a resumed run's CLI command is called, for the hint in the error
+_COMMANDS = {"lora_finetune": "lora", "train": "train"}
+
+
+def run_owner(train_state: dict[str, Any]) -> str:
+    """The training function that wrote a checkpoint's training state ("train" when it holds no record)."""
+    return next((fn for key, fn in RECORD_OWNERS.items() if key in train_state), "train")
+
+
+def check_device(device: str | None) -> str | None:
+    """`device` as given, or a `SettingError` (before anything runs) when this torch cannot use it.
+
+    Raises:
+        SettingError: not a device name, or CUDA / MPS asked of a torch build or machine without it.
+    """
+    if device is None:
+        return None
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as e:
+        raise SettingError(f"device={device!r} is not a device: give cuda, cuda:N, mps or cpu ({e})") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise SettingError(f"device={device!r}: {why} (torch {torch.__version__}); use device='cpu'")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SettingError(f"device={device!r}: MPS is not available on this machine; use device='cpu'")
+    return device
+
+
+def check_run_output(out: str | os.PathLike | None, *, overwrite: bool, resume: bool, inputs=()) -> Path | None:
+    """The preflight of a run's `out` (before the first step): not an input, no existing file replaced by a new
+    run unless `overwrite`, writable. Raises `OutputError` naming `out`."""
+    if out is None:
+        return None
+    return check_output(
+        out,
+        overwrite=overwrite or resume,
+        inputs=inputs,
+        error=OutputError,
+        hint="pass overwrite=True (--overwrite) to replace it with a new run, or resume=True (--resume) to continue it",
+    )
 
 
 @dataclass
@@ -62,8 +109,16 @@ def resume_run(out: Path | None, config: TrainConfig | None, settings: dict[str,
         raise CheckpointError(f"cannot resume from {out}: it holds no training state")
     saved = TrainConfig.from_dict(state["train_config"])
     cfg = dataclasses.replace(saved, **{**(dataclasses.asdict(config) if config else {}), **settings})
+    step = int(state["step"])
+    if cfg.steps < step:
+        raise SettingError(
+            f"cannot resume {out} with steps={cfg.steps} (--steps): the run is already at step {step}; give "
+            f"steps > {step} to train on, or drop --resume (with overwrite) to start a new run"
+        )
+    if cfg.steps == step:
+        warnings.warn(f"{out} is already at step {step} of steps={cfg.steps}: nothing to train", stacklevel=3)
     warn_changed(saved, cfg, settings)
-    return ResumedRun(ckpt, cfg, load(ckpt), int(state["step"]), list(state.get("history", [])))
+    return ResumedRun(ckpt, cfg, load(ckpt), step, list(state.get("history", [])))
 
 
 def warn_changed(saved: Any, new: Any, explicit: dict[str, Any], what: str = "settings") -> None:
@@ -167,6 +222,9 @@ def start_run(
     """
     path = out if out is not None else options.out
     path = Path(path) if path is not None else None
+    check_device(options.device)
+    for p in {path, Path(options.out) if options.out is not None else None} - {None}:
+        check_run_output(p, overwrite=options.overwrite, resume=options.resume)
     run = Run(
         options,
         TrainConfig(),
@@ -178,6 +236,13 @@ def start_run(
     )
     if options.resume:
         run.resumed = resume_run(path, options.config, settings)
+        owner = run_owner(run.resumed.train_state)
+        if owner != what:
+            raise CheckpointError(
+                f"cannot resume {what} from {path}: it was not written by {what}() but by {owner}(); continue it with "
+                f"`tinygpt {_COMMANDS.get(owner, owner)} ... --resume` (or {owner}(..., resume=True)), or write "
+                f"this {what} run to another file"
+            )
         if record is not None and not isinstance(run.record, dict):
             raise CheckpointError(
                 f"cannot resume {what} from {path}: it was not written by {what}() (its training state has no "
@@ -193,6 +258,8 @@ def start_run(
 def corpus_batches(model: GPT, corpus: Any, cfg: TrainConfig, *, run: Run) -> tuple[TokenBatches, Any]:
     """Tokenize `corpus` (cached) with the model's tokenizer into `TokenBatches`; also its checkpoint record."""
     corpus_obj = load_corpus(corpus)
+    if run.out is not None:
+        check_output(run.out, overwrite=True, inputs=[str(f) for f in corpus_obj.files], error=OutputError)
     data = tokenize_corpus(
         corpus_obj, model._require_tokenizer(), cache_dir=run.options.cache_dir, progress=run.progress
     )
@@ -223,12 +290,16 @@ def corpus_from_record(rec: Any) -> Any:
 
 __all__ = [
     "HARMLESS",
+    "RECORD_OWNERS",
     "ResumedRun",
     "Run",
     "corpus_batches",
     "corpus_from_record",
     "corpus_record",
     "resume_run",
+    "check_device",
+    "check_run_output",
+    "run_owner",
     "start_run",
     "warn_changed",
     "warn_changed_options",

@@ -4,8 +4,8 @@ Every training function (`train`, `finetune`, `sft`, `distill`, `lora_finetune`,
 
     fn(model, data, <its own options>, *, <the run options>, <settings>)
 
-- **run options** (`RunOptions`): `config`, `out`, `resume`, `callbacks`, `device`, `progress`, `cache_dir`,
-  `strategy`;
+- **run options** (`RunOptions`): `config`, `out`, `resume`, `overwrite`, `callbacks`, `device`, `progress`,
+  `cache_dir`, `strategy`;
 - **settings**: the fields of the function's settings class (`TrainConfig` for everything built on `fit`:
   `steps`, `batch_size`, `accum`, `ctx`, `max_lr`, `min_lr`, `lr_schedule`, `warmup`, `grad_clip`, `dtype`,
   `val_split`, `val_every`, `val_batches`, `save_every`, `seed`, ...; `ESConfig` for `es`).
@@ -113,20 +113,25 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         if self.min_lr is None:
             self.min_lr = self.max_lr / 10
-        checks = {
-            "steps": self.steps >= 1,
-            "batch_size": self.batch_size >= 1,
-            "accum": self.accum >= 1,
-            "warmup": self.warmup >= 0,
-            "max_lr": self.max_lr > 0,
-            "min_lr": 0 <= self.min_lr <= self.max_lr,
-            "grad_clip": self.grad_clip >= 0,
-            "val_batches": self.val_batches >= 1,
-            "ctx": self.ctx is None or self.ctx >= 1,
+        checks = {  # name -> (valid?, the valid range)
+            "steps": (self.steps >= 1, "an integer >= 1"),
+            "batch_size": (self.batch_size >= 1, "an integer >= 1"),
+            "accum": (self.accum >= 1, "an integer >= 1"),
+            "warmup": (self.warmup >= 0, "an integer >= 0"),
+            "max_lr": (self.max_lr > 0 and math.isfinite(self.max_lr), "a finite number > 0"),
+            "min_lr": (0 <= self.min_lr <= self.max_lr, f"in [0, max_lr={self.max_lr}]"),
+            "weight_decay": (self.weight_decay >= 0 and math.isfinite(self.weight_decay), "a finite number >= 0"),
+            "grad_clip": (self.grad_clip >= 0 and math.isfinite(self.grad_clip), "a finite number >= 0 (0: off)"),
+            "val_split": (0 <= self.val_split < 1, "in [0, 1)"),
+            "val_every": (self.val_every >= 0, "an integer >= 0 (0: never)"),
+            "val_batches": (self.val_batches >= 1, "an integer >= 1"),
+            "save_every": (self.save_every >= 0, "an integer >= 0 (0: at the end only)"),
+            "sample_every": (self.sample_every >= 0, "an integer >= 0 (0: never)"),
+            "ctx": (self.ctx is None or self.ctx >= 1, "an integer >= 1"),
         }
-        for name, ok in checks.items():
-            if not ok:
-                raise SettingError(f"invalid training setting {name}={getattr(self, name)!r}")
+        for name, (ok, valid) in checks.items():
+            if not ok:  # NaN fails every comparison
+                raise SettingError(f"invalid training setting {name}={getattr(self, name)!r}: must be {valid}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise SettingError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -183,6 +188,8 @@ class RunOptions:
         progress: show a progress bar (None: `tinygpt.inputs.DEFAULT_PROGRESS`).
         cache_dir: the token cache directory (default `$TINYGPT_CACHE_DIR` or `~/.cache/tinygpt`).
         strategy: under torchrun, "ddp" (default) or "fsdp" (fully sharded); see `tinygpt.training.distributed`.
+        overwrite: replace an existing `out` with a new run (default False: an existing file is refused unless
+            `resume=True`, so a trained model is never replaced by accident).
     """
 
     config: Any = None
@@ -193,6 +200,7 @@ class RunOptions:
     progress: bool | None = None
     cache_dir: str | os.PathLike | None = None
     strategy: str = "ddp"
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

@@ -35,7 +35,8 @@ corrupted one at p when both runs route p through the block; a token either run 
 value (the clean run has no head output there, or the corrupted run does not compute the token). The
 residual-stream sites keep their full shape in every variant and need nothing special.
 
-    api.py      the sweeps (`patch_sweep`, `patch_resid_pre`, ...), `patch_resid`, `PatchingResult`
+    api.py      the sweeps (`patch_sweep`, `patch_resid_pre`, ...), `patch_resid`, `PatchingResult`,
+                `patching_figure` (several sweeps side by side)
     engine.py   the batched, resumed and packed forwards of a sweep
     metrics.py  `logit_diff`, `logit_diff_metric`, `PatchingError`
 """
@@ -51,6 +52,7 @@ from tinygpt.interp.patching.api import (
     patch_resid_mid,
     patch_resid_pre,
     patch_sweep,
+    patching_figure,
 )
 from tinygpt.interp.patching.engine import SITES
 from tinygpt.interp.patching.metrics import Metric, PatchingError, logit_diff, logit_diff_metric
@@ -71,4 +73,5 @@ __all__ = [
     "patch_resid_mid",
     "patch_resid_pre",
     "patch_sweep",
+    "patching_figure",
 ]

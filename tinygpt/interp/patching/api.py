@@ -3,7 +3,7 @@ for a single cell, `PatchingResult` (see `tinygpt.interp.patching` for the seman
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +12,7 @@ from torch import Tensor
 
 from tinygpt.inputs import as_tokens, eval_mode, progress_enabled
 from tinygpt.interp.patching.engine import DIRECT, SITES, can_resume, sweep
-from tinygpt.interp.patching.metrics import Metric, PatchingError, resolve_metric, scalar
+from tinygpt.interp.patching.metrics import LogitDiff, Metric, PatchingError, resolve_metric, scalar
 
 
 @dataclass
@@ -127,6 +127,53 @@ class PatchingResult:
         return fig
 
 
+def patching_figure(results: Mapping[str, PatchingResult] | Sequence[PatchingResult], *, title: str | None = None):
+    """Several sweeps side by side: one panel per result (`{name: result}` in order, or a sequence named by
+    each result's `site`), each the heatmap of the result's own `.figure()`, on one diverging colour scale
+    (RdBu, ±max|value|); panel widths follow their number of columns.
+
+    Args:
+        results: the sweeps to show, e.g. `{"resid_pre": patch_resid_pre(...), "head": patch_heads(...)}`.
+        title: the figure's title (default: the first result's clean and corrupted metrics).
+
+    Returns:
+        A plotly Figure with one heatmap trace per result, named by its key (or site).
+    """
+    from plotly.subplots import make_subplots
+
+    named = dict(results) if isinstance(results, Mapping) else {r.site: r for r in results}
+    if not named:
+        raise PatchingError("patching_figure needs at least one PatchingResult")
+    panels = []
+    for site, r in named.items():
+        heat = r.figure().data[0]  # [layer, pos], [layer, head] or rows L0H0, L0H1, ... for head_by_pos
+        heat.update(name=site, hovertemplate="%{y} | %{x}: %{z:.4f}<extra>" + site + "</extra>")
+        panels.append(heat)
+    fig = make_subplots(
+        rows=1,
+        cols=len(panels),
+        subplot_titles=list(named),
+        horizontal_spacing=0.04,
+        column_widths=[max(len(h.x), 6) for h in panels],
+    )
+    lim = max(abs(v) for h in panels for row in h.z for v in row) or 1.0
+    for col, heat in enumerate(panels, start=1):
+        fig.add_trace(heat, row=1, col=col)
+        fig.update_yaxes(autorange="reversed", type="category", row=1, col=col)
+        fig.update_xaxes(type="category", tickangle=-60, row=1, col=col)
+    r0 = next(iter(named.values()))
+    label = "normalised metric" if r0.normalized else "logit difference"
+    fig.update_layout(
+        title=title or f"patched metric per cell (clean {r0.clean_metric:.3f}, corrupted {r0.corrupted_metric:.3f})",
+        coloraxis={"colorscale": "RdBu", "cmid": 0, "cmin": -lim, "cmax": lim, "colorbar": {"title": label}},
+        template="plotly_white",
+        height=max(340, 26 * max(len(h.y) for h in panels) + 200),
+        width=min(1080, 160 + sum(40 + 18 * max(len(h.x), 6) for h in panels)),  # a notebook's output area
+        margin={"t": 80, "b": 90, "l": 60, "r": 20},
+    )
+    return fig
+
+
 # -------------------------------------------------------------------------------------------- inputs
 def _pair(model, clean: Any, corrupted: Any) -> tuple[Tensor, Tensor]:
     """Clean and corrupted prompts (text, texts of equal token length, or tokens) -> two [batch, pos] tensors."""
@@ -216,6 +263,8 @@ def _patch(
         clean_logits, clean_cache = model.run_with_cache(clean_t, names_filter=sorted(clean_names))
         corrupted_logits, corrupted_cache = model.run_with_cache(corrupted_t, names_filter=sorted(corrupted_names))
         fn = resolve_metric(model, metric, correct, incorrect, clean_logits, corrupted_logits)
+        logit_diff = isinstance(fn, LogitDiff)  # record the answers it resolved (blank: the top predictions)
+        answers = dict(correct=fn.correct.tolist(), incorrect=fn.incorrect.tolist()) if logit_diff else {}
         clean_value, corrupted_value = scalar(fn(clean_logits)), scalar(fn(corrupted_logits))
         caches = (clean_cache, corrupted_cache, corrupted_logits, corrupted_value)
         show = progress_enabled(progress)
@@ -238,7 +287,7 @@ def _patch(
         clean_value,
         corrupted_value,
         site,
-        meta=dict(layers=layer_list, clean_tokens=clean_t, corrupted_tokens=corrupted_t),
+        meta=dict(layers=layer_list, clean_tokens=clean_t, corrupted_tokens=corrupted_t, **answers),
     )
     return result.normalize() if normalize else result
 
