@@ -1,0 +1,180 @@
+"""tinygpt.dictionary.splice: exact splicing, the dictionary's hooks in the model's hook dict, exact restore."""
+
+import pytest
+import torch
+
+import tinygpt
+from tinygpt import GPT, GPTConfig
+from tinygpt.dictionary import (
+    ARCHS,
+    DictionaryConfig,
+    DictionaryError,
+    DictionaryMismatchError,
+    make_dictionary,
+    run_with_saes,
+    splice,
+)
+from tinygpt.dictionary.files import model_pin
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layers=2, d_model=32, n_heads=2, n_ctx=64)).eval()
+
+
+@pytest.fixture(scope="module")
+def toks():
+    return torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+
+
+def _sae(arch="topk", hook=HOOK, **kw):
+    return make_dictionary(DictionaryConfig(arch=arch, d_in=32, d_sae=64, hook=hook, k=6, **kw), seed=3)
+
+
+def _transcoder(arch="relu", layer=1, skip=True):
+    return _sae(arch, hook=f"blocks.{layer}.ln2.hook_normalized", out_hook=f"blocks.{layer}.hook_mlp_out", skip=skip)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_spliced_with_error_term_equals_clean_exactly(model, toks, arch):
+    sae = _sae(arch)
+    clean = model(toks)
+    clean_cached, _ = model.run_with_cache(toks)  # the eager path: compare like with like
+    with splice(model, sae, error_term=True):
+        assert torch.equal(model(toks), clean)
+        logits, cache = model.run_with_cache(toks)
+        assert torch.equal(logits, clean_cached)
+    assert cache[f"{HOOK}.hook_sae_acts_post"].shape == (2, 20, 64)
+    assert torch.equal(cache[HOOK], cache[f"{HOOK}.hook_sae_input"])  # the site holds the output == the input
+    sae_only = [k for k in cache if ".hook_sae_" in k]
+    assert sorted(sae_only) == sorted(
+        f"{HOOK}.{n}"
+        for n in (
+            "hook_sae_input",
+            "hook_sae_acts_pre",
+            "hook_sae_acts_post",
+            "hook_sae_recons",
+            "hook_sae_error",
+            "hook_sae_output",
+        )
+    )
+
+
+def test_transcoders_and_saes_together_are_exact(model, toks):
+    clean = model(toks)
+    tc, sae = _transcoder(), _sae("jumprelu")
+    with splice(model, [tc, sae], error_term=True):
+        assert torch.equal(model(toks), clean)
+        _, cache = model.run_with_cache(toks, names_filter=lambda n: "hook_sae" in n or n.endswith("mlp_out"))
+    assert cache["blocks.1.hook_mlp_out.hook_sae_input"].shape == (2, 20, 32)  # reads ln2.hook_normalized
+    torch.testing.assert_close(
+        cache["blocks.1.hook_mlp_out.hook_sae_recons"] + cache["blocks.1.hook_mlp_out.hook_sae_error"],
+        cache["blocks.1.hook_mlp_out"],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_without_error_term_the_reconstruction_replaces_the_site(model, toks):
+    sae = _sae("relu")
+    store = {}
+
+    def grab(t, hook):
+        store[hook.name] = t.clone()
+
+    with splice(model, sae):
+        spliced = model.run_with_hooks(toks, fwd_hooks=[(HOOK, grab), (f"{HOOK}.hook_sae_recons", grab)])
+    assert torch.equal(store[HOOK], store[f"{HOOK}.hook_sae_recons"])
+    assert not torch.equal(spliced, model(toks))
+    assert torch.equal(run_with_saes(model, toks, sae), spliced)
+
+
+def test_ablating_a_latent_changes_only_through_that_latent(model, toks):
+    sae = _sae("topk")
+    clean = model(toks)
+
+    def zero_all(t, hook):
+        return torch.zeros_like(t)
+
+    with splice(model, sae, error_term=True):
+        acts = model.run_with_cache(toks, names_filter=f"{HOOK}.hook_sae_acts_post")[1][f"{HOOK}.hook_sae_acts_post"]
+        live = int((acts > 0).sum((0, 1)).argmax())
+
+        def zero_one(t, hook):
+            t = t.clone()
+            t[..., live] = 0
+            return t
+
+        one = model.run_with_hooks(toks, fwd_hooks=[(f"{HOOK}.hook_sae_acts_post", zero_one)])
+        dead = int((acts > 0).sum((0, 1)).argmin())
+        assert int((acts[..., dead] > 0).sum()) == 0
+
+        def zero_dead(t, hook):
+            t = t.clone()
+            t[..., dead] = 0
+            return t
+
+        same = model.run_with_hooks(toks, fwd_hooks=[(f"{HOOK}.hook_sae_acts_post", zero_dead)])
+        every = model.run_with_hooks(toks, fwd_hooks=[(f"{HOOK}.hook_sae_acts_post", zero_all)])
+    assert not torch.equal(one, clean) and torch.equal(same, clean)
+    assert (every - clean).abs().max() > (one - clean).abs().max()
+
+
+def test_splice_restores_the_model_exactly(model, toks):
+    before_hooks = dict(model.hook_dict)
+    before_mods = dict(model.mod_dict)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fp = model_pin(model)["fingerprint"]
+    sae, tc = _sae(), _transcoder()
+    with splice(model, [sae, tc], error_term=True):
+        assert model.state_dict().keys() == state.keys()  # the dictionary is not a parameter-holding submodule
+        assert model_pin(model)["fingerprint"] == fp
+        assert type(model.blocks[0].hook_resid_post).__name__ == "SpliceSite"
+    assert model.hook_dict == before_hooks and model.mod_dict == before_mods
+    assert all(model.hook_dict[k] is v for k, v in before_hooks.items())
+    assert sae.hook_sae_acts_post.name == "hook_sae_acts_post"  # the dictionary's own names are back
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(RuntimeError):
+        with splice(model, sae):
+            raise RuntimeError("inside")
+    assert model.hook_dict == before_hooks
+
+
+def test_refusals(model, toks):
+    sae = _sae()
+    with pytest.raises(DictionaryError, match="already spliced"):
+        with splice(model, [sae, _sae("relu")]):
+            pass
+    with splice(model, sae):
+        with pytest.raises(DictionaryError, match="already spliced"):
+            with splice(model, _sae("relu")):
+                pass
+    other = GPT(GPTConfig(n_layers=2, d_model=32, n_heads=2, n_ctx=64))
+    pinned = _sae()
+    pinned.base = model_pin(other)
+    with pytest.raises(DictionaryMismatchError, match="different model"):
+        with splice(model, pinned):
+            pass
+    with pytest.raises(DictionaryMismatchError, match="does not have"):
+        with splice(model, _sae(hook="blocks.9.hook_resid_post")):
+            pass
+
+
+def test_generation_and_nnsight_see_the_latents(model):
+    sae = _sae("topk")
+    with splice(model, sae, error_term=True):
+        a = tinygpt.generate(model, "To be", 12, seed=0, use_cache=True)
+        b = tinygpt.generate(model, "To be", 12, seed=0, use_cache=False)
+    assert a == b == tinygpt.generate(model, "To be", 12, seed=0)
+    nnsight = pytest.importorskip("nnsight")
+    toks = torch.randint(0, 256, (1, 9))
+    with splice(model, sae, error_term=True):
+        _, cache = model.run_with_cache(toks, names_filter=f"{HOOK}.hook_sae_acts_post")
+        wrapped = nnsight.NNsight(model)
+        with wrapped.trace(toks):
+            acts = wrapped.blocks[0].hook_resid_post.hook_sae_acts_post.output.save()
+    # nnsight observes every hook point, which selects the eager attention path: equal up to float rounding
+    torch.testing.assert_close(acts.detach(), cache[f"{HOOK}.hook_sae_acts_post"], rtol=1e-4, atol=1e-5)
