@@ -8,7 +8,7 @@ bash scripts/setup.sh
 . .venv/bin/activate
 if [[ "${1:-}" == "--headless" ]]; then
   mkdir -p runs
-  tinygpt train --preset tiny --steps "${STEPS:-300}" --val-every 100 --out runs/tiny.tinygpt
+  tinygpt train --preset tiny --steps "${STEPS:-300}" --val-every 100 --out runs/tiny.tinygpt --overwrite
   tinygpt sample runs/tiny.tinygpt --prompt "ROMEO:" --tokens 300 --temperature 0.8 --seed 0 --num-samples 2
   tinygpt inspect runs/tiny.tinygpt | head -8
 else
