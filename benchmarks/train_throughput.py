@@ -1,26 +1,38 @@
 """Training / forward / sampling throughput of tinygpt against a plain-torch GPT of the same shapes.
 
-The reference is a nanoGPT-class model (fused qkv projection, nn.LayerNorm, SDPA, no hooks). Both run the
-same training step (AdamW fused, grad clip 1.0, fp32 or bf16 autocast), interleaved in one process, so
-machine noise hits both alike; we report tokens/s, the ratio ours/reference (target >= 0.97), and MFU
-against a matmul peak measured in the same run (flops/token = 6N + 12·L·d·T, N = non-embedding params).
+The reference is a nanoGPT-class model (fused qkv projection, nn.LayerNorm, SDPA, no hooks, logits then
+cross-entropy). Both run a training step (forward + loss, backward, grad clip 1.0, fused AdamW), interleaved in
+one process, so machine noise hits both alike; we report tokens/s, the ratio ours/reference, MFU against a
+matmul peak measured in the same run (flops/token = 6N + 12·L·d·T, N = non-embedding params) and each step's
+peak resident memory (RSS; Linux: the high-water mark is reset before each measured step).
 
-    python benchmarks/train_throughput.py                 # tiny and huge, fp32, 2 threads
-    python benchmarks/train_throughput.py --presets tiny --dtype bfloat16 --rounds 7
+tinygpt's step is the one `train()` runs: `model(x, targets=y, return_type="loss")` (the chunked linear +
+cross-entropy, never the full logits), and with `--dtype bfloat16` by default bf16 weights with fp32 master
+copies in the optimizer (`--param-dtype bfloat16`, `tinygpt.training.precision.MasterWeights`); the reference
+then runs bf16 autocast under `torch.compile` (its best: `--ref eager` for the plain one).
+
+    python benchmarks/train_throughput.py                                   # tiny and huge, fp32, 2 threads
+    python benchmarks/train_throughput.py --presets huge --dtype bfloat16   # the issue-17 row
+    python benchmarks/train_throughput.py --presets huge --dtype bfloat16 --param-dtype float32   # ours: autocast
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import tinygpt
+from tinygpt.model.loss import free_workspace
 from tinygpt.sampling import generate_tokens
+from tinygpt.training.precision import MasterWeights, compiled_forward
 
 SHAPES = {  # batch, vocab (the issue's reference settings)
     "tiny": (8, 256),
@@ -83,14 +95,44 @@ def matmul_peak(dtype=torch.float32, n: int = 1024, reps: int = 20) -> float:
     return best
 
 
-def step_fn(model, opt, x, y, ours: bool, autocast):
+def step_fn(model, opt, x, y, ours: bool, autocast, master: MasterWeights | None = None, forward=None):
     with autocast:
-        loss = model(x, return_type="loss", targets=y) if ours else model(x, y)
+        loss = model(x, return_type="loss", targets=y) if ours else (model if forward is None else forward)(x, y)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    if master is not None:  # bf16 weights: fp32 gradients onto the masters, clip and step them, refresh
+        master.grads_to_masters()
+        master.grad_norm(1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        master.masters_to_params()
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     return loss.item()
+
+
+_STATUS = Path("/proc/self/status")
+
+
+def rss_mib() -> float:
+    """Resident memory now (MiB; 0 where /proc is missing)."""
+    m = re.search(r"VmRSS:\s+(\d+)", _STATUS.read_text()) if _STATUS.exists() else None
+    return int(m.group(1)) / 1024 if m else 0.0
+
+
+def peak_rss_of(fn) -> tuple[float, float]:
+    """(peak RSS during `fn()`, peak minus the RSS before it), MiB: the high-water mark is reset first
+    (`/proc/self/clear_refs` 5, Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return float("nan"), float("nan")
+    before = rss_mib()
+    fn()
+    m = re.search(r"VmHWM:\s+(\d+)", _STATUS.read_text())
+    peak = int(m.group(1)) / 1024 if m else float("nan")
+    return peak, peak - before
 
 
 def time_steps(fn, n: int) -> float:
@@ -100,7 +142,10 @@ def time_steps(fn, n: int) -> float:
     return time.perf_counter() - t
 
 
-def bench_preset(name: str, dtype: str, rounds: int, steps: int, peak: float) -> dict:
+def bench_preset(
+    name: str, dtype: str, rounds: int, steps: int, peak: float, *, param_dtype: str, ref_compile: bool,
+    compile_ours: bool,
+) -> dict:  # fmt: skip
     batch, vocab = SHAPES[name]
     cfg = tinygpt.GPTConfig.preset(name, d_vocab=vocab)
     T = cfg.n_ctx
@@ -109,14 +154,26 @@ def bench_preset(name: str, dtype: str, rounds: int, steps: int, peak: float) ->
     ref = RefGPT(cfg).train()
     x = torch.randint(0, vocab, (batch, T))
     y = torch.randint(0, vocab, (batch, T))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for m in (ours, ref)}
+    bf16 = dtype == "bfloat16"
+    master = MasterWeights(ours) if bf16 and param_dtype == "bfloat16" else None
+    ours_autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and master is None)
+    ref_autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    opt_ours = torch.optim.AdamW(
+        master.optimizer_groups(0.0) if master is not None else ours.parameters(), lr=1e-4, fused=True
+    )
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4, fused=True)
+    ref_forward = torch.compile(ref) if ref_compile else ref
+    stack = contextlib.ExitStack()
+    stack.enter_context(compiled_forward(ours, compile_ours))
     fns = {
-        "ours": lambda: step_fn(ours, opts[ours], x, y, True, autocast),
-        "ref": lambda: step_fn(ref, opts[ref], x, y, False, autocast),
+        "ours": lambda: step_fn(ours, opt_ours, x, y, True, ours_autocast, master),
+        "ref": lambda: step_fn(ref, opt_ref, x, y, False, ref_autocast, forward=ref_forward),
     }
-    for f in fns.values():  # warm-up
-        time_steps(f, 2)
+    t_warm = {}
+    for k, f in fns.items():  # warm-up (and compilation)
+        t_warm[k] = time_steps(f, 2)
+    # ours' loss keeps a workspace between calls: drop it first, so its step's RSS counts it
+    rss = {"ours": peak_rss_of(lambda: (free_workspace(), fns["ours"]())), "ref": peak_rss_of(fns["ref"])}
     times = {"ours": [], "ref": []}
     for r in range(rounds):
         order = ("ours", "ref") if r % 2 == 0 else ("ref", "ours")
@@ -133,9 +190,15 @@ def bench_preset(name: str, dtype: str, rounds: int, steps: int, peak: float) ->
         "tok_s_ours": res["ours"],
         "tok_s_ref": res["ref"],
         "ratio": statistics.median(ratios),
+        "ratios": ratios,
         "mfu_ours": res["ours"] * flops_per_token / peak,
         "mfu_ref": res["ref"] * flops_per_token / peak,
+        "rss": rss,
+        "warmup_s": t_warm,
     }
+    stack.close()
+    if master is not None:
+        master.restore()
     # forward throughput (inference mode)
     ours.eval()
     ref.eval()
@@ -170,19 +233,44 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="training steps per timed round")
     ap.add_argument("--no-sampling", action="store_true")
+    ap.add_argument(
+        "--param-dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="ours with --dtype bfloat16: bf16 weights + fp32 masters (default) or float32 (autocast)",
+    )
+    ap.add_argument("--ref", default=None, choices=["eager", "compile"], help="default: compile with bf16")
+    ap.add_argument("--compile", action="store_true", help="ours: torch.compile the forward (compile=True)")
     a = ap.parse_args(argv)
+    param_dtype = a.param_dtype or ("bfloat16" if a.dtype == "bfloat16" else "float32")
+    ref_compile = (a.ref or ("compile" if a.dtype == "bfloat16" else "eager")) == "compile"
     torch.set_num_threads(a.threads)
     peak = matmul_peak(torch.bfloat16 if a.dtype == "bfloat16" else torch.float32)
     print(f"torch {torch.__version__}, {a.threads} threads, {a.dtype}; matmul peak {peak / 1e9:.0f} GFLOP/s")
+    ours_desc = "bf16 weights + fp32 masters" if param_dtype == "bfloat16" and a.dtype == "bfloat16" else a.dtype
+    print(
+        f"ours: {ours_desc}{', compiled' if a.compile else ''}, chunked loss | reference: "
+        f"{'torch.compile' if ref_compile else 'eager'}{', bf16 autocast' if a.dtype == 'bfloat16' else ''}"
+    )
     print(
         f"{'preset':<6} {'ours tok/s':>11} {'ref tok/s':>10} {'ratio':>6} {'MFU ours':>9} {'MFU ref':>8} "
-        f"{'fwd tok/s':>10}"
+        f"{'fwd tok/s':>10} {'peak RSS ours/ref MiB':>22} {'step RSS ours/ref':>18}"
     )
     for name in a.presets:
-        r = bench_preset(name, a.dtype, a.rounds, a.steps, peak)
+        r = bench_preset(
+            name, a.dtype, a.rounds, a.steps, peak, param_dtype=param_dtype, ref_compile=ref_compile,
+            compile_ours=a.compile,
+        )  # fmt: skip
+        (po, so), (pr, sr) = r["rss"]["ours"], r["rss"]["ref"]
         print(
             f"{name:<6} {r['tok_s_ours']:>11,.0f} {r['tok_s_ref']:>10,.0f} {r['ratio']:>6.3f} "
-            f"{r['mfu_ours']:>9.1%} {r['mfu_ref']:>8.1%} {r['fwd_tok_s']:>10,.0f}"
+            f"{r['mfu_ours']:>9.1%} {r['mfu_ref']:>8.1%} {r['fwd_tok_s']:>10,.0f} {po:>10,.0f} / {pr:>9,.0f} "
+            f"{so:>8,.0f} / {sr:>7,.0f}"
+        )
+        print(
+            f"       paired ratios per round: {', '.join(f'{x:.3f}' for x in r['ratios'])}; warm-up (2 steps, incl. "
+            f"compilation) ours {r['warmup_s']['ours']:.1f} s, ref {r['warmup_s']['ref']:.1f} s; peak RSS ratio "
+            f"{po / pr:.2f}, step RSS ratio {so / max(sr, 1e-9):.2f}"
         )
     if not a.no_sampling:
         print("\nsampling 200 tokens, batch 1:")

@@ -10,6 +10,14 @@ docs/validation.md; `--json` also writes them to a file.
     python benchmarks/validation_run.py                          # cuda when available, 500 steps
     python benchmarks/validation_run.py --device cpu --steps 20 --batch 4 --vocab 1024   # a quick CPU check
 
+The reference run at full size on the CPU (issue 17: the SmolLM2-sized output layer of 49,152 logits, bf16
+weights with fp32 masters, batch 4 x accum 4 x 512). The built-in corpus yields at most a 29,658-token BPE
+(every word of it is then one token), so the model's output layer is padded to 49,152 (`--d-vocab`): the
+compute is the reference's, the ids above the tokenizer's are never targets.
+
+    python benchmarks/validation_run.py --device cpu --vocab 49152 --d-vocab 49152 --batch 4 --accum 4 \
+        --dtype bfloat16 --param-dtype bfloat16 --threads 2
+
 The same run from the command line:
 
     tinygpt tokenizer --vocab-size 4096 --out runs/bpe4096
@@ -33,10 +41,25 @@ import torch
 import tinygpt
 
 
+def _peak_rss_mib() -> float:
+    """The process's peak resident memory so far (MiB; NaN where unknown)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except (ImportError, OSError):
+        return float("nan")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per step (global batch: batch x accum)")
+    ap.add_argument("--d-vocab", type=int, default=None, help="the model's output size (default: the tokenizer's)")
+    ap.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"], help="bf16 weights")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the forward")
+    ap.add_argument("--log-every", type=int, default=None, help="plain progress lines (default: automatic)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary size")
     ap.add_argument("--max-lr", type=float, default=1e-3)
@@ -64,9 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         corpus=None,
         tokenizer=tok,
         preset="huge",
-        model_config={"diff_attn": True, "mod": True},
+        model_config={"diff_attn": True, "mod": True, **({"d_vocab": args.d_vocab} if args.d_vocab else {})},
         steps=args.steps,
         batch_size=args.batch,
+        accum=args.accum,
+        param_dtype=args.param_dtype,
+        compile=args.compile,
+        log_every=args.log_every,
         ctx=args.ctx,
         max_lr=args.max_lr,
         min_lr=args.max_lr / 10,
@@ -101,10 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     table = [{"step": s, "loss": losses[s - 1], "val_loss": vals.get(s)} for s in rows if s <= len(losses)]
     n_params = sum(p.numel() for p in res.model.parameters())
     dev_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
-    print(f"\n## huge + diff_attn + mod, BPE {args.vocab}, {args.steps} steps ({dev_name}, torch {torch.__version__})")
-    print(f"params {n_params:,}; batch {args.batch} x ctx {args.ctx}; {dtype}; max_lr {args.max_lr}, "
-          f"warmup {args.warmup}, cosine; tokenizer {t_tok:.1f} s; training wall time {wall:.1f} s "
-          f"({args.steps * args.batch * args.ctx / wall:,.0f} tokens/s)")  # fmt: skip
+    tokens = args.steps * args.batch * args.accum * args.ctx
+    peak = _peak_rss_mib()
+    print(
+        f"\n## huge + diff_attn + mod, BPE {tok.vocab_size} (asked {args.vocab}), d_vocab {res.model.cfg.d_vocab}, "
+        f"{args.steps} steps ({dev_name}, torch {torch.__version__}, {torch.get_num_threads()} threads)"
+    )
+    print(f"params {n_params:,}; batch {args.batch} x accum {args.accum} x ctx {args.ctx}; {dtype}, weights "
+          f"{args.param_dtype}{', compiled' if args.compile else ''}; max_lr {args.max_lr}, warmup {args.warmup}, "
+          f"cosine; tokenizer {t_tok:.1f} s; training wall time {wall:.1f} s ({tokens / wall:,.0f} tokens/s; "
+          f"{wall / args.steps:.2f} s/step, 500 steps: {wall / args.steps * 500 / 60:.1f} min); peak RSS "
+          f"{peak:,.0f} MiB")  # fmt: skip
     print("\n| step | train loss | val loss |\n|---:|---:|---:|")
     for r in table:
         v = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else ""
@@ -120,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                     torch=torch.__version__,
                     params=n_params,
                     wall_s=wall,
+                    peak_rss_mib=peak,
+                    tokenizer_vocab=tok.vocab_size,
                     tokenizer_s=t_tok,
                     settings=vars(args) | {"dtype": dtype, "device": device},
                     table=table,

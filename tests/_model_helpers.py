@@ -35,6 +35,15 @@ TL_HOOKS = {
     "ln_final.hook_scale": ("batch", "pos", 1),
     "ln_final.hook_normalized": ("batch", "pos", "d_model"),
 }
+# Called only behind TransformerLens' hook switches (model.set_use_attn_result(True), ...; tinygpt.model.heads).
+SWITCH_HOOKS = {
+    "blocks.{i}.hook_attn_in": ("batch", "pos", "n_heads", "d_model"),
+    "blocks.{i}.hook_q_input": ("batch", "pos", "n_heads", "d_model"),
+    "blocks.{i}.hook_k_input": ("batch", "pos", "n_heads", "d_model"),
+    "blocks.{i}.hook_v_input": ("batch", "pos", "n_heads", "d_model"),
+    "blocks.{i}.attn.hook_result": ("batch", "pos", "n_heads", "d_model"),
+    "blocks.{i}.hook_mlp_in": ("batch", "pos", "d_model"),
+}
 DIMS = {"batch": BATCH, "pos": POS, "d_model": D_MODEL, "n_heads": N_HEADS, "d_head": D_HEAD, "d_mlp": D_MLP}
 
 

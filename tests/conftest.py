@@ -131,3 +131,14 @@ def bpe():
     from _eval_helpers import make_bpe
 
     return make_bpe()
+
+
+# ------------------------------------------------------------------ shared by the circuit tests (issue 15)
+@pytest.fixture(scope="session")
+def induction_model():
+    """`train_induction_model(seed=3)` (the seed of tests/test_interp_toy.py; ~40-60 CPU-seconds), once per
+    session: its induction head is L1H0 and every layer-0 head carries the previous-token signal. Read-only:
+    tests must not change its weights."""
+    from tinygpt.interp import train_induction_model
+
+    return train_induction_model(seed=3, progress=False)

@@ -80,6 +80,33 @@ def test_fp32_outputs_and_gradients_match_eager(b, h, m, n, d, causal):
 
 
 @needs_interpreter
+@pytest.mark.parametrize(
+    ("h", "hk", "m", "n", "window"), [(4, 2, 40, 40, None), (3, 1, 5, 37, None), (4, 1, 33, 33, 7)]
+)
+def test_grouped_query_attention_reads_each_kv_head_for_its_group(h, hk, m, n, window):
+    """Keys/values with fewer heads (no copy): outputs and gradients equal eager attention over the keys repeated to
+    the query heads (`repeat_interleave`: query head i reads key/value head i // (h / hk)), the gradients of each
+    key/value head summed over its group."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, h, m, 32, generator=g).requires_grad_()
+    k, v = (torch.randn(2, hk, n, 32, generator=g).requires_grad_() for _ in range(2))
+    do = torch.randn(2, h, m, 32, generator=g)
+
+    def ref(q, k, v):
+        k, v = k.repeat_interleave(h // hk, 1), v.repeat_interleave(h // hk, 1)
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(32)
+        qpos, src = torch.arange(m)[:, None] + n - m, torch.arange(n)[None, :]
+        bad = (src > qpos) | ((src <= qpos - window) if window else torch.zeros((), dtype=torch.bool))
+        return s.masked_fill(bad, float("-inf")).softmax(-1) @ v
+
+    got = outputs_and_grads(lambda *t: flash_attention(*t, window=window), (q, k, v), do)
+    want = outputs_and_grads(ref, (q, k, v), do)
+    for name, a, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert a.shape == w.shape, name
+        torch.testing.assert_close(a, w, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@needs_interpreter
 @pytest.mark.parametrize("blocks", [(32, 16), (16, 32)])
 def test_unequal_query_and_key_blocks(blocks, monkeypatch):
     """The GPU configs use BLOCK_M != BLOCK_N (e.g. 32 x 128 for dK/dV): the masks and skipped blocks still fit."""
@@ -222,14 +249,21 @@ def tiny(**kw) -> GPT:
     return GPT(GPTConfig(n_layers=2, d_model=64, n_heads=2, n_ctx=64, **kw))
 
 
+LLAMA = dict(
+    positional_embedding_type="rotary", normalization_type="RMS", gated_mlp=True, act_fn="silu", n_key_value_heads=1,
+    bias=False,
+)  # fmt: skip
+
+
 @needs_interpreter
-@pytest.mark.parametrize("diff_attn", [False, True])
-def test_model_with_triton_backend_matches_eager(diff_attn):
-    """attn_impl='triton' (interpreted) == 'eager': logits, loss gradients of every parameter, and KV-cache decoding."""
+@pytest.mark.parametrize("knobs", [{}, {"diff_attn": True}, LLAMA], ids=["plain", "diff", "llama+gqa"])
+def test_model_with_triton_backend_matches_eager(knobs):
+    """attn_impl='triton' (interpreted) == 'eager': logits, loss gradients of every parameter, and KV-cache decoding;
+    grouped-query attention too (the kernel reads each key/value head once per query head of its group)."""
     tokens = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
     runs = {}
     for impl in ("triton", "eager"):
-        m = tiny(attn_impl=impl, diff_attn=diff_attn)
+        m = tiny(attn_impl=impl, **knobs)
         logits, loss = m(tokens, return_type="both")
         loss.backward()
         runs[impl] = logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
@@ -237,7 +271,7 @@ def test_model_with_triton_backend_matches_eager(diff_attn):
     for name, g in runs["eager"][1].items():
         torch.testing.assert_close(runs["triton"][1][name], g, atol=1e-5, rtol=1e-4, msg=name)
 
-    m = tiny(attn_impl="triton", diff_attn=diff_attn).eval()
+    m = tiny(attn_impl="triton", **knobs).eval()
     with torch.no_grad():
         full = m(tokens[:, :12])
         cache = m.make_cache(1)

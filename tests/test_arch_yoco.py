@@ -138,7 +138,7 @@ def test_gpt_builds_yoco_with_self_and_cross_decoder():
             assert type(blk.attn) is SlidingWindowAttention and blk.attn.window == W
         else:
             assert type(blk.attn) is CrossAttention
-            assert set(dict(blk.attn.named_children())) == {"q_proj", "o_proj", "hook_q", "hook_z",
+            assert set(dict(blk.attn.named_children())) == {"q_proj", "o_proj", "hook_q", "hook_z", "hook_result",
                                                              "hook_attn_scores", "hook_pattern"}  # fmt: skip
     names = {n for n, _ in model.named_parameters()}
     cross_kv = [n for n in names if n.startswith(("blocks.2.", "blocks.3.")) and ("k_proj" in n or "v_proj" in n)]

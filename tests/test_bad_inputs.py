@@ -74,8 +74,90 @@ def world(tmp_path_factory):
     (d / "tok" / "tokenizer.json").write_text("{}")
     (d / "adir").mkdir()
     (d / "notes.lora").write_text("not an adapter")
+    _write_bad_files(d)
     yield d
     mp.undo()
+
+
+def _write_bad_files(d: Path) -> None:
+    """Damaged copies of the plain model under every name a reading command may be given (`BAD_FILES`), plus bad
+    JSONL data, a lens and an adapter of another model."""
+    good = (d / "plain.tinygpt").read_bytes()
+    (d / "trunc.tinygpt").write_bytes(good[: len(good) // 2])
+    (d / "stub.tinygpt").write_bytes(good[:5])
+    (d / "empty.tinygpt").write_bytes(b"")
+    torch.save({"w": torch.zeros(2)}, d / "pickled.tinygpt")
+    flipped = bytearray(good)
+    flipped[-100] ^= 0xFF  # inside the last tensor's bytes: the recorded content hash no longer matches
+    (d / "tampered.tinygpt").write_bytes(bytes(flipped))
+    (d / "text.tinygpt").write_text("ROMEO: not a model\n")
+    for name, change in (("wide", {"d_model": 128}), ("deep", {"n_layers": 3})):
+        _with_config(good, change, d / f"{name}.tinygpt")
+    (d / "notjson.jsonl").write_text('{"instruction": "a", "response": "b"}\nnot json at all\n')
+    (d / "nokeys.jsonl").write_text('{"prompt": 3}\n')
+    (d / "nothing.jsonl").write_text("")
+    other = tinygpt.GPT("nano")
+    torch.manual_seed(1)
+    tinygpt.save(other, d / "other.tinygpt")
+
+
+def _with_config(data: bytes, change: dict, out: Path) -> None:
+    """A copy of a .tinygpt file whose manifest's config says `change` (tensors untouched: a hand-edited file)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    manifest = json.loads(header["__metadata__"]["tinygpt"])
+    manifest["config"].update(change)
+    header["__metadata__"]["tinygpt"] = json.dumps(manifest)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    out.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
+
+
+# The damaged model files of `_write_bad_files` and what the one line must say about each.
+BAD_FILES = {
+    "trunc": r"trunc.tinygpt is truncated",
+    "stub": r"stub.tinygpt is not a .tinygpt file: only 5 bytes",
+    "empty": r"empty.tinygpt is not a .tinygpt file: only 0 bytes",
+    "pickled": r"pickled.tinygpt is a zip archive.*never unpickles",
+    "tampered": r"tampered.tinygpt is corrupt: tensor content does not match",
+    "text": r"text.tinygpt is not a .tinygpt",
+    "wide": r"wide.tinygpt: its tensors do not match its config \(.*d_model=128.*\): \S+ is \[64, 64\] where it",
+    "deep": r"deep.tinygpt: its tensors do not match its config \(n_layers=3.*16 tensors missing",
+}
+# Every command that reads a model, as argv with {m} for the model file (outputs are fresh paths).
+READERS = {
+    "inspect": ["inspect", "{m}"],
+    "sample": ["sample", "{m}", "--tokens", "2"],
+    "finetune": ["finetune", "{m}", "--corpus", "{w}/c.txt", "--steps", "2", "--out", "{w}/new.tinygpt", *RUN],
+    "lora": ["lora", "{m}", "--corpus", "{w}/c.txt", "--steps", "2", "--out", "{w}/new.lora", *RUN],
+    "sft": [
+        "sft",
+        "{m}",
+        "--data",
+        str(ROOT / "data" / "sft_small.jsonl"),
+        "--steps",
+        "1",
+        "--out",
+        "{w}/new.tinygpt",
+        *RUN,
+    ],
+    "es": ["es", "{m}", "--steps", "1", "--out", "{w}/new.tinygpt", "--no-progress"],
+    "magpie": ["magpie", "{m}", "--count", "1", "--out", "{w}/new.jsonl"],
+    "eval": ["eval", "{m}", "--corpus", "{w}/c.txt", "--no-progress"],
+    "memorization": ["memorization", "{m}", "--train", "{w}/c.txt", "--heldout", "{w}/c.txt"],
+    "tuned-lens": ["tuned-lens", "{m}", "--steps", "1", "--out", "{w}/new.lenses", "--no-progress"],
+    "export": ["export", "{m}", "--hf", "{w}/newhf"],
+    "distill-teacher": ["distill", "nano", "--teacher", "{m}", "--steps", "1", "--out", "{w}/new.tinygpt", *RUN],
+    "laser": ["laser", "{m}", "--target", "mlp.fc_in", "--rank-fraction", "0.5", "--out", "{w}/new.tinygpt"],
+    "hqq": ["hqq", "{m}", "--out", "{w}/new.tinygpt"],
+    "lora-merge": ["lora-merge", "{m}", "{w}/notes.lora", "--out", "{w}/new.tinygpt"],
+}
+FILE_CASES = [
+    (f"{cmd}-{bad}", [a.replace("{m}", f"{{w}}/{bad}.tinygpt") for a in argv], {}, message)
+    for cmd, argv in READERS.items()
+    for bad, message in BAD_FILES.items()
+    if not (cmd == "inspect" and bad in ("wide", "deep"))  # inspect shows such a file, with a warning (below)
+]
 
 
 def _hashes(d: Path) -> dict[str, str]:
@@ -224,6 +306,57 @@ CASES = [
     ("inspect-missing", ["inspect", "{w}/none.tinygpt"], {}, r"none.tinygpt: no such file"),
     ("import-inconsistent", ["import", "{w}/adir", "--out", "{w}/new.tinygpt"], {}, r"adir has no config.json"),
 ]
+N = "{w}/new.tinygpt"  # a fresh output path
+SFT = ["sft", T, "--steps", "1", "--out", N, *RUN]
+# bad data files, chat templates, surgery and sampling arguments, settings of every training command
+ARG_CASES = [
+    ("sft-notjson", [*SFT, "--data", "{w}/notjson.jsonl"], {}, r"notjson.jsonl:2: not valid JSON.*one JSON object"),
+    ("sft-nokeys", [*SFT, "--data", "{w}/nokeys.jsonl"], {}, r"nokeys.jsonl:1: a record needs 'instruction'"),
+    ("sft-no-records", [*SFT, "--data", "{w}/nothing.jsonl"], {}, r"nothing.jsonl holds no records"),
+    ("sft-data-dir", [*SFT, "--data", "{w}/adir"], {}, r"adir does not exist \(or is not a file\)"),
+    ("sft-template", [*SFT, "--data", "{w}/nokeys.jsonl", "--template", "bogus"], {}, r"unknown chat template"),
+    ("laser-target", ["laser", T, "--target", "bogus", "--rank-fraction", "0.5", "--out", N], {}, r"unknown target"),
+    ("laser-rank-0", ["laser", T, "--target", "mlp", "--rank-fraction", "0", "--out", N], {}, r"in \(0, 1\]"),
+    ("laser-rank-2", ["laser", T, "--target", "mlp", "--rank-fraction", "2", "--out", N], {}, r"in \(0, 1\]"),
+    (
+        "laser-layer-range",
+        ["laser", T, "--target", "mlp", "--rank-fraction", "0.5", "--layers", "9", "--out", N],
+        {},
+        r"layer 9 is out of range for a 2-layer model",
+    ),
+    (
+        "laser-layer-parse",
+        ["laser", T, "--target", "mlp", "--rank-fraction", "0.5", "--layers", "x-y", "--out", N],
+        {},
+        r"cannot parse layers 'x-y'",
+    ),
+    ("hqq-group", ["hqq", T, "--group-size", "7", "--out", N], {}, r"group_size 7 does not divide"),
+    ("hqq-bits", ["hqq", T, "--bits", "0", "--out", N], {}, r"bits must be an int from 1 to 8"),
+    ("hqq-target", ["hqq", T, "--target", "bogus", "--out", N], {}, r"unknown target 'bogus'"),
+    ("eval-ctx", ["eval", T, "--corpus", "{w}/c.txt", "--ctx", "0", "--no-progress"], {}, r"ctx must be in \[1"),
+    ("eval-stride", ["eval", T, "--corpus", "{w}/c.txt", "--stride", "0", "--no-progress"], {}, r"stride must be"),
+    ("sample-temperature", ["sample", T, "--temperature", "-1"], {}, r"temperature must be >= 0"),
+    ("sample-top-p", ["sample", T, "--top-p", "2"], {}, r"top_p must be in \(0, 1\]"),
+    ("sample-top-k", ["sample", T, "--top-k", "0"], {}, r"top_k must be a positive integer"),
+    ("sample-empty-prompt", ["sample", T, "--prompt", "", "--tokens", "3"], {}, r"prompt is empty"),
+    ("train-corpus-dir", _train(Path("{w}/adir"), Path(N), 1), {}, r"adir holds no text files"),
+    ("train-tokenizer-missing", [*_train(Path("{w}/c.txt"), Path(N), 1), "--tokenizer", "{w}/no"], {}, r"no does"),
+    ("tokenizer-vocab", ["tokenizer", "--vocab-size", "10", "--out", "{w}/tk"], {}, r"vocab_size must be .* >= 257"),
+    ("es-population", ["es", T, "--population", "1", "--out", N, "--no-progress"], {}, r"antithetic pairs"),
+    ("es-sigma", ["es", T, "--sigma", "0", "--out", N, "--no-progress"], {}, r"sigma=0.0: must be the noise"),
+    ("lora-rank", ["lora", T, "--rank", "0", "--out", "{w}/n.lora", *RUN], {}, r"rank must be a positive integer"),
+    ("lora-alpha", ["lora", T, "--alpha", "-1", "--out", "{w}/n.lora", *RUN], {}, r"alpha must be > 0"),
+    ("lora-targets", ["lora", T, "--targets", "bogus", "--out", "{w}/n.lora", *RUN], {}, r"matches no linear layer"),
+    ("lora-layers", ["lora", T, "--layers", "7", "--out", "{w}/n.lora", *RUN], {}, r"layer 7 is out of range"),
+    ("distill-temperature", ["distill", "nano", "--teacher", T, "--temperature", "0", "--out", N, *RUN], {}, r"> 0"),
+    ("distill-alpha", ["distill", "nano", "--teacher", T, "--alpha", "2", "--out", N, *RUN], {}, r"in \[0, 1\]"),
+    ("distill-teacher-missing", ["distill", "nano", "--teacher", "{w}/no", "--out", N, *RUN], {}, r"does not exist"),
+    ("magpie-count", ["magpie", T, "--count", "0", "--out", "{w}/n.jsonl"], {}, r"count must be a positive"),
+    ("leaderboard-empty", ["leaderboard", "{w}/adir"], {}, r"adir holds no .tinygpt files"),
+    ("tuned-lens-steps", ["tuned-lens", T, "--steps", "0", "--out", "{w}/n.lenses", "--no-progress"], {}, r">= 1"),
+    ("tuned-lens-lr", ["tuned-lens", T, "--lr", "-1", "--out", "{w}/n.lenses", "--no-progress"], {}, r"lr must be > 0"),
+]
+CASES += FILE_CASES + ARG_CASES
 if not torch.cuda.is_available():
     CASES.append(("device-cuda", ["sample", T, "--device", "cuda"], {}, r"--device cuda: .*CUDA.*--device cpu"))
 
@@ -244,7 +377,7 @@ def test_bad_input_is_one_line_and_changes_nothing(world, argv, env, message, ca
 
 
 def test_cases_are_many():
-    assert len(CASES) >= 50
+    assert len(CASES) >= 150
 
 
 # ------------------------------------------------------------------------------------- what works instead
@@ -438,3 +571,11 @@ def test_export_is_atomic_and_import_refuses_an_inconsistent_directory(world, tm
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(InteropError, match="not a consistent Hugging Face model directory"):
         import_hf(d)
+
+
+def test_inspect_warns_when_the_tensors_do_not_match_the_config(world, capsys):
+    assert main(["inspect", str(world / "wide.tinygpt")]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING     the tensors do not match its config" in out and "this file will not load" in out
+    assert main(["inspect", str(world / "plain.tinygpt")]) == 0
+    assert "WARNING" not in capsys.readouterr().out

@@ -447,6 +447,30 @@ def test_hqq_dashboard_in_jupyterlab(page, lab, tmp_path):
     run_dashboard(page, lab, tmp_path, "hqq", cells, _click_toggle("RTN"), plots=3)
 
 
+def test_feature_dashboard_in_jupyterlab(page, lab, tmp_path):
+    cells = [
+        SETUP,
+        "from tinygpt.dictionary import DictionaryConfig, build_feature_index, make_dictionary\n"
+        "from tinygpt.dictionary.files import model_pin\n"
+        "from tinygpt.widgets import FeatureDashboard\n"
+        "cfg = DictionaryConfig(arch='topk', d_in=32, d_sae=48, hook='blocks.0.hook_resid_post', k=4)\n"
+        "sae = make_dictionary(cfg, seed=2)\n"
+        "sae.base = model_pin(model)\n"
+        "index = build_feature_index(model, sae, tokens.reshape(-1), tokens=128, context=32, progress=False)\n"
+        "dash = FeatureDashboard(model, sae, index, latent=5, max_new_tokens=8)\n"
+        "dash",
+    ]
+
+    def move(dash):
+        dash.locator(".widget-dropdown", has_text="latent").first.locator("select").select_option(index=11)
+
+    run_dashboard(page, lab, tmp_path, "features", cells, move)
+    text = page.locator(NOTEBOOK).locator(".jp-CodeCell").last.inner_text()
+    assert "latent 11: active on" in text and "promoted" in text
+    title = page.locator(NOTEBOOK).locator(".js-plotly-plot .gtitle").first.text_content()
+    assert title.startswith("feature 11 @ blocks.0.hook_resid_post")
+
+
 def test_log_console_check_sees_callback_errors(page, lab, tmp_path):
     """The check the other tests rely on: an uncaught error in a widget callback shows in the log console."""
     cells = [

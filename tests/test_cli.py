@@ -310,7 +310,7 @@ def _option_snapshot(action: argparse.Action) -> dict:
 
 
 #: flags added after the snapshot (issue 18: an existing output is replaced only with --overwrite)
-ADDED_SINCE = {"--overwrite"}
+ADDED_SINCE = {"--overwrite", "--architecture", "--float32", "--n-ctx"}  # --architecture ...: HF interop (issue 16)
 
 
 def test_every_command_and_flag_of_before_the_restructure_is_kept():

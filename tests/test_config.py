@@ -97,9 +97,10 @@ def test_from_dict_rejects_unknown_keys_naming_them():
 
 
 def test_from_dict_does_not_accept_derived_tl_fields():
-    # normalization_type etc. are read-only extras for TransformerLens, not saved fields.
-    with pytest.raises(ConfigError, match="normalization_type"):
-        GPTConfig.from_dict({"normalization_type": "RMS"})
+    # attn_only and the hook switches are read-only extras for TransformerLens, not saved fields.
+    for name in ("attn_only", "use_attn_result", "use_split_qkv_input"):
+        with pytest.raises(ConfigError, match=name):
+            GPTConfig.from_dict({name: True})
 
 
 @pytest.mark.parametrize(
@@ -114,7 +115,7 @@ def test_from_dict_does_not_accept_derived_tl_fields():
         (dict(n_ctx=0), "n_ctx"),
         (dict(d_mlp=0), "d_mlp"),
         (dict(dtype="float16"), "dtype"),
-        (dict(act_fn="relu"), "act_fn"),
+        (dict(act_fn="swish"), "act_fn"),
         (dict(attn_impl="flash"), "attn_impl"),
         (dict(dropout=1.0), "dropout"),
         (dict(dropout=-0.1), "dropout"),

@@ -24,6 +24,7 @@ from tinygpt.dictionary import (
     steering_vector,
 )
 from tinygpt.dictionary.files import model_pin
+from tinygpt.dictionary.probe import any_speaker_tag_labels
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -143,12 +144,24 @@ def test_auroc_is_exact_with_ties():
 
 
 def test_speaker_tags_and_separating_latents(model, corpus, sae, tmp_path):
-    toks = torch.tensor([list(b"ROMEO:\nhello\nLADY CAPULET:\nno")])
+    text = b"ROMEO:\nhello\nLADY CAPULET:\nno\n\nFirst Citizen:\nStay but a while:\nAnd so:\n\nClown:\nx"
+    toks = torch.tensor([list(text)])
     lab = speaker_tag_labels(model, toks)[0]
     assert bytes(t for t, m in zip(toks[0].tolist(), lab.tolist()) if m) == b"ROMEO:LADY CAPULET:"
+    # any tag: also mixed-case role names after a blank line; verse lines ending in ':' are never tags
+    lab = any_speaker_tag_labels(model, toks)[0]
+    assert bytes(t for t, m in zip(toks[0].tolist(), lab.tolist()) if m) == b"ROMEO:LADY CAPULET:First Citizen:Clown:"
     res = find_separating_latents(model, sae, corpus, tokens=2048, context=32, progress=False, cache_dir=tmp_path)
     assert len(res.best) == 10 and res.best[0][1] == float(res.auroc.max()) and 0 < res.positives < 1
     res.figure()
+    other = make_dictionary(DictionaryConfig(arch="relu", d_in=32, d_sae=16, hook="blocks.1.hook_resid_post"), seed=4)
+    other.base = model_pin(model)
+    both = find_separating_latents(
+        model, [sae, other], corpus, tokens=2048, context=32, top=64, progress=False, cache_dir=tmp_path
+    )
+    assert len(both.features) == 48 + 16 and both.features[48] == (1, 0) and both.hook.count("hook_resid_post") == 2
+    assert both.best[0][1] == float(both.auroc.max()) and both.auroc[:48].tolist() == res.auroc.tolist()
+    assert [a for (i, _), a in both.best if i == 0][:10] == [a for _, a in res.best]  # the same scores, merged
     fired = latents_for_text(model, sae, "ROMEO:\nthe king", top=5)
     assert 0 < len(fired) <= 5 and fired == sorted(fired, key=lambda p: -p[1])
     promote = latents_for_token(model, sae, "k", top=3)
@@ -173,3 +186,30 @@ def test_steering_same_with_and_without_kv_cache(model, sae):
         steering_vector(model, torch.ones(5), hook=HOOK)
     with pytest.raises(DictionaryError, match="latent="):
         steering_vector(model, sae)
+
+
+def test_generate_steer_goes_through_the_sampling_registry(model, sae):
+    import tinygpt.sampling
+    from tinygpt.dictionary import Steering, as_steering
+
+    assert tinygpt.sampling._interventions["steer"] is as_steering
+    v = steering_vector(model, sae, latent=3)
+    with steer(model, v, coeff=40.0):
+        ref = tinygpt.generate(model, "ROMEO:", 16, seed=0)
+    for use_cache in (True, False):  # identical with and without the KV cache, and to the `with steer` block
+        assert tinygpt.generate(model, "ROMEO:", 16, seed=0, steer=v * 40.0, use_cache=use_cache) == ref
+    s = steer(model, v, coeff=40.0)
+    assert isinstance(s, Steering)
+    assert tinygpt.generate(model, "ROMEO:", 16, seed=0, steer=s) == ref  # a Steering is reusable
+    assert tinygpt.generate(model, "ROMEO:", 16, seed=0, steer=[v * 20.0, v * 20.0]) == ref  # several add up
+    assert tinygpt.generate(model, "ROMEO:", 16, seed=0) != ref and not model.blocks[0].hook_resid_post.fwd_hooks
+    greedy = dict(seed=0, temperature=0)  # a random model's sampled text barely depends on its logits
+    with steer(model, v, coeff=0.3):
+        nested = tinygpt.generate(model, "ROMEO:", 16, ablate="0.mlp, 1.mlp", **greedy)
+    both = tinygpt.generate(model, "ROMEO:", 16, steer=v * 0.3, ablate="0.mlp, 1.mlp", **greedy)  # both at once
+    assert both == nested != tinygpt.generate(model, "ROMEO:", 16, steer=v * 0.3, **greedy)
+    with pytest.raises(DictionaryError, match="SteeringVector"):
+        tinygpt.generate(model, "ROMEO:", 4, steer="blocks.0.hook_resid_post")
+    other = GPT(GPTConfig(n_layers=2, d_model=32, n_heads=2, n_ctx=64))
+    with pytest.raises(DictionaryError, match="another model"):
+        tinygpt.generate(other, "ROMEO:", 4, steer=s)

@@ -178,3 +178,55 @@ def test_generation_and_nnsight_see_the_latents(model):
             acts = wrapped.blocks[0].hook_resid_post.hook_sae_acts_post.output.save()
     # nnsight observes every hook point, which selects the eager attention path: equal up to float rounding
     torch.testing.assert_close(acts.detach(), cache[f"{HOOK}.hook_sae_acts_post"], rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_patching_over_latents_matches_a_hand_written_patch(model):
+    from tinygpt.dictionary import patch_latents
+    from tinygpt.interp.patching import logit_diff
+
+    sae = _sae("topk")
+    clean, corrupted = "ROMEO: good morrow", "JULIET: good morrow"[:18]
+    c, k = model.to_tokens(clean), model.to_tokens(corrupted)
+    assert c.shape == k.shape
+    res = patch_latents(model, sae, c, k, correct=5, incorrect=7)
+    name = f"{HOOK}.hook_sae_acts_post"
+    with splice(model, sae, error_term=True):
+        _, cache = model.run_with_cache(c, names_filter=[name])
+        a_clean = cache[name]
+        assert torch.equal(model(k), model.run_with_hooks(k, fwd_hooks=[]))
+
+        def manual(i, pos=None):
+            def fn(t, hook):
+                t = t.clone()
+                if pos is None:
+                    t[:, :, i] = a_clean[:, :, i]
+                else:
+                    t[:, pos, i] = a_clean[:, pos, i]
+                return t
+
+            return float(logit_diff(model.run_with_hooks(k, fwd_hooks=[(name, fn)]), 5, 7))
+
+        for latent, value in list(zip(res.meta["latents"], res.values.tolist()))[:3]:
+            assert value == pytest.approx(manual(latent), abs=1e-5)
+    clean_ld = float(logit_diff(model(c), 5, 7))
+    corrupted_ld = float(logit_diff(model(k), 5, 7))
+    assert res.clean_metric == pytest.approx(clean_ld, abs=1e-5) and res.corrupted_metric == pytest.approx(corrupted_ld)
+    assert res.axes == ("latent",) and len(res.meta["latents"]) == res.values.shape[0] > 0
+    # a latent that is the same in both runs leaves the corrupted run exactly as it is
+    with splice(model, sae, error_term=True):
+        _, ck = model.run_with_cache(k, names_filter=[name])
+    same = ((a_clean == ck[name]).flatten(0, 1).all(0)).nonzero().squeeze(-1)[:1].tolist()
+    if same:
+        assert float(patch_latents(model, sae, c, k, correct=5, incorrect=7, latents=same).values[0]) == pytest.approx(
+            corrupted_ld, abs=1e-6
+        )
+    by_pos = patch_latents(model, sae, c, k, correct=5, incorrect=7, latents=res.meta["latents"][:2], by_pos=True)
+    assert by_pos.values.shape == (2, c.shape[1]) and by_pos.axes == ("latent", "pos")
+    with splice(model, sae, error_term=True):
+        assert float(by_pos.values[1, 3]) == pytest.approx(manual(res.meta["latents"][1], 3), abs=1e-5)
+    norm = res.normalize()
+    expect = (res.values - corrupted_ld) / (clean_ld - corrupted_ld)
+    torch.testing.assert_close(norm.values, expect, rtol=1e-4, atol=1e-4)
+    res.figure(), by_pos.figure()
+    assert not any(n.endswith("hook_sae_acts_post") for n in model.hook_dict)  # unspliced afterwards

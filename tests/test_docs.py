@@ -64,16 +64,26 @@ def test_documented_names_are_exactly_the_models_hooks():
     assert actual - documented == set(), "in the model but not documented"
 
 
+SWITCHES = ("set_use_attn_result", "set_use_split_qkv_input", "set_use_attn_in", "set_use_hook_mlp_in")
+
+
 def test_documented_shapes_match_the_cache():
     torch.manual_seed(0)
     model = GPT(CFG).eval()
     tokens = torch.randint(0, DIMS["d_vocab"], (DIMS["batch"], DIMS["pos"]))
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)
+        for switch in SWITCHES:  # the rows "only with `set_use_...(True)`" are checked with every switch on
+            getattr(model, switch)(True)
+        _, switched = model.run_with_cache(tokens)
     sizes = {**DIMS, "dest_pos": DIMS["pos"], "src_pos": DIMS["pos"]}
-    for name, dims, _ in hook_table():
+    for name, dims, what in hook_table():
         want = tuple(int(d) if d.isdigit() else sizes[d] for d in dims)
+        gated = any(f"only with `{s}(True)`" in what for s in SWITCHES)
         for full in expand(name, CFG.n_layers):
+            if gated:  # never called with the switches off
+                assert full not in cache.cache_dict and tuple(switched[full].shape) == want, full
+                continue
             assert full in model.hook_dict, f"{full} is documented but is not a hook point"
             assert tuple(cache[full].shape) == want, f"{full}: docs say {dims}, cache has {tuple(cache[full].shape)}"
 
@@ -238,3 +248,35 @@ def test_diff_attn_hook_table_matches_a_diff_attn_model():
             cache[a + "hook_pattern"], cache[a + "hook_pattern1"] - lam * cache[a + "hook_pattern2"]
         )
         torch.testing.assert_close(cache[a + "hook_pattern"].sum(-1), (1 - lam).expand(2, 3, 5))
+
+
+# --------------------------------------------------------------------------- Llama / Qwen2 / NeoX knobs
+LLAMA_DIMS = {**DIMS, "n_heads": 6, "n_key_value_heads": 3}  # every dim distinct again
+LLAMA_CFG = CFG.replace(
+    n_heads=6, d_head=8, n_key_value_heads=3, positional_embedding_type="rotary", rotary_dim=4,
+    normalization_type="RMS", gated_mlp=True, act_fn="silu", bias=False, parallel_attn_mlp=True,
+)  # fmt: skip
+
+
+def test_llama_hook_table_matches_a_model_with_every_knob():
+    torch.manual_seed(0)
+    model = GPT(LLAMA_CFG).eval()
+    rows = hook_table("hook-table:llama")
+    absent = {"hook_pos_embed"} | {f"blocks.{i}.hook_resid_mid" for i in range(LLAMA_CFG.n_layers)}
+    main = {n for name, _, _ in hook_table() for n in expand(name, LLAMA_CFG.n_layers)}
+    documented = (main - absent) | {n for name, _, _ in rows for n in expand(name, LLAMA_CFG.n_layers)}
+    assert documented == set(model.hook_dict)
+    tokens = torch.randint(0, DIMS["d_vocab"], (DIMS["batch"], DIMS["pos"]))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        model.set_use_split_qkv_input(True)
+        _, switched = model.run_with_cache(tokens)
+    sizes = {**LLAMA_DIMS, "dest_pos": DIMS["pos"], "src_pos": DIMS["pos"]}
+    for name, dims, what in rows:
+        want = tuple(int(d) if d.isdigit() else sizes[d] for d in dims)
+        acts = switched if "only with `set_use_split_qkv_input(True)`" in what else cache
+        for full in expand(name, LLAMA_CFG.n_layers):
+            assert tuple(acts[full].shape) == want, f"{full}: docs say {dims}, cache has {tuple(acts[full].shape)}"
+    # the rest of the main table keeps its shapes (the query side keeps n_heads)
+    assert cache["blocks.0.attn.hook_q"].shape == (2, 5, 6, 8)
+    assert cache["blocks.0.attn.hook_pattern"].shape == (2, 6, 5, 5)

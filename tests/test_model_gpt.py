@@ -18,6 +18,7 @@ from _model_helpers import (  # noqa: F401
     N_HEADS,
     POS,
     SMALL,
+    SWITCH_HOOKS,
     TL_HOOKS,
     make_model,
     randomize,
@@ -64,7 +65,9 @@ def test_every_transformer_lens_hook_exists_with_its_shape(model, run):
             want = tuple(DIMS[d] if isinstance(d, str) else d for d in dims)
             assert tuple(cache[name].shape) == want, name
     every = {n for t in TL_HOOKS for n in expand(t, model.cfg.n_layers)}
-    assert set(cache.keys()) == set(model.hook_dict) >= every
+    switched = {n for t in SWITCH_HOOKS for n in expand(t, model.cfg.n_layers)}  # not called with switches off
+    assert set(cache.keys()) == set(model.hook_dict) - switched >= every
+    assert switched <= set(model.hook_dict)
 
 
 def test_residual_stream_is_additive_and_exact(model, run):

@@ -236,7 +236,7 @@ def test_ablations_are_registered_by_interp(model):
     import tinygpt.sampling
     from tinygpt.interp.ablation import as_ablation_context
 
-    assert tinygpt.sampling._interventions == [as_ablation_context]
+    assert tinygpt.sampling._interventions["ablate"] is as_ablation_context
     plain = generate(model, PROMPT, 8, seed=3, temperature=0)
     ablated = generate(model, PROMPT, 8, seed=3, temperature=0, ablate="0.attn, 0.mlp, 1")
     assert ablated.startswith(PROMPT) and len(ablated) == len(plain)

@@ -197,3 +197,16 @@ def test_other_load_errors(tmp_path):
 def test_train_bpe_rejects_too_small_vocab():
     with pytest.raises(TokenizerError, match="vocab_size must be an integer >= 257"):
         train_bpe(TRAIN_TEXT, 200, progress=False)
+
+
+def test_train_bpe_checks_out_before_training(tmp_path):
+    trained = train_bpe(TRAIN_TEXT, 300, out=tmp_path / "t", progress=False)
+    before = (tmp_path / "t" / "tokenizer.json").read_bytes()
+    with pytest.raises(TokenizerError, match=r"tokenizer.json already exists; pass overwrite=True"):
+        train_bpe(TRAIN_TEXT, 400, out=tmp_path / "t", progress=False)
+    assert (tmp_path / "t" / "tokenizer.json").read_bytes() == before
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(TokenizerError, match=r"is a file; name a directory"):
+        train_bpe(TRAIN_TEXT, 300, out=tmp_path / "f", progress=False)
+    again = train_bpe(TRAIN_TEXT, 300, out=tmp_path / "t", overwrite=True, progress=False)
+    assert again.vocab_size == trained.vocab_size

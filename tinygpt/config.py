@@ -43,6 +43,18 @@ PRESETS: dict[str, dict[str, int]] = {
 
 DTYPES = ("float32", "bfloat16")
 ATTN_IMPLS = ("auto", "eager", "sdpa", "triton", "mps")
+ACT_FNS = ("gelu_new", "gelu", "gelu_pytorch_tanh", "silu", "relu")  # tinygpt.arch.gated_mlp.ACTIVATIONS
+NORMALIZATION_TYPES = ("LN", "RMS")
+POSITIONAL_EMBEDDING_TYPES = ("standard", "rotary")
+ROPE_SCALING_TYPES = ("default", "linear", "llama3")  # validated in detail by tinygpt.arch.rotary
+# Fields added after the first .tinygpt format: `to_dict` saves them only when they differ from their defaults, so
+# a model without these knobs has the same saved config (and the same LoRA / lens / dictionary pins) as before.
+_LATER_FIELDS = (
+    "n_key_value_heads", "positional_embedding_type", "rotary_dim", "rotary_base", "rotary_adjacent_pairs",
+    "rope_scaling", "normalization_type", "gated_mlp", "bias", "qkv_bias", "parallel_attn_mlp",
+    "moe_style", "moe_norm_topk", "moe_shared_d_mlp",
+)  # fmt: skip
+MOE_STYLES = ("tinygpt", "mixtral", "qwen2_moe")  # tinygpt.arch.moe / tinygpt.arch.hf_moe
 
 
 class ConfigError(TinyGPTValueError):
@@ -72,12 +84,26 @@ class GPTConfig:
         tie_embeddings: share `embed.weight` with `unembed.weight`.
         dtype: parameter dtype, "float32" or "bfloat16".
         layer_norm_eps: LayerNorm epsilon.
-        act_fn: MLP activation; "gelu_new" (GPT-2's tanh approximation) or "gelu".
+        act_fn: MLP activation: "gelu_new" (GPT-2's tanh approximation; HF's "gelu_pytorch_tanh" is the same
+            function), "gelu", "silu" or "relu".
         dropout: dropout on attention probabilities and on each sublayer output (0 disables).
         init_std: standard deviation of the normal initialisation (GPT-2: 0.02).
         attn_impl: "auto" (fastest fused path, eager when a hook needs the pattern), "eager", "sdpa",
             "triton" (our Triton flash-attention kernel) or "mps" (SDPA on Apple's Metal); see
             `tinygpt.arch.backends`. A runtime choice: it does not change the weights.
+        n_key_value_heads: key/value heads (grouped-query attention when fewer than n_heads, which they must
+            divide; None = n_heads).
+        positional_embedding_type: "standard" (learned absolute positions, `pos_embed`) or "rotary" (RoPE on
+            queries and keys; no `pos_embed`).
+        rotary_dim: dims of each head that rotary rotates (None = d_head; partial rotary = rotary_pct * d_head).
+        rotary_base: rotary's base (HF `rope_theta`).
+        rotary_adjacent_pairs: rotate adjacent pairs (GPT-J) instead of the two halves (HF / NeoX "rotate_half").
+        rope_scaling: None, or HF's `rope_scaling` dict ("linear", or "llama3" with its four keys).
+        normalization_type: "LN" (LayerNorm) or "RMS" (RMSNorm, no bias, no centring); eps = layer_norm_eps.
+        gated_mlp: gated feed-forward `down(act(gate(x)) * up(x))` (SwiGLU with act_fn "silu", GeGLU with "gelu").
+        bias: biases on every linear layer (attention and MLP).
+        qkv_bias: biases on the query/key/value projections (None = `bias`; Qwen2: bias=False, qkv_bias=True).
+        parallel_attn_mlp: GPT-NeoX / GPT-J parallel residual: resid_post = resid_pre + attn(ln1(x)) + mlp(ln2(x)).
         device: where the model lives; kept up to date by the model, not saved.
     """
 
@@ -95,6 +121,18 @@ class GPTConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     attn_impl: str = "auto"
+    # The models people study (issue 16): Llama / Qwen2 / Mistral / GPT-NeoX knobs (TransformerLens names).
+    n_key_value_heads: int | None = None
+    positional_embedding_type: str = "standard"
+    rotary_dim: int | None = None
+    rotary_base: float = 10000.0
+    rotary_adjacent_pairs: bool = False
+    rope_scaling: dict | None = None
+    normalization_type: str = "LN"
+    gated_mlp: bool = False
+    bias: bool = True
+    qkv_bias: bool | None = None
+    parallel_attn_mlp: bool = False
     # Architecture knobs; each variant lives in its own module under tinygpt/arch/.
     diff_attn: bool = False
     mod: bool = False
@@ -104,16 +142,23 @@ class GPTConfig:
     moe_topk: int = 2
     moe_aux_coef: float = 0.01
     moe_z_coef: float = 0.001
+    # --- HF-style MoE (helper `families`; tinygpt/arch/hf_moe.py) ---
+    moe_style: str = "tinygpt"
+    moe_norm_topk: bool = True
+    moe_shared_d_mlp: int = 0
+    # --- end HF-style MoE ---
     yoco: bool = False
     yoco_window: int = 64
     device: str = field(default="cpu", compare=False)
 
     # Read by TransformerLens utilities (ActivationCache, patching, logit lens).
-    normalization_type: str = field(default="LN", init=False, repr=False, compare=False)
     attn_only: bool = field(default=False, init=False, repr=False, compare=False)
-    n_key_value_heads: int | None = field(default=None, init=False, repr=False, compare=False)
-    positional_embedding_type: str = field(default="standard", init=False, repr=False, compare=False)
     default_prepend_bos: bool = field(default=False, init=False, repr=False, compare=False)
+    # TransformerLens' hook switches (`GPT.set_use_attn_result` etc., see tinygpt.model.heads): runtime, not saved.
+    use_attn_result: bool = field(default=False, init=False, repr=False, compare=False)
+    use_split_qkv_input: bool = field(default=False, init=False, repr=False, compare=False)
+    use_attn_in: bool = field(default=False, init=False, repr=False, compare=False)
+    use_hook_mlp_in: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.d_head is None:
@@ -131,8 +176,9 @@ class GPTConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.act_fn not in ("gelu_new", "gelu"):
-            raise ConfigError(f"act_fn must be 'gelu_new' or 'gelu', got {self.act_fn!r}")
+        if self.act_fn not in ACT_FNS:
+            raise ConfigError(f"act_fn must be one of {ACT_FNS}, got {self.act_fn!r}")
+        self._check_knobs()
         if self.attn_impl not in ATTN_IMPLS:
             raise ConfigError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -143,12 +189,86 @@ class GPTConfig:
             raise ConfigError(f"mod_every must be a positive integer, got {self.mod_every!r}")
         if self.moe_experts < 0 or (self.moe_experts and not 1 <= self.moe_topk <= self.moe_experts):
             raise ConfigError(f"moe_topk must be between 1 and moe_experts={self.moe_experts}, got {self.moe_topk!r}")
+        # --- HF-style MoE (helper `families`) ---
+        if self.moe_style not in MOE_STYLES:
+            raise ConfigError(f"moe_style must be one of {MOE_STYLES}, got {self.moe_style!r}")
+        if not isinstance(self.moe_shared_d_mlp, int) or isinstance(self.moe_shared_d_mlp, bool) or (
+            self.moe_shared_d_mlp < 0
+        ):
+            raise ConfigError(f"moe_shared_d_mlp must be an integer >= 0, got {self.moe_shared_d_mlp!r}")
+        if not isinstance(self.moe_norm_topk, bool):
+            raise ConfigError(f"moe_norm_topk must be True or False, got {self.moe_norm_topk!r}")
+        if self.moe_experts and self.moe_style != "qwen2_moe" and (self.moe_shared_d_mlp or not self.moe_norm_topk):
+            raise ConfigError(
+                f"moe_shared_d_mlp and moe_norm_topk=False are Qwen2-MoE options; moe_style={self.moe_style!r} "
+                "has no shared expert and always renormalises its top-k weights (set moe_style='qwen2_moe')"
+            )
+        # --- end HF-style MoE ---
         if self.diff_attn and self.d_head % 2:
             raise ConfigError(
                 f"diff_attn splits each head's queries/keys into two halves: d_head must be even, got {self.d_head}"
             )
         if self.yoco and (self.n_layers < 2 or self.yoco_window < 1):
             raise ConfigError("yoco needs n_layers >= 2 (self- and cross-decoder halves) and yoco_window >= 1")
+
+    def _check_knobs(self) -> None:
+        """The issue-16 knobs: each value, then the combinations tinygpt does not implement."""
+        kv = self.n_key_value_heads
+        if kv is not None and (not isinstance(kv, int) or isinstance(kv, bool) or kv < 1 or self.n_heads % kv):
+            raise ConfigError(f"n_key_value_heads must be a positive divisor of n_heads={self.n_heads}, got {kv!r}")
+        if self.positional_embedding_type not in POSITIONAL_EMBEDDING_TYPES:
+            raise ConfigError(
+                f"positional_embedding_type must be one of {POSITIONAL_EMBEDDING_TYPES}, "
+                f"got {self.positional_embedding_type!r}"
+            )
+        if self.normalization_type not in NORMALIZATION_TYPES:
+            raise ConfigError(
+                f"normalization_type must be one of {NORMALIZATION_TYPES}, got {self.normalization_type!r}"
+            )
+        rotary = self.positional_embedding_type == "rotary"
+        dim = self.rotary_dim
+        if dim is not None and (
+            not isinstance(dim, int) or isinstance(dim, bool) or dim < 2 or dim % 2 or dim > self.d_head
+        ):
+            raise ConfigError(f"rotary_dim must be an even integer in [2, d_head={self.d_head}], got {dim!r}")
+        base = self.rotary_base
+        if not isinstance(base, (int, float)) or isinstance(base, bool) or base <= 0:
+            raise ConfigError(f"rotary_base must be a positive number, got {self.rotary_base!r}")
+        if self.rope_scaling is not None:
+            scaling = self.rope_scaling if isinstance(self.rope_scaling, dict) else {}
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind not in ROPE_SCALING_TYPES:
+                raise ConfigError(
+                    f"rope_scaling must be None or an HF rope_scaling dict of type {ROPE_SCALING_TYPES}, "
+                    f"got {self.rope_scaling!r}"
+                )
+        if not rotary and (
+            dim is not None or self.rope_scaling is not None or self.rotary_adjacent_pairs or base != 10000.0
+        ):
+            raise ConfigError(
+                "rotary_dim, rotary_base, rope_scaling and rotary_adjacent_pairs need "
+                "positional_embedding_type='rotary'"
+            )
+        for name in ("gated_mlp", "bias", "parallel_attn_mlp", "rotary_adjacent_pairs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.qkv_bias is not None and not isinstance(self.qkv_bias, bool):
+            raise ConfigError(f"qkv_bias must be None, True or False, got {self.qkv_bias!r}")
+        # Combinations not implemented (yet): refused by name rather than built approximately.
+        gqa = kv is not None and kv != self.n_heads
+        for on, knob in ((gqa, "n_key_value_heads < n_heads (grouped-query attention)"), (rotary, "rotary")):
+            for other, flag in (("diff_attn", self.diff_attn), ("yoco", self.yoco)):
+                if on and flag:
+                    raise ConfigError(f"{knob} is not implemented together with {other}; drop one of them")
+        if rotary and self.mod:
+            raise ConfigError("rotary is not implemented together with mod (routed tokens keep their positions)")
+        if self.parallel_attn_mlp and self.mod:
+            raise ConfigError("parallel_attn_mlp is not implemented together with mod; drop one of them")
+        if self.gated_mlp and self.moe_experts and self.moe_style == "tinygpt":
+            raise ConfigError(
+                "gated_mlp with moe_experts: tinygpt's own experts are ungated; use moe_style='mixtral' "
+                "(gated experts) or drop gated_mlp"
+            )
 
     # ----------------------------------------------------------------------------------------
     @classmethod
@@ -173,9 +293,15 @@ class GPTConfig:
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
-        """The saved fields (everything but `device` and the TransformerLens extras)."""
-        skip = {"device"}
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init and f.name not in skip}
+        """The saved fields (everything but `device` and the TransformerLens extras); the knobs added after the
+        first file format only when they differ from their defaults (so older models' configs are unchanged)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not f.init or f.name == "device" or (f.name in _LATER_FIELDS and value == f.default):
+                continue
+            out[f.name] = dict(value) if isinstance(value, dict) else value
+        return out
 
     def replace(self, **changes: Any) -> GPTConfig:
         return self.from_dict({**self.to_dict(), **changes})
@@ -191,6 +317,16 @@ class GPTConfig:
         """The architecture knobs switched on, e.g. ["diff_attn", "moe"]."""
         on = [("diff_attn", self.diff_attn), ("mod", self.mod), ("moe", self.moe_experts > 0), ("yoco", self.yoco)]
         return [name for name, flag in on if flag]
+
+    @property
+    def n_kv_heads(self) -> int:
+        """Key/value heads: `n_key_value_heads`, or n_heads without grouped-query attention."""
+        return self.n_key_value_heads or self.n_heads
+
+    @property
+    def qkv_has_bias(self) -> bool:
+        """Whether the query/key/value projections have biases (`qkv_bias`, defaulting to `bias`)."""
+        return self.bias if self.qkv_bias is None else self.qkv_bias
 
 
 def _did_you_mean(name: str, choices) -> str:

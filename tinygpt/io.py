@@ -80,13 +80,13 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     try:
         with contextlib.suppress(AttributeError, OSError):  # mkstemp makes 0600; give the usual 0666 & ~umask
             os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            try:
+        try:  # around the `with`: closing a file whose buffer could not be written raises again, unnamed
+            with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
-            except OSError as e:
-                raise _named(e, path) from e
+        except OSError as e:
+            raise _named(e, path) from e
         try:
             os.replace(tmp, path)
         except OSError as e:

@@ -3,9 +3,10 @@
 When a sequence outgrows the context, the model keeps its most recent `n_ctx - n_ctx // 4` tokens and
 re-encodes them; the cached and uncached paths apply the same rule, so they produce the same tokens.
 
-`generate(..., ablate=...)` runs each forward under an intervention: the sampling layer knows none itself;
-`tinygpt.interp.ablation` registers its `ablate` specs and contexts at import (`register_intervention`), and
-`import tinygpt` imports it. This module registers `generate` as `GPT.generate`.
+`generate(..., ablate=..., steer=...)` runs each forward under interventions: the sampling layer knows none
+itself; `tinygpt.interp.ablation` registers its `ablate` specs and contexts and `tinygpt.dictionary.steering`
+its steering vectors at import (`register_intervention(fn, kind=)`), and `import tinygpt` imports both.
+This module registers `generate` as `GPT.generate`.
 """
 
 from __future__ import annotations
@@ -31,13 +32,17 @@ class SamplingError(TinyGPTValueError):
 
 
 Intervention = Callable[[GPT, Any], AbstractContextManager]
-_interventions: list[Intervention] = []
+_interventions: dict[str, Intervention] = {}
+_PROVIDERS = {"ablate": "tinygpt.interp", "steer": "tinygpt.dictionary"}
 
 
-def register_intervention(fn: Intervention) -> None:
-    """Register `fn(model, spec) -> context manager` that `generate(..., ablate=spec)` enters around each
-    forward (`tinygpt.interp.ablation` registers its ablations)."""
-    _interventions[:] = [fn]
+def register_intervention(fn: Intervention, kind: str = "ablate") -> None:
+    """Register `fn(model, spec) -> context manager` that `generate(..., <kind>=spec)` enters around each
+    forward; the context must be reusable (entered once per forward). Kinds: "ablate" (`tinygpt.interp.ablation`
+    registers its ablations) and "steer" (`tinygpt.dictionary.steering` its steering vectors)."""
+    if kind not in _PROVIDERS:
+        raise SamplingError(f"unknown intervention kind {kind!r}; one of {', '.join(_PROVIDERS)}")
+    _interventions[kind] = fn
 
 
 def sample_next(
@@ -88,10 +93,11 @@ def generate_tokens(
     use_cache: bool = True,
     stop_tokens: set[int] | None = None,
     ablate=None,
+    steer=None,
 ) -> Iterator[Tensor]:
     """Yield the next token [batch] for each step. tokens: [batch, pos] prompt (pos >= 1)."""
     _check_args(max_new_tokens, temperature, top_k, top_p)
-    ablation = _ablation_context(model, ablate)
+    ablation = _intervention_context(model, ablate=ablate, steer=steer)
     if tokens.ndim == 1:
         tokens = tokens[None]
     if tokens.shape[1] == 0:
@@ -140,6 +146,7 @@ def generate(
     use_cache: bool = True,
     stop_at_eos: bool = False,
     ablate=None,
+    steer=None,
 ) -> str | Tensor:
     """Continue a prompt.
 
@@ -153,6 +160,9 @@ def generate(
         stop_at_eos: stop once the tokenizer's EOS token is produced.
         ablate: generate with components ablated: specs such as "1.attn" or "0.head3, 1.mlp", or a context
             from `tinygpt.interp.ablate(model, specs, reference_tokens=...)` (needed for mean / resample).
+        steer: generate with vectors added at hooks: a `tinygpt.dictionary.SteeringVector` (times its
+            `coeff`; `steering_vector(model, sae, latent=i) * 8.0`), a list of them, or a `steer(model, ...)`
+            context. Every position of every forward is steered, so the KV cache gives the same tokens.
     Returns:
         For a text prompt, the prompt followed by the generated text (as TransformerLens does);
         for tokens, the tokens [batch, pos + new] (on the prompt tensor's device).
@@ -172,6 +182,7 @@ def generate(
         use_cache=use_cache,
         stop_tokens=stop,
         ablate=ablate,
+        steer=steer,
     ):
         out.append(nxt[:, None].to(tokens.device))
     result = torch.cat(out, dim=1)
@@ -214,13 +225,35 @@ def stream(
         yield text[len(shown) :]
 
 
-def _ablation_context(model: GPT, ablate: Any) -> AbstractContextManager:
-    """A context manager applying `ablate` (None: nothing) around each forward."""
-    if ablate is None:
+class _Stacked:
+    """Several reusable contexts entered together (in order) around each forward."""
+
+    def __init__(self, contexts: list[AbstractContextManager]):
+        self.contexts = contexts
+        self._open: list[contextlib.ExitStack] = []
+
+    def __enter__(self) -> None:
+        with contextlib.ExitStack() as stack:
+            for c in self.contexts:
+                stack.enter_context(c)
+            self._open.append(stack.pop_all())
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        return self._open.pop().__exit__(*exc)
+
+
+def _intervention_context(model: GPT, **specs: Any) -> AbstractContextManager:
+    """A reusable context manager applying the given interventions (None: nothing) around each forward."""
+    contexts = []
+    for kind, spec in specs.items():
+        if spec is None:
+            continue
+        if kind not in _interventions:
+            raise SamplingError(f"generate(..., {kind}=...) needs {_PROVIDERS[kind]} (import tinygpt)")
+        contexts.append(_interventions[kind](model, spec))
+    if not contexts:
         return contextlib.nullcontext()
-    if not _interventions:
-        raise SamplingError("generate(..., ablate=...) needs tinygpt.interp (import tinygpt)")
-    return _interventions[0](model, ablate)
+    return contexts[0] if len(contexts) == 1 else _Stacked(contexts)
 
 
 def _prompt_tokens(model: GPT, prompt: Any) -> Tensor:

@@ -7,6 +7,7 @@ directory holding one (any local Hugging Face tokenizer), or a tokenizer object.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ import numpy as np
 
 from tinygpt.errors import TinyGPTValueError
 from tinygpt.inputs import progress_enabled
-from tinygpt.io import atomic_write_text
+from tinygpt.io import atomic_write_text, check_output
 
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>")
 BOS_NAMES = ("<s>", "<bos>", "<|begin_of_text|>", "<|bos|>")
@@ -267,9 +268,16 @@ class BPETokenizer(Tokenizer):
     def save(self, directory: str | os.PathLike) -> Path:
         """Write `tokenizer.json` into `directory` (atomically) and return its path."""
         d = Path(directory)
+        made = not d.exists()
         d.mkdir(parents=True, exist_ok=True)
         path = d / "tokenizer.json"
-        atomic_write_text(path, self.tok.to_str(pretty=True))
+        try:
+            atomic_write_text(path, self.tok.to_str(pretty=True))
+        except BaseException:
+            if made:  # leave no empty directory behind a failed write
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            raise
         return path
 
     def __repr__(self) -> str:
@@ -283,6 +291,7 @@ def train_bpe(
     special_tokens: tuple[str, ...] = ("<|endoftext|>",),
     min_frequency: int = 2,
     out: str | os.PathLike | None = None,
+    overwrite: bool = False,
     progress: bool | None = None,
 ) -> BPETokenizer:
     """Train a byte-level BPE tokenizer (lossless on any UTF-8) on texts.
@@ -295,7 +304,8 @@ def train_bpe(
         vocab_size: target vocabulary size, including the 256 byte symbols and `special_tokens`.
         special_tokens: added first, as single tokens (the first EOS-like name becomes `eos_id`).
         min_frequency: the fewest occurrences a merge needs.
-        out: optional directory to save `tokenizer.json` into.
+        out: optional directory to save `tokenizer.json` into (checked before training starts).
+        overwrite: replace an existing `out/tokenizer.json`.
         progress: show the trainer's progress (None: the package default).
     """
     from tokenizers import Tokenizer as HFTokenizer
@@ -311,6 +321,11 @@ def train_bpe(
             f"tinygpt.tokenizer.train_bpe takes texts (an iterable of strings), got {texts!r}; to train on a "
             "corpus path (or None for the built-in one) use tinygpt.train_bpe (tinygpt.data.train_bpe)"
         )
+    if out is not None:
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise TokenizerError(f"out={out} is a file; name a directory to write tokenizer.json into")
+        check_output(out / "tokenizer.json", overwrite=overwrite, error=TokenizerError)
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -1,12 +1,14 @@
 """tinygpt.widgets: ipywidgets + plotly dashboards over the pure functions of `tinygpt`.
 
 Each dashboard is a thin layer over library functions that return results: a control change calls one
-(`tinygpt.interp`, `tinygpt.surgery`, `tinygpt.eval`) and draws the result's own `.figure()`, so the function
-is tested without a kernel and the dashboard by driving its controls; a dashboard never runs the model itself.
+(`tinygpt.interp`, `tinygpt.surgery`, `tinygpt.eval`, `tinygpt.dictionary`) and draws the result's own
+`.figure()`, so the function is tested without a kernel and the dashboard by driving its controls; a dashboard
+never runs the model itself.
 
     base.py       `Dashboard`: status line, output area, error reporting, callbacks, figure updates, display
     _inputs.py    prompts typed into a text box (token ids for a model without a tokenizer), evaluation tokens
-    lens.py  ablation.py  patching.py  attention.py  training.py  laser.py  hqq.py  evalmatrix.py   one each
+    lens.py  ablation.py  patching.py  attention.py  training.py  laser.py  hqq.py  evalmatrix.py  features.py
+                  one each
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ _LAZY = {
     "AttentionViewer": "attention",
     "TrainingDashboard": "training",
     "EvalMatrixDashboard": "evalmatrix",
+    "FeatureDashboard": "features",
 }
 
 

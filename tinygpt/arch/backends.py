@@ -203,16 +203,19 @@ def sdpa(
     """Causal SDPA for `t` new queries after `past` earlier keys: [b, H, t, d] -> [b, H, t, d_v].
 
     An explicit mask only when one is needed: none for a single query that sees every key, `is_causal` when
-    the keys are the queries' own positions (and a window does not cut in), `attn_mask(...)` otherwise.
+    the keys are the queries' own positions (and a window does not cut in), `attn_mask(...)` otherwise. Keys and
+    values with fewer heads than the queries (grouped-query attention, [b, n_kv, n, d]) go to SDPA as they are
+    (`enable_gqa`): each serves `H / n_kv` consecutive query heads.
     """
     t, n = q.shape[-2], k.shape[-2]
+    gqa = {"enable_gqa": True} if k.shape[-3] != q.shape[-3] else {}
     if q_pos is None and (window is None or (t == 1 and n <= window) or (past == 0 and t <= window)):
         if past == 0:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, **gqa)
         if t == 1:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **gqa)
     mask = attn_mask(t, n, q.device, window=window, q_pos=q_pos)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, **gqa)
 
 
 def attend(
@@ -230,8 +233,10 @@ def attend(
 
     Args:
         q: queries [batch, n_heads, t, d_qk] of the `t` new positions.
-        k: keys [batch, n_heads, past + t, d_qk] (earlier keys first; see the module docstring).
-        v: values [batch, n_heads, past + t, d_v].
+        k: keys [batch, n_kv, past + t, d_qk] (earlier keys first; see the module docstring); n_kv divides
+            n_heads (grouped-query attention when smaller: key/value head j serves query heads
+            j * n_heads / n_kv .. (j + 1) * n_heads / n_kv - 1).
+        v: values [batch, n_kv, past + t, d_v].
         past: number of keys before the new ones (`n - t`; ignored with `q_pos`).
         dropout_p: attention-probability dropout (training only; SDPA only).
         impl: `cfg.attn_impl` ("eager" is treated as "auto": the caller handles the eager path).
@@ -245,6 +250,6 @@ def attend(
         raise TinyGPTValueError(f"past={past} but the keys hold {k.shape[-2]} positions for {q.shape[-2]} queries")
     if impl == "sdpa" or (impl == "auto" and not q.is_cuda):  # the common CPU case, kept cheap
         return sdpa(q, k, v, past, dropout_p, window=window, q_pos=q_pos)
-    if backend_for(impl, q, k, v, dropout_p) == "triton":
+    if backend_for(impl, q, k, v, dropout_p) == "triton":  # serves grouped-query attention natively
         return triton_attn.flash_attention(q, k, v, causal=True, window=window, q_pos=q_pos)
     return sdpa(q, k, v, past, dropout_p, window=window, q_pos=q_pos)

@@ -58,7 +58,8 @@ from transformer_lens.hook_points import HookPoint
 from tinygpt.arch import backends
 from tinygpt.config import ConfigError, GPTConfig
 from tinygpt.model.cache import KVCache
-from tinygpt.model.layers import HeadViews, observed, split_heads
+from tinygpt.model.heads import HeadInputs
+from tinygpt.model.layers import HeadViews, attn_output, observed, proj_heads
 
 __all__ = ["DiffAttention", "HeadRMSNorm", "lambda_init"]
 
@@ -107,17 +108,18 @@ class DiffAttention(HeadViews, nn.Module):
         self.cfg, self.layer = cfg, layer
         hd = cfg.n_heads * cfg.d_head
         self.half = cfg.d_head // 2
-        self.q_proj = nn.Linear(cfg.d_model, hd)
+        self.q_proj = nn.Linear(cfg.d_model, hd, bias=cfg.qkv_has_bias)
         if own_kv:
-            self.k_proj = nn.Linear(cfg.d_model, hd)
-            self.v_proj = nn.Linear(cfg.d_model, hd)
-        self.o_proj = nn.Linear(hd, cfg.d_model)
+            self.k_proj = nn.Linear(cfg.d_model, hd, bias=cfg.qkv_has_bias)
+            self.v_proj = nn.Linear(cfg.d_model, hd, bias=cfg.qkv_has_bias)
+        self.o_proj = nn.Linear(hd, cfg.d_model, bias=cfg.bias)
         self.lambda_init = lambda_init(layer)
         for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
             setattr(self, name, nn.Parameter(torch.zeros(self.half)))
         self.subln = HeadRMSNorm(cfg.d_head, cfg.layer_norm_eps)
         hooks = ("q", "k", "v") if own_kv else ("q",)
-        for name in (*hooks, "attn_scores1", "attn_scores2", "pattern1", "pattern2", "lambda", "pattern", "z"):
+        maps = ("attn_scores1", "attn_scores2", "pattern1", "pattern2", "lambda", "pattern")
+        for name in (*hooks, *maps, "z", "result"):
             setattr(self, f"hook_{name}", HookPoint())
         self.reset_variant_parameters()
 
@@ -140,13 +142,19 @@ class DiffAttention(HeadViews, nn.Module):
             for h in (self.hook_attn_scores1, self.hook_attn_scores2, self.hook_pattern1, self.hook_pattern2)
         ) or observed(self.hook_pattern)
 
-    def project(self, x: Tensor, *, queries: bool = True) -> tuple[Tensor | None, Tensor, Tensor]:
-        """x: [batch, pos, d_model] -> q, k, v, each [batch, n_heads, pos, d_head] (through hook_q/k/v);
-        q is None without `queries`."""
-        q = split_heads(self.cfg, self.hook_q, self.q_proj(x)) if queries else None
-        return q, split_heads(self.cfg, self.hook_k, self.k_proj(x)), split_heads(self.cfg, self.hook_v, self.v_proj(x))
+    def project(
+        self, x: Tensor | HeadInputs, *, queries: bool = True, keys: bool = True
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """x: [batch, pos, d_model] (or per-head `HeadInputs`) -> q, k, v, each [batch, n_heads, pos, d_head]
+        (through hook_q/k/v); q is None without `queries`, k and v without `keys`."""
+        cfg = self.cfg
+        xq, xk, xv = x if isinstance(x, HeadInputs) else (x, x, x)
+        q = proj_heads(cfg, self.hook_q, self.q_proj, xq) if queries else None
+        if not keys:
+            return q, None, None
+        return q, proj_heads(cfg, self.hook_k, self.k_proj, xk), proj_heads(cfg, self.hook_v, self.v_proj, xv)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor | HeadInputs, cache: KVCache | None = None) -> Tensor:
         """x: [batch, pos, d_model] -> [batch, pos, d_model]."""
         q, k, v = self.project(x)
         if cache is not None:
@@ -188,6 +196,5 @@ class DiffAttention(HeadViews, nn.Module):
             o2 = backends.attend(q2, k2, v, n - t, p_drop, cfg.attn_impl, window=window, q_pos=q_pos)
             z = o1 - lam.to(o2.dtype) * o2
         z = self.subln(z.transpose(1, 2)) * (1.0 - self.lambda_init)  # [b, t, H, d_head]
-        z = self.hook_z(z)
-        out = self.o_proj(z.reshape(b, t, cfg.n_heads * cfg.d_head))
+        out = attn_output(self, self.hook_z(z))  # through hook_result when cfg.use_attn_result
         return F.dropout(out, p_drop) if p_drop else out

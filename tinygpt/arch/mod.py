@@ -83,6 +83,7 @@ from tinygpt.config import GPTConfig
 from tinygpt.errors import TinyGPTError
 from tinygpt.inputs import eval_mode
 from tinygpt.model.cache import KVCache, SharedKV
+from tinygpt.model.heads import HeadInputs, map_inputs
 from tinygpt.model.layers import Block, ModelError, observed
 
 __all__ = [
@@ -207,6 +208,8 @@ class MoDBlock(Block):
             the ones the config asks for).
     """
 
+    splits_last = False  # routing decides which tokens run: the block runs whole
+
     def __init__(
         self, cfg: GPTConfig, layer: int, attn: nn.Module | None = None, ffn: tuple[str, nn.Module] | None = None
     ):
@@ -297,7 +300,7 @@ class MoDBlock(Block):
         gate = torch.sigmoid(r.gather(1, idx)).to(x.dtype)[..., None]  # [b, k, 1]
         if valid is not None:
             gate = gate * valid[..., None]  # padding contributes exactly 0
-        h = self.ln1(resid_pre.gather(1, gidx))
+        h = self._routed_attn_input(resid_pre, idx, gidx)
         if shared is not None:  # routed queries at their own positions over every shared key
             a = self.attn(h, shared.select(idx))
         elif cache is None:
@@ -306,10 +309,21 @@ class MoDBlock(Block):
             a = self._cached_attn(h, cache, b, valid)
         attn_out = self.hook_attn_out(zeros.scatter(1, gidx, (gate * a).to(zeros.dtype)))
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
-        m = self.ffn(self.ln2(resid_mid.gather(1, gidx)))
+        m = self.ffn(self.ln2(self.mlp_input(resid_mid).gather(1, gidx)))
         mlp_out = self.hook_mlp_out(zeros.scatter(1, gidx, (gate * m).to(zeros.dtype)))
         self._advance(cache, b, t, valid if valid is not None else idx.shape[1])
         return self.hook_resid_post(resid_mid + mlp_out)
+
+    def _routed_attn_input(self, resid_pre: Tensor, idx: Tensor, gidx: Tensor) -> Tensor | HeadInputs:
+        """The attention input of the routed tokens `idx` [batch, routed]: `ln1` of their resid_pre, or with a
+        per-head hook switch, the block's per-head inputs (hooked at every position) gathered, then `ln1`."""
+        if not (self.cfg.use_split_qkv_input or self.cfg.use_attn_in):
+            return self.ln1(resid_pre.gather(1, gidx))
+
+        def routed(x: Tensor) -> Tensor:  # [batch, pos, heads, d_model] -> [batch, routed, heads, d_model]
+            return self.ln1(x.gather(1, idx[:, :, None, None].expand(-1, -1, *x.shape[2:])))
+
+        return self.split_input(resid_pre).map(routed)
 
     def finish(self, resid_mid: Tensor) -> Tensor:
         """Not defined for a routed block: its feed-forward half needs the routing made from `resid_pre`."""
@@ -323,17 +337,20 @@ class MoDBlock(Block):
         """The sliding window of this block's attention (YOCO's self-decoder), else None."""
         return getattr(self.attn, "window", None)
 
-    def _cached_attn(self, h: Tensor, cache: KVCache, b: int, valid: Tensor | None) -> Tensor:
-        """Attention of routed tokens h [b, k, d] against each row's own routed-token cache."""
+    def _cached_attn(self, h: Tensor | HeadInputs, cache: KVCache, b: int, valid: Tensor | None) -> Tensor:
+        """Attention of routed tokens h [b, k, d] (or their per-head inputs) against each row's own routed-token
+        cache: [b, k, d_model]."""
         st = _routed_cache(cache, self.layer, b, self._window)
         if b == 1:  # no padding with one row
             return self.attn(h, st.row(0))
-        counts = [h.shape[1]] * b if valid is None else valid.sum(1).tolist()
+        first = h.q if isinstance(h, HeadInputs) else h
+        k = first.shape[1]
+        counts = [k] * b if valid is None else valid.sum(1).tolist()
         parts = []
         for row, c in enumerate(counts):
-            out = torch.zeros_like(h[row : row + 1])
+            out = first.new_zeros(1, k, self.cfg.d_model)
             if c:
-                out[:, :c] = self.attn(h[row : row + 1, :c], st.row(row))
+                out[:, :c] = self.attn(map_inputs(h, lambda x, r=row, c=c: x[r : r + 1, :c]), st.row(row))
             parts.append(out)
         return torch.cat(parts)
 

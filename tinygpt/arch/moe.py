@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
+from tinygpt.arch.gated_mlp import activation
 from tinygpt.config import ConfigError, GPTConfig
 
 __all__ = [
@@ -95,16 +96,18 @@ class RoutingCollapseWarning(UserWarning):
 
 
 class Expert(nn.Module):
-    """One expert: `fc_in` -> GELU -> `fc_out` (the dense MLP without hooks). x: [n, d_model] -> [n, d_model]."""
+    """One expert: `fc_in` -> activation (`cfg.act_fn`) -> `fc_out` (the dense MLP without hooks).
+    x: [n, d_model] -> [n, d_model]."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.fc_in = nn.Linear(cfg.d_model, cfg.d_mlp)
-        self.fc_out = nn.Linear(cfg.d_mlp, cfg.d_model)
-        self.approximate = "tanh" if cfg.act_fn == "gelu_new" else "none"
+        self.fc_in = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias)
+        self.fc_out = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.bias)
+        activation(cfg.act_fn)  # a known name; looked up per call, so the module pickles
+        self.act_fn = cfg.act_fn
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc_out(F.gelu(self.fc_in(x), approximate=self.approximate))
+        return self.fc_out(activation(self.act_fn)(self.fc_in(x)))
 
 
 def load_balancing_loss(logits: Tensor, indices: Tensor, n_experts: int) -> Tensor:

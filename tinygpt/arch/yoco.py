@@ -68,7 +68,8 @@ from tinygpt.arch import backends
 from tinygpt.arch.diff_attn import DiffAttention
 from tinygpt.config import ConfigError, GPTConfig
 from tinygpt.model.cache import CacheError, KVCache, SharedKV, YocoCache
-from tinygpt.model.layers import Attention, HeadViews, LayerNorm, ModelError, observed, split_heads
+from tinygpt.model.heads import HeadInputs
+from tinygpt.model.layers import Attention, HeadViews, ModelError, make_norm, observed, proj_heads, split_heads
 from tinygpt.model.stack import Stack
 
 __all__ = [
@@ -117,7 +118,7 @@ def _window_qkv(attn: nn.Module, x: Tensor, cache) -> tuple[Tensor, Tensor, Tens
     """A self-decoder attention's queries [batch, n_heads, t, d_head], the keys and values they see and the
     window to mask them with (see `_window_keys`)."""
     q, k, v = attn.project(x)
-    fast = not backends.use_eager(attn.cfg.attn_impl, attn.needs_eager(), x.device)
+    fast = not backends.use_eager(attn.cfg.attn_impl, attn.needs_eager(), q.device)
     return q, *_window_keys(attn, k, v, cache, fast)
 
 
@@ -166,9 +167,9 @@ class YocoKV(nn.Module):
         super().__init__()
         self.cfg = cfg
         hd = cfg.n_heads * cfg.d_head
-        self.ln = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
-        self.k_proj = nn.Linear(cfg.d_model, hd)
-        self.v_proj = nn.Linear(cfg.d_model, hd)
+        self.ln = make_norm(cfg)
+        self.k_proj = nn.Linear(cfg.d_model, hd, bias=cfg.qkv_has_bias)
+        self.v_proj = nn.Linear(cfg.d_model, hd, bias=cfg.qkv_has_bias)
         self.hook_k = HookPoint()  # [batch, pos, n_heads, d_head]
         self.hook_v = HookPoint()
 
@@ -177,6 +178,7 @@ class YocoKV(nn.Module):
         h = self.ln(x)
         return split_heads(self.cfg, self.hook_k, self.k_proj(h)), split_heads(self.cfg, self.hook_v, self.v_proj(h))
 
+    _W_K, _W_V, _b_K, _b_V = HeadViews._W_K, HeadViews._W_V, HeadViews._b_K, HeadViews._b_V
     W_K = HeadViews.W_K  # [n_heads, d_model, d_head]
     W_V = HeadViews.W_V
     b_K = HeadViews.b_K  # [n_heads, d_head]
@@ -198,24 +200,30 @@ class CrossAttention(nn.Module):
     same ones); note that they act on `yoco_kv.ln` of the self-decoder output, not on this block's `ln1`.
     """
 
+    rotary = None  # yoco with rotary is refused by GPTConfig
+
     def __init__(self, cfg: GPTConfig, layer: int, shared: YocoKV):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         hd = cfg.n_heads * cfg.d_head
-        self.q_proj = nn.Linear(cfg.d_model, hd)
-        self.o_proj = nn.Linear(hd, cfg.d_model)
-        for name in ("q", "z", "attn_scores", "pattern"):
+        self.q_proj = nn.Linear(cfg.d_model, hd, bias=cfg.qkv_has_bias)
+        self.o_proj = nn.Linear(hd, cfg.d_model, bias=cfg.bias)
+        for name in ("q", "z", "attn_scores", "pattern", "result"):
             setattr(self, f"hook_{name}", HookPoint())
         object.__setattr__(self, "_shared", shared)  # a reference, not a submodule (the model owns it)
 
     def needs_eager(self) -> bool:
         return observed(self.hook_attn_scores) or observed(self.hook_pattern)
 
-    def forward(self, x: Tensor, kv: SharedKV) -> Tensor:
-        """x: [batch, pos, d_model], kv: the shared keys/values -> [batch, pos, d_model]."""
+    def forward(self, x: Tensor | HeadInputs, kv: SharedKV) -> Tensor:
+        """x: [batch, pos, d_model] (or per-head inputs: only their queries' are used), kv: the shared
+        keys/values -> [batch, pos, d_model]."""
         _check_shared(kv)
-        q = split_heads(self.cfg, self.hook_q, self.q_proj(x))
+        q = proj_heads(self.cfg, self.hook_q, self.q_proj, x.q if isinstance(x, HeadInputs) else x)
         return self.out(self.attend(q, kv.k, kv.v, kv.k.shape[2] - q.shape[2], q_pos=kv.q_pos))
+
+    def unsupported_switch(self, name: str) -> str | None:
+        return _cross_switch(self.layer, name)
 
     attend = Attention.attend  # the attention math and output projection of `Attention`, written once
     out = Attention.out
@@ -241,16 +249,32 @@ class DiffCrossAttention(DiffAttention):
         super().__init__(cfg, layer, own_kv=False)
         object.__setattr__(self, "_shared", shared)  # a reference, not a submodule (the model owns it)
 
-    def forward(self, x: Tensor, kv: SharedKV) -> Tensor:
-        """x: [batch, pos, d_model], kv: the shared keys/values -> [batch, pos, d_model]."""
+    def forward(self, x: Tensor | HeadInputs, kv: SharedKV) -> Tensor:
+        """x: [batch, pos, d_model] (or per-head inputs: only their queries' are used), kv: the shared
+        keys/values -> [batch, pos, d_model]."""
         _check_shared(kv)
-        q = split_heads(self.cfg, self.hook_q, self.q_proj(x))
+        q = proj_heads(self.cfg, self.hook_q, self.q_proj, x.q if isinstance(x, HeadInputs) else x)
         return self.attend(q, kv.k, kv.v, q_pos=kv.q_pos)
+
+    def unsupported_switch(self, name: str) -> str | None:
+        return _cross_switch(self.layer, name)
 
     W_K = property(lambda self: self._shared.W_K)
     W_V = property(lambda self: self._shared.W_V)
     b_K = property(lambda self: self._shared.b_K)
     b_V = property(lambda self: self._shared.b_V)
+
+
+def _cross_switch(layer: int, name: str) -> str | None:
+    """Why a cross-decoder block cannot express the hook switch `name` (None: it can)."""
+    if name == "use_split_qkv_input":
+        return (
+            f"YOCO (yoco=True): the keys and values of cross-decoder block {layer} are not computed from its own "
+            "input but once, from the self-decoder's output, by the shared yoco_kv, so the block has no key or value "
+            "input to split; use set_use_attn_in (its hook_attn_in feeds the cross-decoder queries only), or a "
+            "model without yoco"
+        )
+    return None
 
 
 class YocoStack(Stack):

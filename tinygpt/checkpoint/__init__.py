@@ -8,9 +8,11 @@ from tinygpt.checkpoint.files import (  # noqa: F401
     CheckpointError,
     OutputError,
     content_hash,
+    load_matching,
     model_fingerprint,
     read_manifest,
     read_tensor_file,
+    tensor_mismatch,
     write_tensor_file,
 )
 from tinygpt.checkpoint.format import (  # noqa: F401

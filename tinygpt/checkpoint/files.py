@@ -209,3 +209,61 @@ def read_tensor_file(
     if verify and "content_sha256" in manifest and content_hash(tensors) != manifest["content_sha256"]:
         raise error(f"{path} is corrupt: tensor content does not match its recorded sha256")
     return tensors
+
+
+def tensor_mismatch(
+    expected: dict[str, tuple[int, ...]], tensors: dict[str, Tensor], *, ignore: set[str] = frozenset()
+) -> str | None:
+    """What differs between the tensors a module needs and the ones a file holds, in one short sentence.
+
+    Args:
+        expected: name -> shape the module needs (e.g. `{k: tuple(v.shape) for k, v in module.state_dict().items()}`).
+        tensors: the file's tensors (name -> tensor).
+        ignore: names neither side must have (e.g. a tied `unembed.weight`).
+
+    Returns:
+        None when names and shapes agree, else e.g. "embed.weight is [256, 64] where the config needs [256, 128],
+        and 25 more shape mismatches" or "3 tensors missing (blocks.2.attn.k_proj.bias, ...)".
+    """
+    names = set(expected) - ignore
+    have = set(tensors) - ignore
+    parts = []
+    for what, group in (("missing", sorted(names - have)), ("unexpected", sorted(have - names))):
+        if group:
+            shown = ", ".join(group[:3]) + (", ..." if len(group) > 3 else "")
+            parts.append(f"{len(group)} tensor{'s' * (len(group) > 1)} {what} ({shown})")
+    wrong = [k for k in sorted(names & have) if tuple(tensors[k].shape) != tuple(expected[k])]
+    if wrong:
+        k = wrong[0]
+        more = f", and {len(wrong) - 1} more shape mismatch{'es' * (len(wrong) > 2)}" if len(wrong) > 1 else ""
+        parts.append(f"{k} is {list(tensors[k].shape)} where it should be {list(expected[k])}{more}")
+    return "; ".join(parts) or None
+
+
+def load_matching(
+    module: torch.nn.Module,
+    tensors: dict[str, Tensor],
+    *,
+    where: str,
+    record: str,
+    error: type[Exception] = CheckpointError,
+    ignore: set[str] = frozenset(),
+) -> None:
+    """`module.load_state_dict(tensors)` after checking names and shapes, so a mismatch is one short line naming the
+    first differing tensor (torch's own message lists every tensor: kilobytes of text).
+
+    Args:
+        module: what to fill.
+        tensors: the file's tensors.
+        where: the file, for the message.
+        record: what the shapes were derived from ("its config (d_model=128, n_layers=2)"), for the message.
+        error: the exception class to raise.
+        ignore: names to skip on both sides (e.g. a tied `unembed.weight`).
+    """
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    problem = tensor_mismatch(expected, tensors, ignore=ignore)
+    if problem:
+        raise error(
+            f"{where}: its tensors do not match {record}: {problem}; the file was edited or written by other code"
+        )
+    module.load_state_dict({k: v for k, v in tensors.items() if k not in ignore}, strict=not ignore)

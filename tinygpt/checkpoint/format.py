@@ -21,8 +21,10 @@ from torch import Tensor
 
 from tinygpt.checkpoint.files import (
     CheckpointError,
+    load_matching,
     read_manifest,
     read_tensor_file,
+    tensor_mismatch,
     write_tensor_file,
 )
 from tinygpt.checkpoint.swaps import apply_surgery_record, surgery_record
@@ -217,19 +219,8 @@ def load(path: str | os.PathLike | Checkpoint, device: str | torch.device | None
     model = GPT(cfg, tokenizer=tokenizer)
     if ckpt.manifest.get("surgery"):
         _rebuild_surgery(model, ckpt)
-    expected = set(model.state_dict())
-    if cfg.tie_embeddings:
-        expected.discard("unembed.weight")
-    missing, unexpected = expected - set(ckpt.tensors), set(ckpt.tensors) - expected
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{ckpt.path}: tensors do not match the config: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
-    try:
-        model.load_state_dict(ckpt.tensors, strict=False)
-    except RuntimeError as e:
-        raise CheckpointError(f"{ckpt.path}: tensor shapes do not match the config: {e}") from e
+    tied = {"unembed.weight"} if cfg.tie_embeddings else set()
+    load_matching(model, ckpt.tensors, where=str(ckpt.path), record=_config_record(cfg), ignore=tied)
     model.train_state = ckpt.train_state
     model.source_path = str(ckpt.path)
     if device is not None:
@@ -282,6 +273,9 @@ def describe(path: str | os.PathLike) -> str:
         specials = f" (256 bytes + special tokens {', '.join(added)})" if added else ""
         lines.append(f"tokenizer   {tok.get('type', '?')}, vocab {256 + len(added)}{specials}")
     lines.append(f"parameters  {n_params:,}" + ("  (embeddings tied)" if cfg.tie_embeddings else ""))
+    problem = _shape_problem(ckpt)
+    if problem:
+        lines.append(f"WARNING     the tensors do not match {_config_record(cfg)}: {problem}; this file will not load")
     if m.get("surgery", {}).get("modules"):
         kinds: dict[str, int] = {}
         for spec in m["surgery"]["modules"].values():
@@ -305,6 +299,25 @@ def describe(path: str | os.PathLike) -> str:
     lines.append("-" * (w + 41))
     lines.append(f"{'total':<{w}}  {'':<9} {'':<16} {n_params:>12,}")
     return "\n".join(lines)
+
+
+def _config_record(cfg: GPTConfig) -> str:
+    return f"its config (n_layers={cfg.n_layers}, d_model={cfg.d_model}, d_mlp={cfg.d_mlp}, d_vocab={cfg.d_vocab})"
+
+
+def _shape_problem(ckpt: Checkpoint) -> str | None:
+    """The tensor/config mismatch of a file (see `tensor_mismatch`), from a model built on the meta device."""
+    from tinygpt.model import GPT
+
+    try:
+        with torch.device("meta"):
+            model = GPT(ckpt.config.replace(dtype="float32"))
+            if ckpt.manifest.get("surgery"):
+                apply_surgery_record(model, ckpt.manifest["surgery"])
+    except Exception:  # an invalid manifest: `load` reports it; inspect shows what it can
+        return None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return tensor_mismatch(expected, ckpt.tensors, ignore={"unembed.weight"} if ckpt.config.tie_embeddings else set())
 
 
 def _natural_key(name: str) -> list:

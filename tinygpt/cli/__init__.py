@@ -16,9 +16,10 @@
     tinygpt sft tiny.tinygpt --data data/sft_small.jsonl --template chatml --steps 300 --out chat.tinygpt
     tinygpt magpie chat.tinygpt --count 500 --template chatml --temperature 0.9 --out magpie.jsonl
     tinygpt es tiny.tinygpt --corpus FILE --steps 50 --population 40 --sigma 0.02 --lr 0.01 --out tiny-es.tinygpt
+    tinygpt sae tiny.tinygpt --hook blocks.2.hook_resid_post --arch topk --k 32 --expansion 8 --out tiny-l2.sae
 
 One module per command group registers its commands (`tinygpt.cli._command.command`): `train` (train, sample,
-inspect, tokenizer), `surgery`, `interp`, `interop`, `distill`, `eval`, `lora`, `sft`, `es`. The flags several
+inspect, tokenizer), `surgery`, `interp`, `interop`, `distill`, `eval`, `lora`, `sft`, `es`, `sae`. The flags several
 commands share are declared once, in `tinygpt.cli._flags`. Before a command runs, `tinygpt.cli._preflight` checks
 --threads (or $TINYGPT_THREADS), --device and every output (writable, not an input, an existing file replaced
 only with --overwrite or --resume). `python -m tinygpt` is the same command. Nothing here reads `sys.argv` at
@@ -42,6 +43,7 @@ from tinygpt.cli import eval as _eval  # noqa: F401  (eval, leaderboard, memoriz
 from tinygpt.cli import lora as _lora  # noqa: F401  (lora, lora-merge)
 from tinygpt.cli import sft as _sft  # noqa: F401  (sft, finetune, magpie)
 from tinygpt.cli import es as _es  # noqa: F401  (es)
+from tinygpt.cli import sae as _sae  # noqa: F401  (sae, sae-eval, sae-export, sae-import)
 
 # isort: on
 from tinygpt.cli import _preflight

@@ -51,6 +51,13 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--top-p": {"type": float, "default": None, "help": "sample from the smallest set of probability >= p"},
     # optimisation (the training tail, and the commands that share some of it)
     "--dtype": {"default": None, "choices": ["float32", "bfloat16"], "help": "autocast dtype"},
+    "--param-dtype": {
+        "default": None,
+        "choices": ["float32", "bfloat16"],
+        "help": "bfloat16: train bf16 weights with fp32 master copies in the optimizer (faster than autocast)",
+    },
+    "--compile": {"action": "store_true", "default": None, "help": "torch.compile the forward while nothing is hooked"},
+    "--log-every": {"type": int, "default": None, "help": "print a plain progress line every N steps, 0: never"},
     "--batch": {"type": int, "default": None, "help": "sequences per micro-batch"},
     "--accum": {"type": int, "default": None, "help": "gradient accumulation steps"},
     "--ctx": {"type": int, "default": None, "help": "sequence length"},
@@ -79,6 +86,9 @@ def add(p: argparse.ArgumentParser | argparse._ArgumentGroup, option: str, **ove
 # flag dest -> (TrainConfig field, default shown in the help): the training tail
 TRAINING_FLAGS: dict[str, tuple[str, str]] = {
     "dtype": ("dtype", "float32"),
+    "param_dtype": ("param_dtype", "float32"),
+    "compile": ("compile", "off"),
+    "log_every": ("log_every", "every 10%% of the steps, at most 50, when not on a terminal"),
     "batch": ("batch_size", "8"),
     "accum": ("accum", "1"),
     "ctx": ("ctx", "the model's n_ctx"),

@@ -37,6 +37,8 @@ OUTPUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "leaderboard": (("out", "file"),),
     "tokenizer": (("out", "tokenizer"),),
     "export": (("hf", "dir"),),
+    "sae-export": (("out", "dir"),),
+    "sae-import": (("out", "file"),),
 }
 
 #: flag dests naming files a command reads. An output may replace one of `REPLACEABLE` (the model a command

@@ -34,6 +34,7 @@ _ES_FLAGS = {
     "top_k": "top_k",
     "member_batch": "member_batch",
     "seed": "seed",
+    "log_every": "log_every",
 }
 
 
@@ -56,7 +57,7 @@ def _es_flags(p: argparse.ArgumentParser) -> None:
     )
     add_training_flags(
         p,
-        only=("steps", "weight_decay", "batch", "ctx", "val_split", "val_every", "seed"),
+        only=("steps", "weight_decay", "batch", "ctx", "val_split", "val_every", "seed", "log_every"),
         steps="50",
         weight_decay="0",
         batch="8; the windows every member is scored on",

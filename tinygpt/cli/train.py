@@ -64,12 +64,59 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     arch.add_argument("--moe-topk", type=int, default=None, help="experts per token")
     arch.add_argument("--yoco", action="store_true", help="you-only-cache-once decoder (Sun et al. 2024)")
     arch.add_argument("--yoco-window", type=int, default=None, help="sliding window of the self-decoder")
+    # the models people study (Llama / Qwen2 / Mistral / GPT-NeoX knobs); see _knob_config
+    arch.add_argument("--rope", action="store_true", help="rotary position embeddings instead of learned positions")
+    arch.add_argument("--rope-theta", type=float, default=None, help="rotary base (HF rope_theta; default 10000)")
+    arch.add_argument("--rotary-pct", type=float, default=None, help="fraction of each head rotary rotates (NeoX)")
+    arch.add_argument("--norm", choices=("ln", "rms"), default=None, help="LayerNorm (default) or RMSNorm")
+    arch.add_argument("--mlp", choices=("gelu", "swiglu", "geglu"), default=None, help="feed-forward (default gelu)")
+    arch.add_argument("--kv-heads", type=int, default=None, help="key/value heads (grouped-query attention)")
+    arch.add_argument("--no-bias", action="store_true", help="linear layers without biases (Llama)")
+    arch.add_argument("--parallel-residual", action="store_true", help="attention and MLP in parallel (GPT-NeoX)")
 
 
 def _model_config(a: argparse.Namespace) -> dict:
     """GPTConfig overrides from the architecture flags that were given."""
     # with --resume, train() accepts the values equal to the run's and refuses a change, naming both values
-    return {k: getattr(a, k) for k in _ARCH_FLAGS if getattr(a, k) is not None and getattr(a, k) is not False}
+    given = {k: getattr(a, k) for k in _ARCH_FLAGS if getattr(a, k) is not None and getattr(a, k) is not False}
+    return {**given, **_knob_config(a)}
+
+
+_MLPS = {"gelu": {}, "swiglu": {"gated_mlp": True, "act_fn": "silu"}, "geglu": {"gated_mlp": True, "act_fn": "gelu"}}
+
+
+def _knob_config(a: argparse.Namespace) -> dict:
+    """GPTConfig fields of the Llama / NeoX flags that were given (--rope, --norm rms, --mlp swiglu, ...)."""
+    out: dict = {}
+    if a.rope:
+        out["positional_embedding_type"] = "rotary"
+    elif a.rope_theta is not None or a.rotary_pct is not None:
+        raise CommandError("--rope-theta and --rotary-pct need --rope")
+    if a.rope_theta is not None:
+        out["rotary_base"] = a.rope_theta
+    if a.rotary_pct is not None:
+        if not 0 < a.rotary_pct <= 1:
+            raise CommandError(f"--rotary-pct must be in (0, 1], got {a.rotary_pct}")
+        if a.resume and a.preset is None:
+            raise CommandError("--rotary-pct with --resume needs the run's --preset (it sets rotary_dim from d_head)")
+        from tinygpt.config import GPTConfig
+
+        d_head = GPTConfig.preset(a.preset or "tiny").d_head
+        dim = int(d_head * a.rotary_pct)  # as GPT-NeoX / HF: int(head_dim * rotary_pct)
+        if dim < 2 or dim % 2:
+            raise CommandError(f"--rotary-pct {a.rotary_pct} gives {dim} of d_head={d_head} dims; it must be even")
+        out["rotary_dim"] = dim if dim < d_head else None
+    if a.norm is not None:
+        out["normalization_type"] = a.norm.upper()
+    if a.mlp is not None:
+        out.update(_MLPS[a.mlp])
+    if a.kv_heads is not None:
+        out["n_key_value_heads"] = a.kv_heads
+    if a.no_bias:
+        out["bias"] = False
+    if a.parallel_residual:
+        out["parallel_attn_mlp"] = True
+    return out
 
 
 @command("train", "train a model (built-in Shakespeare and bytes by default)", flags=_train_flags)
@@ -161,6 +208,6 @@ def _tokenizer_flags(p: argparse.ArgumentParser) -> None:
 def cmd_tokenizer(a: argparse.Namespace) -> int:
     from tinygpt.data import train_bpe
 
-    tok = train_bpe(a.corpus, a.vocab_size, out=a.out, progress=progress(a))
+    tok = train_bpe(a.corpus, a.vocab_size, out=a.out, overwrite=a.overwrite, progress=progress(a))
     print(f"trained BPE tokenizer, vocab {tok.vocab_size}, saved {tok.source}")
     return 0

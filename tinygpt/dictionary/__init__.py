@@ -17,8 +17,9 @@
 Module map: `modules` (the dictionaries), `activations` (hook checks, early-stopping forwards, the shuffled
 stream), `trainer` (one dictionary's step), `train` (`train_sae`), `settings` (its settings and resume state),
 `files` (`.sae`, SAELens layout), `splice`, `evaluate`, `features` (building the index), `index` (reading it),
-`probe` (AUROC search), `steering`. See docs/dictionaries.md.
-Middle layer: imports model, data, checkpoint, inputs, errors only.
+`probe` (AUROC search), `steering`, `patching` (activation patching over latents). See docs/dictionaries.md.
+A tools-layer package: imports model, data, checkpoint, sampling, inputs, errors, and `tinygpt.interp.patching`'s
+result and metrics.
 """
 
 from tinygpt.dictionary.activations import ActivationStream, check_hooks, hook_activations
@@ -37,8 +38,10 @@ from tinygpt.dictionary.modules import (
     TopKSAE,
     make_dictionary,
 )
+from tinygpt.dictionary.patching import LatentPatchingResult, patch_latents
 from tinygpt.dictionary.probe import (
     SeparationResult,
+    any_speaker_tag_labels,
     auroc,
     find_separating_latents,
     latents_for_text,
@@ -46,11 +49,13 @@ from tinygpt.dictionary.probe import (
     speaker_tag_labels,
 )
 from tinygpt.dictionary.splice import run_with_saes, splice
-from tinygpt.dictionary.steering import SteeringVector, steer, steering_vector
+from tinygpt.dictionary.steering import Steering, SteeringVector, as_steering, steer, steering_vector
 from tinygpt.dictionary.train import SAETrainResult, train_sae
 from tinygpt.model import register_method
+from tinygpt.sampling import register_intervention
 
 register_method("saes", splice)  # `model.saes(sae, error_term=True)` once GPT defines the `saes` convenience
+register_intervention(as_steering, kind="steer")  # `tinygpt.generate(..., steer=vector)`
 
 __all__ = [
     "ARCHS",
@@ -65,12 +70,16 @@ __all__ = [
     "FeatureIndex",
     "FeatureReport",
     "JumpReLUSAE",
+    "LatentPatchingResult",
     "ReLUSAE",
     "SAETrainResult",
     "SeparationResult",
     "SparseDictionary",
+    "Steering",
     "SteeringVector",
     "TopKSAE",
+    "any_speaker_tag_labels",
+    "as_steering",
     "auroc",
     "build_feature_index",
     "check_hooks",
@@ -84,6 +93,7 @@ __all__ = [
     "load_feature_index",
     "load_sae",
     "make_dictionary",
+    "patch_latents",
     "run_with_saes",
     "save_sae",
     "speaker_tag_labels",

@@ -276,7 +276,9 @@ _FROM_SAELENS = {
 }
 
 
-def import_saelens(path: str | os.PathLike, model=None, *, hook: str | None = None) -> SparseDictionary:
+def import_saelens(
+    path: str | os.PathLike, model=None, *, hook: str | None = None, check: bool = True
+) -> SparseDictionary:
     """Read an SAELens directory (`cfg.json` + `sae_weights.safetensors`) as a tinygpt dictionary.
 
     Architectures "standard" (ReLU), "topk", "jumprelu", "transcoder", "skip_transcoder" and
@@ -288,6 +290,8 @@ def import_saelens(path: str | os.PathLike, model=None, *, hook: str | None = No
         path: the directory.
         model: a model to check the hooks against (and to move the dictionary to its device).
         hook: the hook to use when `cfg.json` names one this model does not have (e.g. another model family's).
+        check: with `model`, refuse a dictionary pinned (by a tinygpt export) to another model's weights
+            (`DictionaryMismatchError`); False checks only the hooks and widths.
     """
     from safetensors.torch import load_file
 
@@ -345,6 +349,9 @@ def import_saelens(path: str | os.PathLike, model=None, *, hook: str | None = No
         "in_scale": torch.ones(()),
         "out_scale": torch.ones(()),
     }
+    for name in ("W_skip",) * dcfg.skip + ("threshold",) * (arch in ("jumprelu", "batchtopk")):
+        if name not in w:
+            raise DictionaryFileError(f"{path}: {SAELENS_WEIGHTS} lacks {name!r}, which {arch_sl!r} needs")
     if dcfg.skip:
         sd["W_skip"] = w["W_skip"].float()
     if arch == "jumprelu":
@@ -359,7 +366,7 @@ def import_saelens(path: str | os.PathLike, model=None, *, hook: str | None = No
         sae.base = {"fingerprint": ours["base_model_fingerprint"], "config": None, "source": str(path)}
     sae.source_path = str(path)
     if model is not None:
-        check_model(sae, model, check=False, what=f"{path}")
+        check_model(sae, model, check=check, what=f"{path}")
         sae.to(next(model.parameters()).device)
     return sae
 

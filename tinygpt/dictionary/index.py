@@ -25,6 +25,11 @@ FORMAT_VERSION = 1
 HIST_EDGES = torch.linspace(-4.0, 4.0, 65)  # log10 |activation| bin edges (values outside go to the end bins)
 
 
+def display_token(t: str) -> str:
+    """A token string quoted for a label: newlines and tabs escaped, the rest as the tokenizer shows it."""
+    return "'" + t.replace("\n", "\\n").replace("\t", "\\t") + "'"
+
+
 @dataclass
 class FeatureExample:
     """One context: `tokens` (strings), `acts` (the feature at each, NaN outside the window), `center` (the
@@ -192,7 +197,12 @@ class FeatureReport:
         if self.logits:
             pairs = self.logits["bottom"][::-1] + self.logits["top"][::-1]
             fig.add_trace(
-                go.Bar(y=[repr(t) for t, _ in pairs], x=[v for _, v in pairs], orientation="h", name="logit effect"),
+                go.Bar(
+                    y=[display_token(t) for t, _ in pairs],
+                    x=[v for _, v in pairs],
+                    orientation="h",
+                    name="logit effect",
+                ),
                 row=1,
                 col=2,
             )
@@ -200,4 +210,4 @@ class FeatureReport:
         return fig
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "HIST_EDGES", "FeatureExample", "FeatureIndex", "FeatureReport"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "HIST_EDGES", "FeatureExample", "FeatureIndex", "FeatureReport", "display_token"]

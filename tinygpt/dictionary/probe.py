@@ -31,7 +31,13 @@ from tinygpt.dictionary.files import check_model
 from tinygpt.dictionary.modules import SparseDictionary
 from tinygpt.inputs import as_tokens, eval_mode, model_device, progress_enabled
 
+#: a speaker tag like `ROMEO:` or `LADY CAPULET:`: a line holding an all-caps name and a colon (the default class)
 SPEAKER_TAG = re.compile(rb"(?m)^[A-Z][A-Z0-9 ,.'&-]*[A-Z.]:$")
+#: any speaker tag: also the mixed-case role tags of the corpus (`First Citizen:`, `Clown:`), i.e. up to four words
+#: and a colon after a blank line; a verse line ending in a colon ("Stay but a while:") is not a tag
+ANY_SPEAKER_TAG = re.compile(
+    rb"(?m)(?:(?:\A|(?<=\n\n))[A-Z][\w.,'&-]*(?: [\w.,'&-]+){0,3}|^[A-Z][A-Z0-9 ,.'&-]*[A-Z.]):$"
+)
 
 
 def _token_bytes(tok, i: int) -> bytes:
@@ -61,8 +67,15 @@ def text_span_labels(model, tokens: Tensor, pattern: re.Pattern[bytes]) -> Tenso
 
 
 def speaker_tag_labels(model, tokens: Tensor) -> Tensor:
-    """bool [n, pos]: the tokens of a speaker tag, a line like `ROMEO:` or `FIRST CITIZEN:` (name and colon)."""
+    """bool [n, pos]: the tokens of a speaker tag like `ROMEO:` or `LADY CAPULET:` (`SPEAKER_TAG`: an all-caps
+    name and its colon on a line of their own)."""
     return text_span_labels(model, tokens, SPEAKER_TAG)
+
+
+def any_speaker_tag_labels(model, tokens: Tensor) -> Tensor:
+    """bool [n, pos]: the tokens of any speaker tag (`ANY_SPEAKER_TAG`): the all-caps ones and the mixed-case
+    role tags such as `First Citizen:` or `Clown:`."""
+    return text_span_labels(model, tokens, ANY_SPEAKER_TAG)
 
 
 def auroc(values: Tensor, labels: Tensor) -> Tensor:
@@ -82,7 +95,8 @@ class SeparationResult:
     """AUROC of every feature for a token class.
 
     Attributes:
-        features: the feature ids scored; auroc: their AUROC [n_features]; best: `(feature, auroc)` best first.
+        features: the feature ids scored (`(dictionary index, latent)` pairs when several dictionaries were
+            searched); auroc: their AUROC [n_features]; best: `(feature, auroc)` best first.
         positives: the fraction of tokens in the class; tokens: tokens scored; hook: where the features live.
     """
 
@@ -134,7 +148,9 @@ def find_separating_latents(
 
     Args:
         model: the model (or a `.tinygpt` path).
-        source: a dictionary, "neurons" (with `hook`) or directions (with `hook`), as for `build_feature_index`.
+        source: a dictionary, "neurons" (with `hook`) or directions (with `hook`), as for `build_feature_index`;
+            or a list of dictionaries (e.g. `train_sae(...).dictionaries`), searched together: features are then
+            `(dictionary index, latent)` pairs.
         corpus: the corpus (default built-in Shakespeare) or token ids.
         labels: `labels(model, tokens [n, pos]) -> bool [n, pos]` (default: inside a speaker tag).
         tokens, context: about how many tokens to score, in windows of `context`.
@@ -142,6 +158,23 @@ def find_separating_latents(
         val_split: score on this held-out tail of the corpus (0: evenly over all of it).
     """
     model = as_model(model)
+    if isinstance(source, (list, tuple)) and source and all(isinstance(s, SparseDictionary) for s in source):
+        opts = dict(labels=labels, tokens=tokens, context=context, top=top, val_split=val_split, batch=batch)
+        parts = [
+            find_separating_latents(model, s, corpus, features=features, cache_dir=cache_dir, progress=progress, **opts)
+            for s in source
+        ]
+        feats = [(i, f) for i, r in enumerate(parts) for f in r.features]
+        scores = torch.cat([r.auroc for r in parts])
+        order = scores.argsort(descending=True)[:top].tolist()
+        return SeparationResult(
+            features=feats,
+            auroc=scores,
+            best=[(feats[j], float(scores[j])) for j in order],
+            positives=parts[0].positives,
+            tokens=parts[0].tokens,
+            hook=", ".join(dict.fromkeys(r.hook for r in parts)),
+        )
     hook, ids, fn, _, _ = feature_source(model, source, hook, features)
     show = progress_enabled(progress)
     arr = corpus_tokens(model, corpus, cache_dir=cache_dir, progress=show)
@@ -201,7 +234,10 @@ def latents_for_token(model, sae: SparseDictionary, token: str | int, *, top: in
 
 
 __all__ = [
+    "ANY_SPEAKER_TAG",
+    "SPEAKER_TAG",
     "SeparationResult",
+    "any_speaker_tag_labels",
     "auroc",
     "find_separating_latents",
     "latents_for_text",

@@ -11,11 +11,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+from tinygpt.checkpoint import OutputError
 from tinygpt.data import Corpus
 from tinygpt.dictionary.activations import check_hooks
 from tinygpt.dictionary.errors import DictionaryError
 from tinygpt.dictionary.files import read_sae_file
 from tinygpt.dictionary.modules import ARCHS, DictionaryConfig
+from tinygpt.io import check_output
 
 DEFAULT_TOKENS = 2_000_000
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
@@ -150,6 +152,21 @@ def out_paths(out: Any, cfgs: list[DictionaryConfig]) -> list[Path]:
     return [out / _file_name(c) for c in cfgs]
 
 
+def check_outputs(paths: list[Path], sources: list[Any], *, overwrite: bool, resume: bool) -> None:
+    """The preflight of a run's files: none is an input (`sources`: the model path, the corpus), an existing
+    one is replaced only with `overwrite` (or continued with `resume`), each location is writable. Raises
+    `OutputError` before anything runs."""
+    inputs: list[str] = []
+    for src in sources:
+        if isinstance(src, (str, Path)):
+            inputs.append(str(src))
+        elif isinstance(src, Corpus):
+            inputs += [str(f) for f in src.files]
+    hint = "pass overwrite=True (--overwrite) to replace it with a new run, or resume=True (--resume) to continue it"
+    for p in paths:
+        check_output(p, overwrite=overwrite or resume, inputs=inputs, error=OutputError, hint=hint)
+
+
 def corpus_record(corpus: Any) -> Any:
     if corpus is None or isinstance(corpus, str):
         return corpus
@@ -197,6 +214,7 @@ __all__ = [
     "B_DEC_INITS",
     "DEFAULT_TOKENS",
     "SETTINGS",
+    "check_outputs",
     "check_settings",
     "configs",
     "corpus_from_record",

@@ -5,17 +5,20 @@
     v = steering_vector(model, torch.randn(128), hook="blocks.2.hook_resid_post")   # any vector
     with steer(model, v, coeff=8.0):                                     # or steer(model, hook, vector, coeff)
         text = tinygpt.generate(model, "ROMEO:", 100, seed=0)
+    text = tinygpt.generate(model, "ROMEO:", 100, seed=0, steer=v * 8.0)  # the same, through the sampling registry
 
 `steer` adds `coeff * vector` to the hook's activations at every position of every forward inside the block
-(a TransformerLens hook added with `model.hooks`, removed on exit). Every position is steered the same way
-with and without a KV cache (each cached position was steered when it was computed), so generation gives the
-same tokens with `use_cache=True` and `use_cache=False`.
+(a TransformerLens hook added with `model.hooks`, removed on exit); the `Steering` it returns can be entered
+again and again. This module registers `as_steering` with `tinygpt.sampling.register_intervention(...,
+kind="steer")`, so `generate(..., steer=...)` needs no import of the dictionary package. Every position is
+steered the same way with and without a KV cache (each cached position was steered when it was computed), so
+generation gives the same tokens with `use_cache=True` and `use_cache=False`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,8 +53,8 @@ class SteeringVector:
 
     __rmul__ = __mul__
 
-    def context(self, model, coeff: float | None = None):
-        """`steer(model, self, coeff=...)`: the context manager that applies this vector (for `generate(steer=)`)."""
+    def context(self, model, coeff: float | None = None) -> Steering:
+        """`steer(model, self, coeff=...)`: the context manager that applies this vector."""
         return steer(model, self, coeff=coeff)
 
 
@@ -112,20 +115,59 @@ def steering_vector(
     return SteeringVector(hook, vec, coeff, f"difference of means ({position}) at {hook}")
 
 
-@contextlib.contextmanager
+class Steering:
+    """What `steer` returns: a reusable context manager that adds `coeff * vector` at hooks while entered.
+
+    Each `with` adds TransformerLens hooks (`model.hooks`) and removes them on exit, so the same object can be
+    entered around every forward (this is how `tinygpt.generate(..., steer=...)` uses it).
+
+    Attributes:
+        model: the model. items: `(hook, added vector)` pairs (the coefficient already applied).
+    """
+
+    def __init__(self, model, items: list[tuple[str, Tensor]]):
+        self.model, self.items = model, items
+        self._open: list[contextlib.AbstractContextManager] = []
+
+    def _fwd_hooks(self) -> list[tuple[str, Any]]:
+        def make(add: Tensor):
+            def fn(t: Tensor, hook) -> Tensor:
+                return t + add.to(t.dtype).reshape(t.shape[2:])
+
+            return fn
+
+        return [(h, make(add)) for h, add in self.items]
+
+    def __enter__(self):
+        ctx = self.model.hooks(fwd_hooks=self._fwd_hooks())
+        ctx.__enter__()
+        self._open.append(ctx)
+        return self.model
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        return self._open.pop().__exit__(*exc)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{h} (norm {float(v.norm()):.3g})" for h, v in self.items)
+        return f"Steering({parts})"
+
+
 def steer(
     model,
     hook: str | SteeringVector | Sequence[SteeringVector],
     vector: Tensor | None = None,
     coeff: float | None = None,
-) -> Iterator[Any]:
-    """Add `coeff * vector` at `hook` in every forward inside the block.
+) -> Steering:
+    """Add `coeff * vector` at `hook` in every forward inside a `with` block (a reusable `Steering`).
 
     Args:
         model: the model.
         hook: a hook name (then give `vector`), a `SteeringVector`, or a list of them.
         vector: the direction [width] (a 4-D hook such as `attn.hook_z` takes n_heads * d_head values).
         coeff: the coefficient (default: the `SteeringVector`'s own, 1 for a bare vector).
+
+    Raises:
+        DictionaryError: an unknown hook, a vector of the wrong width, or something that is not a vector.
     """
     if isinstance(hook, str):
         if vector is None:
@@ -134,21 +176,38 @@ def steer(
         coeff = None
     elif isinstance(hook, SteeringVector):
         items = [hook]
-    else:
+    elif isinstance(hook, (list, tuple)):
         items = list(hook)
-    hooks = []
+    else:
+        raise DictionaryError(
+            f"steer takes a SteeringVector (from steering_vector), a list of them, or a hook name and a vector; "
+            f"got {type(hook).__name__}"
+        )
+    pairs = []
     for sv in items:
         if not isinstance(sv, SteeringVector):
             raise DictionaryError(f"expected SteeringVector objects, got {type(sv).__name__}")
-        check_hooks(model, [sv.hook])
-        add = (sv.coeff if coeff is None else coeff) * sv.vector
-
-        def fn(t: Tensor, hook, add: Tensor = add) -> Tensor:
-            return t + add.to(t.dtype).reshape(t.shape[2:])
-
-        hooks.append((sv.hook, fn))
-    with model.hooks(fwd_hooks=hooks):
-        yield model
+        width = check_hooks(model, [sv.hook])[sv.hook]
+        if sv.vector.numel() != width:
+            raise DictionaryError(f"{sv.hook} has width {width}, the steering vector has {sv.vector.numel()} elements")
+        c = sv.coeff if coeff is None else coeff
+        pairs.append((sv.hook, (c * sv.vector).to(model_device(model))))
+    return Steering(model, pairs)
 
 
-__all__ = ["SteeringVector", "steer", "steering_vector"]
+def as_steering(model, spec: Any) -> Steering:
+    """`generate(..., steer=spec)`'s argument as a `Steering`: a `Steering` (for this model), a `SteeringVector`
+    or a list of them (each with its own `coeff`; `vector * 8.0` scales it)."""
+    if isinstance(spec, Steering):
+        if spec.model is not model:
+            raise DictionaryError("this Steering was built for another model; build it with steer(model, ...)")
+        return spec
+    if not isinstance(spec, (SteeringVector, list, tuple)):
+        raise DictionaryError(
+            "generate(..., steer=) takes a SteeringVector (steering_vector(model, sae, latent=i) * coeff), a list "
+            f"of them or a steer(model, ...) context; got {type(spec).__name__}"
+        )
+    return steer(model, spec)
+
+
+__all__ = ["Steering", "SteeringVector", "as_steering", "steer", "steering_vector"]

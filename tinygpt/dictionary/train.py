@@ -34,6 +34,7 @@ from tinygpt.dictionary.modules import SparseDictionary, make_dictionary
 from tinygpt.dictionary.settings import (
     DEFAULT_TOKENS,
     SETTINGS,
+    check_outputs,
     check_settings,
     configs,
     corpus_from_record,
@@ -161,6 +162,7 @@ def train_sae(
     seed: int = 0,
     out: Any = None,
     resume: bool = False,
+    overwrite: bool = False,
     save_every: int | None = None,
     callbacks: Sequence[Callable[[dict[str, Any]], Any]] = (),
     progress: bool | None = None,
@@ -195,13 +197,15 @@ def train_sae(
         seed: initialisation, window order and shuffles.
         out: the `.sae` file (one dictionary) or a directory (several); None: nothing is written.
         resume: continue the run saved in `out` with its own settings (only `tokens` may change).
+        overwrite: replace existing `.sae` files at `out` with a new run (default: refuse, `OutputError`, before
+            anything runs).
         save_every: also write the state every this many steps.
         callbacks: called with each dictionary's metrics dict every step (plus `dictionary`: its index).
         progress: a progress bar (None: the package default). cache_dir: the token cache.
     """
     params = dict(locals())
     t_start = time.perf_counter()
-    model = as_model(model)
+    model_arg, model = model, as_model(model)
     files: list[tuple[dict, dict]] = []
     if resume:
         paths, files = resume_state(out)
@@ -219,6 +223,7 @@ def train_sae(
         paths = out_paths(out, cfgs)
     elif len(paths) != len(cfgs):
         raise DictionaryError(f"{out}: {len(paths)} files but the settings make {len(cfgs)} dictionaries")
+    check_outputs(paths, [model_arg, corpus], overwrite=overwrite, resume=resume)
     show = progress_enabled(progress)
     arr = corpus_tokens(model, corpus, cache_dir=cache_dir, progress=show)
     ctx = s["context"] or model.cfg.n_ctx

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tinygpt.dictionary.errors import DictionaryError
 from tinygpt.dictionary.modules import SparseDictionary, batch_topk, jumprelu_l0
 
 OPTIM_PREFIX = "optimizer."
@@ -71,8 +72,6 @@ class Schedule:
 
 def steps_of(value: float | int, total: int, what: str) -> int:
     """`warmup=0.05` (a fraction of the run) or `warmup=100` (steps) -> steps."""
-    from tinygpt.dictionary.errors import DictionaryError
-
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
         raise DictionaryError(f"{what} must be a fraction of the run in [0, 1) or a number of steps, got {value!r}")
     return int(round(value * total)) if isinstance(value, float) and value < 1 else min(int(value), total)

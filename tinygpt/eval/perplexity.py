@@ -47,7 +47,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from tinygpt.data import Corpus, CorpusError, load_corpus, shakespeare_to_text
@@ -445,8 +444,8 @@ def evaluate(
                 group = wins[i : i + batch_size]
                 starts = torch.tensor([s for s, _ in group])
                 seq = tokens[starts[:, None] + torch.arange(length + 1)[None]].to(device)
-                logits = model(seq[:, :-1]).float()
-                lp = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seq[:, 1:].reshape(-1), reduction="none")
+                # the per-token loss without the logits (chunked linear + cross-entropy, tinygpt.model.loss)
+                lp = model(seq[:, :-1], targets=seq[:, 1:], return_type="loss", loss_per_token=True)
                 lp = lp.view(len(group), length).double().cpu()
                 for row, (s, k) in enumerate(group):  # window targets are s+1 .. s+length; the last k are new
                     nll[s + length - k : s + length] = lp[row, length - k :]

@@ -1,8 +1,8 @@
 """Interoperability with other libraries: Hugging Face `transformers` (and, through it, TransformerLens).
 
     from tinygpt.interop import hf
-    hf.export_hf(model, "gpt2-dir/")               # a GPT2LMHeadModel directory with tokenizer files
-    model = hf.import_hf("gpt2-dir/")              # any GPT-2-architecture checkpoint -> tinygpt GPT
+    model = hf.import_hf("hf-dir/")                # gpt2, llama, qwen2, mistral, gpt_neox, mixtral, qwen2_moe
+    hf.export_hf(model, "out-dir/")                # back to that HF architecture, with tokenizer files
     teacher, tok = hf.load_hf_causal_lm("some-local-causal-lm/")   # any AutoModelForCausalLM, offline
     bridge = hf.transformer_bridge(model)          # a TransformerLens TransformerBridge over the export
 

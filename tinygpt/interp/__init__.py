@@ -4,12 +4,15 @@
 - `ablation/`: ablation specs (`specs`), the hooks that apply them (`context`), one-at-a-time sweeps (`sweep`);
 - `patching`: activation patching (`patch_resid_pre`, `patch_heads`, ..., `patch_sweep`);
 - `attention`: attention maps, induction / previous-token scores; `routing`: the MoE / MoD router readout;
-- `toy`: the induction-head toy task (`train_induction_model`).
+- `toy`: the induction-head toy task (`train_induction_model`);
+- `circuits/`: attribution patching (`attribution_patch`, `compare_attribution`), direct logit attribution,
+  probes, analyses across training, edge attribution, faithfulness and path patching.
 
 Every function takes the model first, then its data (a prompt, tokens or a corpus), then keyword options; every
 result has `.figure()` (plotly, imported when called).
 """
 
+from tinygpt.interp import circuits as _circuits
 from tinygpt.interp import patching as _patching
 from tinygpt.interp.ablation import (
     Ablation,
@@ -30,6 +33,7 @@ from tinygpt.interp.attention import (
     induction_scores,
     previous_token_scores,
 )
+from tinygpt.interp.circuits import *  # noqa: F403  (its __all__: attribution_patch, direct_logit_attribution, ...)
 from tinygpt.interp.lens import (
     LensError,
     LensReport,
@@ -81,4 +85,5 @@ __all__ = [
     "tuned_lens",
     "unembed_sha256",
     *_patching.__all__,
+    *_circuits.__all__,
 ]

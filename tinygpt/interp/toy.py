@@ -16,6 +16,8 @@ tokens, so no fixed positional shortcut predicts the copy; only the repeated cop
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -87,6 +89,7 @@ def train_induction_model(
     other_head_dropout: float = 0.5,
     sinusoidal: bool = True,
     progress: bool | None = None,
+    callbacks: Sequence[Callable[[dict[str, float]], Any]] = (),
 ) -> GPT:
     """Train a small GPT on repeated random segments (see `induction_batch`) and return it in eval mode.
 
@@ -107,6 +110,9 @@ def train_induction_model(
         sinusoidal: initialise the positional embeddings with (small) sinusoids, which makes "attend to the
             previous position" easy to learn.
         progress: a progress bar with the loss (None: the package default, `tinygpt.inputs.DEFAULT_PROGRESS`).
+        callbacks: functions called after each step with `{"step": step, "loss": loss, "model": model}` (as
+            `train`'s are, plus the model being trained), e.g. `tinygpt.interp.AnalysisCallback` to follow the
+            induction head's formation; the head dropout is off while a callback puts the model in eval mode.
     """
     from tqdm.auto import tqdm
 
@@ -125,10 +131,14 @@ def train_induction_model(
     lead = torch.randint(0, cfg.n_heads, (cfg.n_layers,), generator=gen).tolist()
 
     def head_dropout(z: Tensor, hook) -> Tensor:  # z: [batch, pos, head, d_head]
+        if not hook.training:  # a callback analysing the model (eval mode): no dropout, no draw from `gen`
+            return z
         keep = torch.rand(z.shape[0], 1, z.shape[2], 1, generator=gen) >= first_layer_head_dropout
         return z * keep.to(z.dtype) / (1 - first_layer_head_dropout)
 
     def unreliable_others(z: Tensor, hook) -> Tensor:  # every head but the lead one may drop out
+        if not hook.training:
+            return z
         keep = torch.rand(z.shape[0], 1, z.shape[2], 1, generator=gen) >= other_head_dropout
         keep[:, :, lead[hook.layer()]] = True
         scale = torch.full((z.shape[2], 1), 1 / (1 - other_head_dropout), dtype=z.dtype)
@@ -152,6 +162,8 @@ def train_induction_model(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            for cb in callbacks:
+                cb({"step": step + 1, "loss": loss.item(), "model": model})
             if step % 10 == 0 or step == steps - 1:
                 bar.set_postfix_str(f"loss {loss.item():.3f}", refresh=False)
     return model.eval()

@@ -1,6 +1,9 @@
 """The hookable GPT: a GPT-2 style decoder that is a TransformerLens `HookedRootModule`.
 
-    layers.py   LayerNorm, Attention, MLP, Block, observed (the fast/eager rule's test), ModelError
+    layers.py   LayerNorm / make_norm, Attention (GQA, rotary), MLP, Block, observed (the fast/eager rule's test),
+                ModelError, check_switch
+    heads.py    per-head inputs and outputs behind TransformerLens' hook switches (`GPT.set_use_attn_result`,
+                `set_use_split_qkv_input`, `set_use_attn_in`, `set_use_hook_mlp_in`), SwitchError
     cache.py    KVCache, PrefixKV, PackedRows, SharedKV, YocoCache, CacheError
     stack.py    Stack: how a model chains its blocks (a variant's model-level strategy), run_from
     gpt.py      GPT
@@ -14,6 +17,7 @@ module a program imports first.
 from tinygpt import arch  # noqa: F401  (first: see the module docstring)
 from tinygpt.model.cache import CacheError, KVCache, PackedRows, PrefixKV, SharedKV, YocoCache
 from tinygpt.model.gpt import GPT, register_method
+from tinygpt.model.heads import SwitchError
 from tinygpt.model.layers import MLP, Attention, Block, LayerNorm, ModelError, observed
 from tinygpt.model.stack import Stack
 
@@ -30,6 +34,7 @@ __all__ = [
     "PrefixKV",
     "SharedKV",
     "Stack",
+    "SwitchError",
     "YocoCache",
     "observed",
     "register_method",

@@ -38,11 +38,13 @@ class CacheError(TinyGPTError, TypeError):
 class KVCache:
     """Pre-allocated keys and values for incremental decoding.
 
-    `k[layer]`, `v[layer]`: [batch, n_heads, max_len, d_head]; `length` tokens are filled.
+    `k[layer]`, `v[layer]`: [batch, n_kv, max_len, d_head] (n_kv = `cfg.n_key_value_heads`, or n_heads: only the
+    key/value heads are stored under grouped-query attention; rotary models store the keys unrotated); `length`
+    tokens are filled.
     """
 
     def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device, dtype: torch.dtype):
-        shape = (cfg.n_layers, batch, cfg.n_heads, max_len, cfg.d_head)
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.d_head)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.length = 0

@@ -31,7 +31,8 @@ from transformer_lens.hook_points import HookPoint
 from tinygpt import arch
 from tinygpt.config import GPTConfig, register_param_counter
 from tinygpt.model.cache import KVCache
-from tinygpt.model.layers import LayerNorm, ModelError
+from tinygpt.model.layers import ModelError, check_switch, observed
+from tinygpt.model.loss import linear_cross_entropy
 from tinygpt.model.stack import STARTS
 from tinygpt.tokenizer import ByteTokenizer
 
@@ -78,11 +79,13 @@ class GPT(HookedRootModule):
             tokenizer = ByteTokenizer()
         self.tokenizer = tokenizer
         self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
-        self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model)
         self.hook_embed = HookPoint()
-        self.hook_pos_embed = HookPoint()
+        self.pos_embed: nn.Embedding | None = None  # rotary models encode positions in attention instead
+        if cfg.positional_embedding_type == "standard":
+            self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model)
+            self.hook_pos_embed = HookPoint()
         self.blocks = nn.ModuleList(arch.make_block(cfg, i) for i in range(cfg.n_layers))
-        self.ln_final = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.ln_final = arch.make_norm(cfg)
         self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight
@@ -146,8 +149,10 @@ class GPT(HookedRootModule):
                 f"sequence of {start + t} tokens exceeds the model's context n_ctx={self.cfg.n_ctx}; "
                 "truncate the input (generate() does this for you)"
             )
-        pos = torch.arange(start, start + t, device=tokens.device)
-        x = self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(self.pos_embed(pos)[None].expand(b, t, -1))
+        x = self.hook_embed(self.embed(tokens))
+        if self.pos_embed is not None:
+            pos = torch.arange(start, start + t, device=tokens.device)
+            x = x + self.hook_pos_embed(self.pos_embed(pos)[None].expand(b, t, -1))
         if self.cfg.dropout and self.training:
             x = F.dropout(x, self.cfg.dropout)
         x = self.run_blocks(x, past_kv_cache)
@@ -155,12 +160,15 @@ class GPT(HookedRootModule):
             past_kv_cache.length += t
         if return_type is None:
             return None
-        logits = self.unembed(self.ln_final(x))
-        if return_type == "logits":
-            return logits
-        if return_type not in ("loss", "both"):
-            raise ModelError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
-        loss = self.loss_fn(logits, tokens, targets, per_token=loss_per_token)
+        if return_type == "loss" and self.logits_unobserved():  # nothing sees the logits: never materialise them
+            loss = self.loss_from_hidden(self.ln_final(x), tokens, targets, per_token=loss_per_token)
+        else:
+            logits = self.unembed(self.ln_final(x))
+            if return_type == "logits":
+                return logits
+            if return_type not in ("loss", "both"):
+                raise ModelError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+            loss = self.loss_fn(logits, tokens, targets, per_token=loss_per_token)
         if self.training and self._aux_modules and not loss_per_token:
             loss = loss + self.aux_loss()
         return loss if return_type == "loss" else (logits, loss)
@@ -241,6 +249,53 @@ class GPT(HookedRootModule):
         )
         return loss.view(targets.shape) if per_token else loss
 
+    def logits_unobserved(self) -> bool:
+        """True when nothing can see the logits: the unembedding is a plain bias-free `nn.Linear` (not swapped by
+        LoRA or surgery) with no hook on it and no patched forward (nnsight's while tracing), so the loss may be
+        computed without them (`loss_from_hidden`)."""
+        u = self.unembed
+        return type(u) is nn.Linear and u.bias is None and not observed(u)
+
+    def loss_from_hidden(
+        self, hidden: Tensor, tokens: Tensor, targets: Tensor | None = None, per_token: bool = False
+    ) -> Tensor:
+        """`loss_fn(unembed(hidden), ...)` without the logits: chunked linear + cross-entropy
+        (`tinygpt.model.loss.linear_cross_entropy`; equal to float rounding, gradients too).
+
+        Args:
+            hidden: `ln_final`'s output [batch, pos, d_model].
+            tokens, targets, per_token: as `loss_fn`.
+        """
+        if targets is None:
+            hidden, targets = hidden[:, :-1], tokens[:, 1:]
+        return linear_cross_entropy(
+            hidden, self.unembed.weight, targets, ignore_index=-100, reduction="none" if per_token else "mean"
+        )
+
+    # ---------------------------------------------------------------- TransformerLens' hook switches
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Compute each head's output on its own: `blocks.{i}.attn.hook_result` [batch, pos, n_heads, d_model]
+        (`z[h] @ W_O[h]`, without `b_O`). Off by default (costs memory); see `tinygpt.model.heads`."""
+        self._set_switch("use_attn_result", use_attn_result)
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """Give each head its own query/key/value input: `blocks.{i}.hook_q_input` [batch, pos, n_heads, d_model],
+        `hook_k_input` / `hook_v_input` [batch, pos, n_key_value_heads, d_model] (ln1 applied per head)."""
+        self._set_switch("use_split_qkv_input", use_split_qkv_input)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """Give each head its own attention input: `blocks.{i}.hook_attn_in` [batch, pos, n_heads, d_model]."""
+        self._set_switch("use_attn_in", use_attn_in)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """Call `blocks.{i}.hook_mlp_in` [batch, pos, d_model] on the feed-forward input (a copy of resid_mid)."""
+        self._set_switch("use_hook_mlp_in", use_hook_mlp_in)
+
+    def _set_switch(self, name: str, on: bool) -> None:
+        if on:
+            check_switch(self, name)  # a variant that cannot express it says so (SwitchError)
+        setattr(self.cfg, name, bool(on))
+
     def run_with_cache(self, *args: Any, return_cache_object: bool = True, **kwargs: Any):
         """Like TransformerLens: returns (output, ActivationCache). Accepts `names_filter`,
         `device` (e.g. "cpu" to offload), `pos_slice` and `remove_batch_dim`."""
@@ -305,7 +360,7 @@ class GPT(HookedRootModule):
 
     # ---------------------------------------------------------------- TransformerLens weights
     W_E = property(lambda self: self.embed.weight)  # [d_vocab, d_model]
-    W_pos = property(lambda self: self.pos_embed.weight)  # [n_ctx, d_model]
+    W_pos = property(lambda self: _pos_weight(self))  # [n_ctx, d_model]
     W_U = property(lambda self: self.unembed.weight.T)  # [d_model, d_vocab]
     b_U = property(lambda self: self._zero_b_U)  # [d_vocab]
 
@@ -336,6 +391,12 @@ class GPT(HookedRootModule):
     def save(self, path, **kwargs: Any):
         """Write a `.tinygpt` file (see `tinygpt.save`, registered by `tinygpt.checkpoint`)."""
         return _method("save", "tinygpt.checkpoint")(self, path, **kwargs)
+
+
+def _pos_weight(model: GPT) -> Tensor:
+    if model.pos_embed is None:
+        raise ModelError("a rotary model has no learned positional embeddings (W_pos); positions are in attention")
+    return model.pos_embed.weight
 
 
 def _count_params(cfg: GPTConfig) -> int:

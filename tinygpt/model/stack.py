@@ -105,7 +105,8 @@ class Stack:
 
 
 def _plain(block: nn.Module) -> bool:
-    return type(block) is Block and type(block.attn) is Attention
+    """A block whose last position can run on its own, after the others' keys and values (`_split_last`)."""
+    return getattr(block, "splits_last", False) and type(block.attn) is Attention
 
 
 def _last(x: Tensor, cache) -> Tensor:

@@ -28,6 +28,8 @@ from tinygpt.errors import TinyGPTError
 from tinygpt.inputs import progress_enabled
 from tinygpt.model import GPT
 from tinygpt.training import distributed
+from tinygpt.training.logline import LogLines
+from tinygpt.training.precision import MasterWeights, compiled_forward
 from tinygpt.training.settings import SettingError, TrainConfig
 
 if TYPE_CHECKING:
@@ -116,12 +118,16 @@ def default_device() -> str:
     return "cpu"
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with decay on matrices and embeddings only; fused where the device supports it."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, master: MasterWeights | None = None) -> torch.optim.AdamW:
+    """AdamW with decay on matrices and embeddings only; fused where the device supports it. With `master`
+    (bf16 weights) it updates the fp32 master copies, in the same order, so its state dict has the same layout."""
+    if master is not None:
+        groups = master.optimizer_groups(cfg.weight_decay)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kw = dict(lr=cfg.max_lr, betas=cfg.betas, eps=cfg.eps)
     try:
         return torch.optim.AdamW(groups, fused=True, **kw)
@@ -236,15 +242,41 @@ def fit(
     Raises:
         TrainingDiverged: the loss or the gradient norm became NaN/inf (the last checkpoint is kept).
     """
-    from tqdm.auto import tqdm
-
     par = distributed.wrap_model(model, strategy, device=device, mixed_precision=cfg.dtype)
-    device, main, rank, world = par.device, par.is_main, par.rank, par.world
-    progress = progress_enabled(progress) and main
+    device, main, world = par.device, par.is_main, par.world
     batches.device = device
     history = list(run.history) if run else []
     start_step = run.step if run else 0
-    opt = make_optimizer(model, cfg)
+    lines = LogLines(cfg.log_every, cfg.steps, progress=progress_enabled(progress), main=main, start_step=start_step)
+    progress = lines.bar
+    master = None
+    if cfg.param_dtype == "bfloat16":
+        if world > 1:
+            raise SettingError(
+                "param_dtype='bfloat16' (bf16 weights, fp32 masters) runs in one process; under torchrun use "
+                "dtype='bfloat16' (autocast; FSDP keeps fp32 master shards itself)"
+            )
+        master = MasterWeights(model)
+    try:
+        with compiled_forward(model, cfg.compile and world == 1):
+            return _fit(
+                model, cfg, batches, par, master, lines, loss_fn, val_loss_fn, out, run, callbacks, progress,
+                state, desc, history, start_step,
+            )  # fmt: skip
+    finally:
+        if master is not None:
+            master.restore()
+
+
+def _fit(
+    model, cfg, batches, par, master, lines, loss_fn, val_loss_fn, out, run, callbacks, progress, state, desc,
+    history, start_step,
+) -> TrainResult:  # fmt: skip
+    """`fit`'s loop, once the model is wrapped, its weights cast (`master`) and its forward compiled."""
+    from tqdm.auto import tqdm
+
+    device, main, rank, world = par.device, par.is_main, par.rank, par.world
+    opt = make_optimizer(model, cfg, master)
     if run is not None:
         par.load_optimizer(opt, optimizer_state_dict(run.checkpoint, type(opt).__name__))
         if "torch" in run.checkpoint.rng:
@@ -253,7 +285,7 @@ def fit(
         torch.manual_seed((cfg.seed * 1_000_003 + rank * 7919 + start_step) % 2**63)
     autocast = (
         torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
-        if cfg.dtype == "bfloat16"
+        if cfg.dtype == "bfloat16" and master is None  # bf16 weights compute in bf16 without autocast
         else contextlib.nullcontext()
     )
     tokens_per_step = batches.tokens_per_step
@@ -263,6 +295,8 @@ def fit(
         if out is None:
             return
         weights, opt_state = par.full_state(opt)  # under FSDP every process gathers; rank 0 writes
+        if master is not None:
+            weights = master.state_dict()  # the fp32 masters, not the bf16 working copies
         if not main:
             return
         last = history[-1] if history else {}
@@ -335,7 +369,11 @@ def fit(
             if world > 1:
                 loss_val = distributed.all_reduce_mean(loss_val, device)
             par.drop_unused_grads()  # FSDP: parameters no process used get no gradient, as in one process
-            grad_norm = par.grad_norm(cfg.grad_clip)
+            if master is not None:
+                master.grads_to_masters()
+                grad_norm = master.grad_norm(cfg.grad_clip)
+            else:
+                grad_norm = par.grad_norm(cfg.grad_clip)
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
                 where = (
                     f"; the last good checkpoint {out} (step {_saved_step(out)}) was kept"
@@ -349,6 +387,8 @@ def fit(
             in_update = True
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if master is not None:
+                master.masters_to_params()
             in_update = False
             step += 1
             rng_at_step = None  # the step is complete: the state after it is where the next one starts
@@ -371,6 +411,7 @@ def fit(
             msg = f"loss {loss_val:.3f}" + (f" | val loss {rec['val_loss']:.3f}" if "val_loss" in rec else "")
             bar.set_postfix_str(f"{msg} | lr {lr:.2e} | {tps_ema:,.0f} tok/s", refresh=False)
             bar.update(1)
+            lines.update(rec, step_time=dt, units=tokens_per_step, write=bar.write if progress else None)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 checkpoint(step)
             if cfg.sample_every and step % cfg.sample_every == 0 and (main or par.sharded):

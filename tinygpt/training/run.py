@@ -32,7 +32,17 @@ from tinygpt.training.loop import TokenBatches, default_device
 from tinygpt.training.settings import RunOptions, SettingError, TrainConfig, make_config
 
 #: Settings a resumed run may change without changing what it computes.
-HARMLESS = {"steps", "val_every", "save_every", "sample_every", "sample_prompt", "sample_tokens", "val_batches"}
+HARMLESS = {
+    "steps",
+    "val_every",
+    "save_every",
+    "sample_every",
+    "sample_prompt",
+    "sample_tokens",
+    "val_batches",
+    "log_every",
+    "compile",
+}
 
 #: the training-state record each training function writes -> the function (`train` writes none); a checkpoint
 #: belongs to the first of these it holds (`finetune` keeps the model's "sft" record, so it comes before "sft")

@@ -79,7 +79,14 @@ class TrainConfig:
         warmup: linear warmup steps.
         weight_decay, betas, eps: AdamW; no decay on biases, LayerNorm and other 1-D parameters.
         grad_clip: max global gradient norm (0 disables).
-        dtype: "float32" or "bfloat16" (autocast).
+        dtype: "float32" or "bfloat16" (autocast: fp32 weights, each cast to bf16 where a matmul uses it).
+        param_dtype: "float32" (default) or "bfloat16": the weights themselves are bf16 while training and the
+            optimizer updates fp32 master copies (`tinygpt.training.precision.MasterWeights`); the forward and
+            backward then run in bf16 without casts, faster than autocast on bf16-capable CPUs and GPUs. The
+            model ends (and checkpoints hold it) in fp32. One process only.
+        compile: run the forward `torch.compile`d while nothing is hooked (hooked calls run eager).
+        log_every: print a plain progress line every N steps (None: every 10% of the run, at most every 50
+            steps, when stderr is not a terminal and progress is on; 0: never); see `tinygpt.training.logline`.
         val_split: fraction of the tokens held out for validation.
         val_every, val_batches: validate every N steps on `val_batches` fixed batches (0 disables).
         save_every: write the checkpoint every N steps (and at the end) when `out` is set.
@@ -100,6 +107,9 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     dtype: str = "float32"
+    param_dtype: str = "float32"
+    compile: bool = False
+    log_every: int | None = None
     val_split: float = 0.01
     val_every: int = 100
     val_batches: int = 8
@@ -128,6 +138,7 @@ class TrainConfig:
             "save_every": (self.save_every >= 0, "an integer >= 0 (0: at the end only)"),
             "sample_every": (self.sample_every >= 0, "an integer >= 0 (0: never)"),
             "ctx": (self.ctx is None or self.ctx >= 1, "an integer >= 1"),
+            "log_every": (self.log_every is None or self.log_every >= 0, "an integer >= 0 (0: never; None: auto)"),
         }
         for name, (ok, valid) in checks.items():
             if not ok:  # NaN fails every comparison
@@ -136,6 +147,9 @@ class TrainConfig:
             raise SettingError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise SettingError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.param_dtype not in ("float32", "bfloat16"):
+            raise SettingError(f"param_dtype must be 'float32' or 'bfloat16', got {self.param_dtype!r}")
+        self.compile = bool(self.compile)
 
     def lr_at(self, step: int) -> float:
         """Learning rate for optimizer step `step` (0-based)."""

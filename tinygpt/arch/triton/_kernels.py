@@ -7,7 +7,9 @@ triton is first imported (`triton.jit` reads it; triton's own library functions 
 `SEQ_BUCKET` is unused by the kernels: it is the autotuner's key for the sequence length (a power of two),
 so a new length within the same bucket reuses the tuned block sizes instead of re-tuning.
 
-Layout: q [B, H, M, D_QK], k [B, H, N, D_QK], v [B, H, N, D_V], o [B, H, M, D_V], any strides. Head dims
+Layout: q [B, H, M, D_QK], k [B, H / GROUP, N, D_QK], v [B, H / GROUP, N, D_V], o [B, H, M, D_V], any strides;
+GROUP > 1 is grouped-query attention: query head h reads key/value head h // GROUP (the dK/dV kernel writes one
+gradient per query head, [B, H, N, D], which the caller sums over each group). Head dims
 need not be powers of two: loads are masked up to the block dims `BLOCK_DQK`, `BLOCK_DV` (powers of two,
 at least 16). Causal masking is bottom-right aligned, as with a KV cache: query `i` (of M) sees key `j`
 (of N) iff `j <= i + N - M`; call `qpos = i + N - M` the query's key index. Two options refine it (both need
@@ -100,7 +102,7 @@ def attn_fwd(
     svb, svh, svn, svd,
     sob, soh, som, sod,
     sqpb,
-    H, M, N, SEQ_BUCKET, WINDOW,
+    H, GROUP, M, N, SEQ_BUCKET, WINDOW,
     D_QK: tl.constexpr, D_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HAS_QPOS: tl.constexpr,
@@ -111,6 +113,7 @@ def attn_fwd(
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
+    hk = h // GROUP  # the key/value head of query head h (grouped-query attention)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -130,8 +133,8 @@ def attn_fwd(
         mask=row_ok[:, None] & dk_ok[None, :],
         other=0.0,
     )
-    k_base = K + b * skb + h * skh + offs_dk[:, None] * skd  # k^T tile: [BLOCK_DQK, BLOCK_N]
-    v_base = V + b * svb + h * svh + offs_dv[None, :] * svd  # v tile: [BLOCK_N, BLOCK_DV]
+    k_base = K + b * skb + hk * skh + offs_dk[:, None] * skd  # k^T tile: [BLOCK_DQK, BLOCK_N]
+    v_base = V + b * svb + hk * svh + offs_dv[None, :] * svd  # v tile: [BLOCK_N, BLOCK_DV]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -201,7 +204,7 @@ def attn_bwd_dkdv(
     sdkb, sdkh, sdkn, sdkd,
     sdvb, sdvh, sdvn, sdvd,
     sqpb,
-    H, M, N, SEQ_BUCKET, WINDOW,
+    H, GROUP, M, N, SEQ_BUCKET, WINDOW,
     D_QK: tl.constexpr, D_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HAS_QPOS: tl.constexpr,
@@ -212,6 +215,7 @@ def attn_bwd_dkdv(
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
+    hk = h // GROUP
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -223,12 +227,12 @@ def attn_bwd_dkdv(
     past = N - M
 
     k = tl.load(
-        K + b * skb + h * skh + offs_n[:, None] * skn + offs_dk[None, :] * skd,
+        K + b * skb + hk * skh + offs_n[:, None] * skn + offs_dk[None, :] * skd,
         mask=col_ok[:, None] & dk_ok[None, :],
         other=0.0,
     )
     v = tl.load(
-        V + b * svb + h * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+        V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
         mask=col_ok[:, None] & dv_ok[None, :],
         other=0.0,
     )
@@ -306,7 +310,7 @@ def attn_bwd_dq(
     sdob, sdoh, sdom, sdod,
     sdqb, sdqh, sdqm, sdqd,
     sqpb,
-    H, M, N, SEQ_BUCKET, WINDOW,
+    H, GROUP, M, N, SEQ_BUCKET, WINDOW,
     D_QK: tl.constexpr, D_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HAS_QPOS: tl.constexpr,
@@ -317,6 +321,7 @@ def attn_bwd_dq(
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
+    hk = h // GROUP
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -343,8 +348,8 @@ def attn_bwd_dq(
     )
     lse = tl.load(LSE + pid_bh * M + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + pid_bh * M + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b * skb + h * skh + offs_dk[None, :] * skd  # k tile: [BLOCK_N, BLOCK_DQK]
-    vt_base = V + b * svb + h * svh + offs_dv[:, None] * svd  # v^T tile: [BLOCK_DV, BLOCK_N]
+    k_base = K + b * skb + hk * skh + offs_dk[None, :] * skd  # k tile: [BLOCK_N, BLOCK_DQK]
+    vt_base = V + b * svb + hk * svh + offs_dv[:, None] * svd  # v^T tile: [BLOCK_DV, BLOCK_N]
 
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634

@@ -158,9 +158,12 @@ def check_inputs(
         shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         raise KernelInputError(f"flash_attention expects [batch, heads, pos, d] tensors, got {shapes}")
     b, h, m, dqk = q.shape
-    n = k.shape[2]
-    if k.shape != (b, h, n, dqk) or v.shape[:3] != (b, h, n):
-        raise KernelInputError(f"mismatched q/k/v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    n, hk = k.shape[2], k.shape[1]
+    if k.shape != (b, hk, n, dqk) or v.shape[:3] != (b, hk, n) or hk < 1 or h % hk:
+        raise KernelInputError(
+            f"mismatched q/k/v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} (keys and values need "
+            "the queries' batch, the same positions, and a number of heads dividing the queries')"
+        )
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise KernelDTypeError(f"the Triton kernel supports float32, bfloat16 and float16 (all alike), got "
                         f"{q.dtype}, {k.dtype}, {v.dtype}")  # fmt: skip
@@ -277,7 +280,7 @@ def _forward_launch(q: Tensor, k: Tensor, v: Tensor, mask: _Mask, sm_scale: floa
     fn[grid](
         q, k, v, o, lse, qpos, sm_scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), sqpb,
-        h, m, n, _bucket(m, n), window,
+        h, h // k.shape[1], m, n, _bucket(m, n), window,
         D_QK=dqk, D_V=dv, BLOCK_DQK=_block_dim(dqk), BLOCK_DV=_block_dim(dv),
         **mask.flags(), PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), **blocks,
     )  # fmt: skip
@@ -304,9 +307,10 @@ def _backward_launch(
     mod.attn_bwd_preprocess[(_cdiv(m, pre_m), b * h)](
         o, do, delta, *_strides(o), *_strides(do), h, m, D_V=dv, BLOCK_M=pre_m, BLOCK_DV=_block_dim(dv)
     )
+    group = h // k.shape[1]  # grouped-query attention: one dK/dV per query head, summed over each group below
     dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dvv = torch.empty_like(v)
+    dk = torch.empty((b, h, n, dqk), device=k.device, dtype=k.dtype) if group > 1 else torch.empty_like(k)
+    dvv = torch.empty((b, h, n, dv), device=v.device, dtype=v.dtype) if group > 1 else torch.empty_like(v)
     common = dict(D_QK=dqk, D_V=dv, BLOCK_DQK=_block_dim(dqk), BLOCK_DV=_block_dim(dv), **mask.flags(),
                   PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype))  # fmt: skip
     qpos, sqpb, window = mask.args()
@@ -314,14 +318,17 @@ def _backward_launch(
     fn[lambda meta: (_cdiv(n, meta["BLOCK_N"]), b * h)](
         q, k, v, do, lse, delta, dk, dvv, qpos, sm_scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dvv), sqpb,
-        h, m, n, _bucket(m, n), window, **common, **blocks,
+        h, group, m, n, _bucket(m, n), window, **common, **blocks,
     )  # fmt: skip
     fn, blocks = _launcher("dq")
     fn[lambda meta: (_cdiv(m, meta["BLOCK_M"]), b * h)](
         q, k, v, do, lse, delta, dq, qpos, sm_scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), sqpb,
-        h, m, n, _bucket(m, n), window, **common, **blocks,
+        h, group, m, n, _bucket(m, n), window, **common, **blocks,
     )  # fmt: skip
+    if group > 1:  # fp32 sums of the group's gradients, as autograd through a repeat_interleave would give
+        dk = dk.view(b, h // group, group, n, dqk).float().sum(2).to(k.dtype)
+        dvv = dvv.view(b, h // group, group, n, dv).float().sum(2).to(v.dtype)
     return dq, dk, dvv
 
 
@@ -356,9 +363,10 @@ def flash_attention(
 
     Args:
         q: queries [batch, heads, M, d_qk].
-        k: keys [batch, heads, N, d_qk], N >= M when causal (the last M keys are the queries' own
-            positions; the N - M before them are a cache every query sees).
-        v: values [batch, heads, N, d_v] (d_v may differ from d_qk).
+        k: keys [batch, kv_heads, N, d_qk], N >= M when causal (the last M keys are the queries' own
+            positions; the N - M before them are a cache every query sees). kv_heads divides heads: grouped-query
+            attention when fewer, query head h reading key/value head h // (heads / kv_heads), without a copy.
+        v: values [batch, kv_heads, N, d_v] (d_v may differ from d_qk).
         causal: mask the future (bottom-right aligned).
         sm_scale: score scale, default `1 / sqrt(d_qk)`.
         window: sliding window (needs `causal`): query `i` sees keys `i + N - M - window < j <= i + N - M`.

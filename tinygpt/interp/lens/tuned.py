@@ -33,7 +33,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from tinygpt.checkpoint import CheckpointError, model_fingerprint, read_manifest, read_tensor_file, write_tensor_file
+from tinygpt.checkpoint import (
+    CheckpointError,
+    load_matching,
+    model_fingerprint,
+    read_manifest,
+    read_tensor_file,
+    write_tensor_file,
+)
 from tinygpt.inputs import eval_mode, model_device, progress_enabled
 from tinygpt.interp.lens.logit import check_lens, residual_stack
 
@@ -222,17 +229,8 @@ class TunedLens(nn.Module):
         """
         manifest, tensors = _read_lens_file(Path(path))
         lens = cls(manifest["d_model"], manifest["n_layers"])
-        expected = set(lens.state_dict())
-        if set(tensors) != expected:
-            raise LensError(
-                f"{path}: tensors do not match the manifest (d_model={manifest['d_model']}, "
-                f"n_layers={manifest['n_layers']}): missing {sorted(expected - set(tensors))[:4]}, "
-                f"unexpected {sorted(set(tensors) - expected)[:4]}"
-            )
-        try:
-            lens.load_state_dict(tensors)
-        except RuntimeError as e:
-            raise LensError(f"{path}: tensor shapes do not match the manifest: {e}") from e
+        record = f"its manifest (d_model={manifest['d_model']}, n_layers={manifest['n_layers']})"
+        load_matching(lens, tensors, where=str(path), record=record, error=LensError)
         lens.base = manifest.get("base_model")
         lens.train_settings = manifest.get("training") or {}
         if model is not None:

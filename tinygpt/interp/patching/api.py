@@ -116,10 +116,10 @@ class PatchingResult:
             fig.update_yaxes(autorange="reversed", type="category", row=1, col=c)
             fig.update_xaxes(type="category", tickangle=-45, row=1, col=c)
         cb = "normalised metric" if self.normalized else "metric"
+        kind = f"Attribution patching, {self.meta['method']}" if self.meta.get("estimate") else "Activation patching"
         fig.update_layout(
             title=title
-            or f"Activation patching ({self.site}); clean {self.clean_metric:.3f}, "
-            f"corrupted {self.corrupted_metric:.3f}",
+            or f"{kind} ({self.site}); clean {self.clean_metric:.3f}, corrupted {self.corrupted_metric:.3f}",
             coloraxis=dict(colorscale="RdBu", cmid=0, cmin=zmin, cmax=zmax, colorbar=dict(title=cb)),
             height=max(320, 22 * len(panels[0][3]) + 160),
             width=min(1600, 260 + 340 * len(panels) + 14 * len(panels[0][2]) * len(panels)),

@@ -94,6 +94,7 @@ from tinygpt.training.es.objectives import LossObjective, TextObjective
 from tinygpt.training.es.params import ESParams, centered_ranks, noise_seed, select_parameters
 from tinygpt.training.es.result import ESConfig, ESResult
 from tinygpt.training.es.rewards import Reward, word_list_reward, words_of
+from tinygpt.training.logline import LogLines
 from tinygpt.training.run import corpus_from_record, warn_changed
 from tinygpt.training.settings import RunOptions, SettingError, given, make_config
 
@@ -156,7 +157,9 @@ def es(
     model.eval()  # no dropout while members are compared; left in eval mode, as train() leaves it
     t0 = time.perf_counter()
     interrupted = False
-    bar = tqdm(total=cfg.steps, initial=len(history), desc="es", disable=not progress, dynamic_ncols=True)
+    rate = ("evals_per_sec", "evals/s")
+    lines = LogLines(cfg.log_every, cfg.steps, progress=progress, rate=rate, start_step=len(history))
+    bar = tqdm(total=cfg.steps, initial=len(history), desc="es", disable=not lines.bar, dynamic_ncols=True)
 
     def score_members(step: int, data: Any) -> list[float]:
         nonlocal batched
@@ -225,6 +228,7 @@ def es(
             shown = f"loss {-centre:.3f}" if obj.kind == "loss" else f"reward {centre:.3f}"
             bar.set_postfix_str(f"{shown} | pop {rec['pop_mean']:.3f} | {rec['evals_per_sec']:.1f} evals/s")
             bar.update(1)
+            lines.update(rec, step_time=dt, units=n + 1, write=bar.write if lines.bar else None)
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 checkpoint()
             for cb in opts.callbacks:

@@ -24,6 +24,8 @@ class ESConfig:
         batched: vmap members together (None: on CUDA only); member_batch: members per vmapped forward.
         save_every: write the checkpoint every N steps (and at the end) when `out` is set (0: at the end only).
         seed: noise, batches and sampling.
+        log_every: a plain progress line every N steps (None: automatic without a terminal; 0: never; see
+            `tinygpt.training.logline`).
     """
 
     steps: int = 50
@@ -46,34 +48,40 @@ class ESConfig:
     member_batch: int = 8
     save_every: int = 0
     seed: int = 0
+    log_every: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.prompts, str):
             self.prompts = [self.prompts]
         self.prompts = list(self.prompts)
         checks = {
-            "steps": self.steps >= 0,
-            "population": self.population >= 2 and self.population % 2 == 0,
-            "sigma": self.sigma > 0,
-            "lr": self.lr >= 0,
-            "weight_decay": self.weight_decay >= 0,
-            "batch_size": self.batch_size >= 1,
-            "ctx": self.ctx is None or self.ctx >= 1,
-            "val_split": 0 <= self.val_split < 1,
-            "val_every": self.val_every >= 0,
-            "val_batches": self.val_batches >= 1,
-            "prompts": bool(self.prompts) and all(isinstance(p, str) and p for p in self.prompts),
-            "samples": self.samples >= 1,
-            "max_new_tokens": self.max_new_tokens >= 1,
-            "temperature": self.temperature >= 0,
-            "member_batch": self.member_batch >= 1,
-            "save_every": self.save_every >= 0,
-            "seed": self.seed >= 0,
+            "steps": (self.steps >= 0, "an integer >= 0"),
+            "population": (
+                self.population >= 2 and self.population % 2 == 0,
+                "an even number >= 2: members come in antithetic pairs",
+            ),
+            "sigma": (self.sigma > 0, "the noise scale, > 0 (e.g. 0.001)"),
+            "lr": (self.lr >= 0, ">= 0"),
+            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "batch_size": (self.batch_size >= 1, "an integer >= 1"),
+            "ctx": (self.ctx is None or self.ctx >= 1, "an integer >= 1, or None for the model's n_ctx"),
+            "val_split": (0 <= self.val_split < 1, "in [0, 1)"),
+            "val_every": (self.val_every >= 0, "an integer >= 0 (0 = never)"),
+            "val_batches": (self.val_batches >= 1, "an integer >= 1"),
+            "prompts": (
+                bool(self.prompts) and all(isinstance(p, str) and p for p in self.prompts),
+                "a non-empty list of non-empty strings",
+            ),
+            "samples": (self.samples >= 1, "an integer >= 1"),
+            "max_new_tokens": (self.max_new_tokens >= 1, "an integer >= 1"),
+            "temperature": (self.temperature >= 0, ">= 0 (0 = greedy)"),
+            "member_batch": (self.member_batch >= 1, "an integer >= 1"),
+            "save_every": (self.save_every >= 0, "an integer >= 0 (0 = only at the end)"),
+            "seed": (self.seed >= 0, "an integer >= 0"),
         }
-        for name, ok in checks.items():
+        for name, (ok, requirement) in checks.items():
             if not ok:
-                hint = " (an even number >= 2: members come in antithetic pairs)" if name == "population" else ""
-                raise SettingError(f"invalid ES setting {name}={getattr(self, name)!r}{hint}")
+                raise SettingError(f"invalid ES setting {name}={getattr(self, name)!r}: must be {requirement}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

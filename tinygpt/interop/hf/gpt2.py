@@ -1,6 +1,4 @@
-"""Hugging Face interop: GPT-2 export/import, any local causal LM as a teacher, TransformerLens bridges.
-
-A vanilla tinygpt model *is* GPT-2 with different parameter names, so it converts both ways exactly:
+"""GPT-2 (`GPT2LMHeadModel`) both ways: a vanilla tinygpt model *is* GPT-2 with different parameter names.
 
 | tinygpt                                   | `GPT2LMHeadModel`                                   |
 |-------------------------------------------|-----------------------------------------------------|
@@ -20,67 +18,35 @@ n_ctx→n_positions, layer_norm_eps→layer_norm_epsilon, act_fn→activation_fu
 dropout→resid_pdrop/embd_pdrop/attn_pdrop, init_std→initializer_range, tie_embeddings→tie_word_embeddings`;
 `attn_impl` is a runtime choice, not part of the exported model. Anything else GPT-2 cannot express (a separate
 `d_head`, an architecture variant, weight surgery) is refused with an `InteropError` naming the knob.
-
-Tokenizers: the byte tokenizer is written as a byte-level `tokenizer.json` (a BPE with the 256 GPT-2 byte
-symbols as ids 0..255 and no merges) that `PreTrainedTokenizerFast` loads and that encodes any text to exactly
-the ids `ByteTokenizer` gives; a BPE tokenizer writes its own `tokenizer.json`. Importing reads the directory's
-tokenizer back (a byte-level vocabulary becomes a `ByteTokenizer` again).
-
-Tokenizer comparison (`vocab_mismatch`, in `tinygpt.tokenizer`, re-exported here) is by vocabulary *content*:
-every token is reduced to the bytes it stands for (`<0x41>` and the byte-level symbol "A" are both b"A", "Ġthe"
-is b" the"), so a tinygpt tokenizer and a Hugging Face tokenizer compare meaningfully whatever their spelling,
-and a probe text must encode to the same ids as well. Running any local causal LM (a teacher, a chat model) goes
-through `tinygpt.interop.causal_lm`.
-
-`transformers` is imported lazily: importing this module is cheap.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from tinygpt.config import GPTConfig
-from tinygpt.errors import TinyGPTError
-from tinygpt.tokenizer import (  # noqa: F401  (tokenizer comparison, re-exported: it lived here)
-    PROBE_TEXT,
-    BPETokenizer,
-    ByteTokenizer,
-    Tokenizer,
-    TokenizerError,
-    bytes_to_unicode,
-    canonical_vocab,
-    describe_tokenizer,
-    load_tokenizer,
-    unicode_to_bytes,
-    vocab_mismatch,
-)
+from tinygpt.interop.hf.common import InteropError, non_default_fields, transformers_module
+from tinygpt.interop.hf.spec import Family, Group
+from tinygpt.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from tinygpt.model import GPT
 
+__all__ = [
+    "GPT2",
+    "GPT2Family",
+    "check_gpt2_expressible",
+    "copy_hf_gpt2_weights",
+    "from_hf",
+    "from_hf_config",
+    "gpt2_state_dict",
+    "to_hf",
+    "to_hf_config",
+]
 
-class InteropError(TinyGPTError, ValueError):
-    """A model, config or directory cannot be converted to or from Hugging Face format."""
-
-
-def _transformers():
-    try:
-        import transformers
-    except ImportError as e:  # pragma: no cover - transformers is part of the dev environment
-        raise InteropError(
-            "Hugging Face interop needs the `transformers` package: pip install 'tinygpt[interop]'"
-        ) from e
-    return transformers
-
-
-# ----------------------------------------------------------------------------------------------- config
 # GPTConfig fields GPT-2 expresses (attn_impl is a runtime choice of ours, not part of the weights).
 _EXPRESSIBLE = {
     "n_layers",
@@ -99,8 +65,6 @@ _EXPRESSIBLE = {
     "attn_impl",
     "device",
 }
-# Architecture-variant switches: a sub-knob `prefix_*` only matters when its switch is on.
-_SWITCHES = {"diff": "diff_attn", "mod": "mod", "moe": "moe_experts", "yoco": "yoco"}
 _ACT_TO_HF = {"gelu_new": "gelu_new", "gelu": "gelu"}
 _ACT_FROM_HF = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
 
@@ -110,17 +74,9 @@ def check_gpt2_expressible(cfg: GPTConfig) -> None:
     problems = []
     if cfg.n_heads * cfg.d_head != cfg.d_model:
         problems.append(f"d_head={cfg.d_head} (GPT-2 needs n_heads * d_head == d_model={cfg.d_model})")
-    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.init}
-    for name, default in defaults.items():
-        if name in _EXPRESSIBLE or default is dataclasses.MISSING:
-            continue
-        value = getattr(cfg, name)
-        if value == default:
-            continue
-        switch = _SWITCHES.get(name.split("_")[0])
-        if switch and switch != name and getattr(cfg, switch) == defaults[switch]:
-            continue  # a setting of a variant that is switched off: inert
-        problems.append(f"{name}={value!r}")
+    if cfg.act_fn not in _ACT_TO_HF:
+        problems.append(f"act_fn={cfg.act_fn!r}")
+    problems += non_default_fields(cfg, _EXPRESSIBLE)
     if problems:
         raise InteropError(
             f"GPT-2 (GPT2LMHeadModel) cannot express {', '.join(problems)}; only vanilla GPT-2-style models "
@@ -131,7 +87,7 @@ def check_gpt2_expressible(cfg: GPTConfig) -> None:
 def to_hf_config(cfg: GPTConfig, tokenizer: Tokenizer | None = None):
     """The `transformers.GPT2Config` of a vanilla tinygpt config (raises `InteropError` otherwise)."""
     check_gpt2_expressible(cfg)
-    T = _transformers()
+    T = transformers_module()
     eos = tokenizer.eos_id if tokenizer is not None else None
     bos = tokenizer.bos_id if tokenizer is not None else None
     return T.GPT2Config(
@@ -165,9 +121,8 @@ def from_hf_config(c: Any, *, tied: bool | None = None, dtype: str = "float32", 
     """
     if getattr(c, "model_type", None) != "gpt2":
         raise InteropError(
-            f"model_type {getattr(c, 'model_type', None)!r} is not GPT-2: only GPT-2-architecture checkpoints "
-            "convert to tinygpt models; use tinygpt.interop.hf.load_hf_causal_lm(dir) to run it as a teacher "
-            "or for comparison"
+            f"model_type {getattr(c, 'model_type', None)!r} is not GPT-2: this is GPT-2's config mapping; "
+            "tinygpt.interop.hf.config_from_hf maps every supported architecture (import_hf reads any of them)"
         )
     problems = []
     act = getattr(c, "activation_function", "gelu_new")
@@ -205,7 +160,6 @@ def from_hf_config(c: Any, *, tied: bool | None = None, dtype: str = "float32", 
     )
 
 
-# ----------------------------------------------------------------------------------------------- weights
 def gpt2_state_dict(model: GPT) -> dict[str, Tensor]:
     """A tinygpt model's weights under `GPT2LMHeadModel` names and layouts (no lm_head when tied)."""
     sd = model.state_dict()
@@ -287,7 +241,7 @@ def copy_hf_gpt2_weights(model: GPT, hf: Any) -> None:
 
 def to_hf(model: GPT):
     """An in-memory `transformers.GPT2LMHeadModel` with exactly the model's weights (eval mode, CPU)."""
-    T = _transformers()
+    T = transformers_module()
     config = to_hf_config(model.cfg, model.tokenizer)
     sd = gpt2_state_dict(model)  # checks the structure before building anything
     dtype = torch.bfloat16 if model.cfg.dtype == "bfloat16" else torch.float32
@@ -322,184 +276,69 @@ def from_hf(hf: Any, tokenizer: Tokenizer | None = None, *, dropout: float | Non
     return model.eval()
 
 
-# ----------------------------------------------------------------------------------------------- tokenizers
+# ----------------------------------------------------------------------------------------------- as a Family
+def _transposed(ts):  # Conv1D [in, out] <-> nn.Linear [out, in]
+    return [t.T for t in ts]
 
 
-def byte_tokenizer_json() -> str:
-    """A `tokenizers` JSON for the byte tokenizer: id i is byte i, no merges, byte-level pre-tokenizer/decoder."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
+class GPT2Family(Family):
+    """GPT-2 for the shared lazy importer / exporter (`tinygpt.interop.hf.files`): the table in the module docstring.
 
-    b2u = bytes_to_unicode()
-    tok = HFTokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return tok.to_str()
-
-
-def hf_tokenizer(tokenizer: Tokenizer, n_ctx: int | None = None):
-    """A `transformers.PreTrainedTokenizerFast` equivalent to a tinygpt tokenizer (same ids for any text)."""
-    T = _transformers()
-    from tokenizers import Tokenizer as HFTokenizer
-
-    if isinstance(tokenizer, ByteTokenizer):
-        backend = HFTokenizer.from_str(byte_tokenizer_json())
-        if tokenizer.added_tokens:  # e.g. a chat template's tokens: ids 256, 257, ... as in tinygpt
-            backend.add_special_tokens(list(tokenizer.added_tokens))
-    elif isinstance(tokenizer, BPETokenizer):
-        backend = HFTokenizer.from_str(tokenizer.tok.to_str())  # a copy: transformers may set padding options
-    else:
-        raise InteropError(f"cannot export a {type(tokenizer).__name__} to Hugging Face format")
-    specials = {}
-    for key, i in (("eos_token", tokenizer.eos_id), ("bos_token", tokenizer.bos_id)):
-        if i is not None:
-            specials[key] = backend.id_to_token(i)
-    kw = {"model_max_length": n_ctx} if n_ctx else {}
-    return T.PreTrainedTokenizerFast(tokenizer_object=backend, **specials, **kw)
-
-
-def tokenizer_from_hf_dir(directory: str | os.PathLike) -> Tokenizer:
-    """The tinygpt tokenizer of a Hugging Face model directory (a byte-level vocabulary -> `ByteTokenizer`).
-
-    Reads `tokenizer.json`, or `vocab.json` + `merges.txt`, or any fast tokenizer `transformers` can load there.
+    `c_attn` holds q|k|v side by side ([d, 3·H·dh], Conv1D layout) and `c_proj` / `c_fc` are transposed; checkpoints
+    saved from `GPT2Model` lack the `transformer.` prefix (OpenAI's `gpt2` on the Hub), which the importer accepts.
     """
-    d = Path(directory)
-    if (d / "tokenizer.json").exists() or ((d / "vocab.json").exists() and (d / "merges.txt").exists()):
-        tok: Tokenizer = BPETokenizer.from_file(d)
-    else:
-        T = _transformers()
-        try:
-            fast = T.AutoTokenizer.from_pretrained(str(d), local_files_only=True)
-            tok = BPETokenizer.from_str(fast.backend_tokenizer.to_str(), source=str(d))
-        except Exception as e:  # noqa: BLE001 - transformers raises many kinds
-            raise InteropError(
-                f"{d} holds no tokenizer tinygpt can read (tokenizer.json, vocab.json + merges.txt, or a fast "
-                f"tokenizer): {e}; pass tokenizer= explicitly"
-            ) from e
-    as_bytes = ByteTokenizer(t for t, _ in sorted(tok.special_tokens.items(), key=lambda kv: kv[1]))
-    return as_bytes if vocab_mismatch(tok, as_bytes) is None else tok
+
+    model_types = ("gpt2",)
+    prefix = "transformer."
+    ignorable = (".attn.bias", ".attn.masked_bias")  # old causal-mask buffers
+    rules = (
+        (r"embed\.weight", "transformer.wte.weight"),
+        (r"pos_embed\.weight", "transformer.wpe.weight"),
+        (r"unembed\.weight", "lm_head.weight"),
+        (r"ln_final\.(weight|bias)", r"transformer.ln_f.\1"),
+        (r"blocks\.(\d+)\.ln([12])\.(weight|bias)", r"transformer.h.\1.ln_\2.\3"),
+        (r"blocks\.(\d+)\.attn\.o_proj\.bias", r"transformer.h.\1.attn.c_proj.bias"),
+        (r"blocks\.(\d+)\.mlp\.fc_in\.bias", r"transformer.h.\1.mlp.c_fc.bias"),
+        (r"blocks\.(\d+)\.mlp\.fc_out\.bias", r"transformer.h.\1.mlp.c_proj.bias"),
+    )
+
+    def groups(self, cfg: Any, model_type: str, available: set[str] | None) -> list[Group]:
+        hd = cfg.n_heads * cfg.d_head
+        out = []
+        for i in range(cfg.n_layers):
+            p, h = f"blocks.{i}.", f"transformer.h.{i}."
+            qkv_w = tuple(f"{p}attn.{x}_proj.weight" for x in "qkv")
+            qkv_b = tuple(f"{p}attn.{x}_proj.bias" for x in "qkv")
+            out.append(
+                Group(
+                    qkv_w,
+                    (h + "attn.c_attn.weight",),
+                    lambda ts: [w.T for w in ts[0].split(hd, dim=1)],
+                    lambda ts: [torch.cat(ts, 0).T],
+                )
+            )
+            out.append(
+                Group(qkv_b, (h + "attn.c_attn.bias",), lambda ts: list(ts[0].split(hd)), lambda ts: [torch.cat(ts)])
+            )
+            pairs = (("attn.o_proj", "attn.c_proj"), ("mlp.fc_in", "mlp.c_fc"), ("mlp.fc_out", "mlp.c_proj"))
+            for ours, theirs in pairs:
+                out.append(Group((f"{p}{ours}.weight",), (f"{h}{theirs}.weight",), _transposed, _transposed))
+        return out
+
+    def config_fields(self, c: Any, *, n_ctx: int | None = None, dropout: float | None = None) -> dict[str, Any]:
+        if n_ctx is not None and n_ctx != c.n_positions:
+            raise InteropError("n_ctx= applies to rotary models; a GPT-2 checkpoint keeps its n_positions")
+        fields = from_hf_config(c, dropout=dropout).to_dict()
+        fields.pop("dtype")
+        return fields
+
+    def check(self, cfg: Any, model_type: str) -> None:
+        check_gpt2_expressible(cfg)
+
+    def hf_config(self, cfg: Any, tokenizer: Any, model_type: str) -> Any:
+        config = to_hf_config(cfg, tokenizer)
+        config.dtype = cfg.dtype
+        return config
 
 
-# ----------------------------------------------------------------------------------------------- files
-def export_hf(
-    model: GPT, directory: str | os.PathLike, *, tokenizer: Tokenizer | None = None, overwrite: bool = False
-) -> Path:
-    """Write a model as a Hugging Face `GPT2LMHeadModel` directory (weights, config and tokenizer files).
-
-    The files are written into a temporary directory beside `directory`, which replaces it only once complete:
-    a failure (a full disk) leaves the old export, or nothing, and never a mix of new config and old weights.
-
-    Args:
-        model: a vanilla tinygpt `GPT` (`InteropError` names any knob GPT-2 cannot express).
-        directory: created if needed; loadable with `GPT2LMHeadModel.from_pretrained(directory)` and
-            `AutoTokenizer.from_pretrained(directory)`.
-        tokenizer: default `model.tokenizer`.
-        overwrite: replace a non-empty `directory` (default: refuse, `OutputError`).
-    Returns:
-        The directory.
-    """
-    from tinygpt.checkpoint import OutputError
-    from tinygpt.io import atomic_directory, check_output
-
-    tok = tokenizer if tokenizer is not None else model.tokenizer
-    if tok is None:
-        raise InteropError("the model has no tokenizer attached; pass tokenizer= (or set model.tokenizer)")
-    d = Path(directory)
-    if d.exists() and not d.is_dir():
-        raise InteropError(f"{d} exists and is not a directory; give a directory to write the model into")
-    hint = "pass overwrite=True (--overwrite) to replace it"
-    check_output(d, overwrite=overwrite, directory=True, error=OutputError, hint=hint)
-    hf = to_hf(model)
-    with atomic_directory(d) as tmp:
-        try:
-            hf.save_pretrained(str(tmp))
-            hf_tokenizer(tok, n_ctx=model.cfg.n_ctx).save_pretrained(str(tmp))
-        except OSError:
-            raise
-        except Exception as e:  # noqa: BLE001 - safetensors / transformers raise their own types (disk full)
-            raise InteropError(f"cannot write the Hugging Face export {d}: {e}") from e
-    return d
-
-
-def _check_hf_dir(directory: str | os.PathLike) -> Path:
-    d = Path(directory)
-    if not d.is_dir():
-        raise InteropError(f"{d} is not a directory; give a Hugging Face model directory (with config.json)")
-    if not (d / "config.json").exists():
-        raise InteropError(f"{d} has no config.json: it is not a Hugging Face model directory")
-    return d
-
-
-def import_hf(
-    directory: str | os.PathLike,
-    *,
-    tokenizer: Any = None,
-    dropout: float | None = None,
-    device: str | None = None,
-) -> GPT:
-    """Load a local GPT-2-architecture Hugging Face directory (made by anyone) as a tinygpt `GPT`.
-
-    Args:
-        directory: holds config.json (model_type "gpt2"), the weights and, usually, tokenizer files.
-        tokenizer: overrides the directory's tokenizer (anything `load_tokenizer` accepts).
-        dropout: needed only when the config's three dropouts differ.
-        device: where to put the model (default CPU).
-    """
-    T = _transformers()
-    d = _check_hf_dir(directory)
-    config = T.AutoConfig.from_pretrained(str(d), local_files_only=True)
-    from_hf_config(config, dropout=dropout)  # fail before loading weights if the config cannot be expressed
-    tok = load_tokenizer(tokenizer) if tokenizer is not None else tokenizer_from_hf_dir(d)
-    try:
-        hf = T.GPT2LMHeadModel.from_pretrained(str(d), config=config, local_files_only=True)
-    except (OSError, RuntimeError, ValueError) as e:  # missing / truncated weights, shapes not config.json's
-        first = " ".join(str(e).split())[:300]
-        raise InteropError(
-            f"{d} is not a consistent Hugging Face model directory: its weights do not load with its config.json "
-            f"({type(e).__name__}: {first})"
-        ) from None
-    if hf.transformer.wte.weight.dtype == torch.float16:
-        hf = hf.float()
-    model = from_hf(hf, tok, dropout=dropout)
-    model.source_path = str(d)
-    return model.to(device) if device else model
-
-
-def load_hf_causal_lm(directory: str | os.PathLike, *, device: str | None = None, **kwargs: Any):
-    """Any local Hugging Face causal LM and its tokenizer, fully offline (`local_files_only=True`).
-
-    Returns:
-        (`AutoModelForCausalLM` in eval mode, `AutoTokenizer`); logits are `model(input_ids=ids).logits`.
-    """
-    T = _transformers()
-    d = _check_hf_dir(directory)
-    model = T.AutoModelForCausalLM.from_pretrained(str(d), local_files_only=True, **kwargs)
-    tok = T.AutoTokenizer.from_pretrained(str(d), local_files_only=True)
-    if device:
-        model.to(device)
-    return model.eval(), tok
-
-
-def transformer_bridge(
-    model_or_dir: GPT | str | os.PathLike, directory: str | os.PathLike | None = None, *, device: str = "cpu"
-):
-    """A TransformerLens `TransformerBridge` booted offline over an exported model (or any HF directory).
-
-    Args:
-        model_or_dir: a tinygpt `GPT` (exported first) or a Hugging Face directory.
-        directory: where to export a `GPT` (default: a new temporary directory, kept for the bridge's lifetime).
-    """
-    from tinygpt.model import GPT
-
-    T = _transformers()
-    if isinstance(model_or_dir, GPT):
-        directory = directory or tempfile.mkdtemp(prefix="tinygpt-hf-")
-        export_hf(model_or_dir, directory, overwrite=True)
-    else:
-        directory = model_or_dir
-    d = _check_hf_dir(directory)
-    from transformer_lens.model_bridge import TransformerBridge
-
-    hf = T.AutoModelForCausalLM.from_pretrained(str(d), local_files_only=True)  # fresh: the bridge edits it
-    tok = T.AutoTokenizer.from_pretrained(str(d), local_files_only=True, add_bos_token=True)
-    return TransformerBridge.boot_transformers(str(d), hf_model=hf, tokenizer=tok, device=device)
+GPT2 = GPT2Family()
