@@ -225,6 +225,54 @@ def bench_sampling(name: str, n_new: int = 200) -> dict:
     return res
 
 
+def alone(name: str, dtype: str, who: str, *, param_dtype: str, ref_compile: bool, compile_ours: bool) -> float:
+    """Peak RSS (MiB, `ru_maxrss`) of a process that builds one of the two models and runs 3 training steps:
+    the memory comparison, free of the other model's and of the other compiler's memory. (`ru_maxrss` survives
+    `execve`, so a child of a big process would report its parent's peak: the high-water mark is reset first.)"""
+    import resource
+
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    batch, vocab = SHAPES[name]
+    cfg = tinygpt.GPTConfig.preset(name, d_vocab=vocab)
+    torch.manual_seed(0)
+    x = torch.randint(0, vocab, (batch, cfg.n_ctx))
+    y = torch.randint(0, vocab, (batch, cfg.n_ctx))
+    bf16 = dtype == "bfloat16"
+    if who == "ours":
+        model = tinygpt.GPT(cfg).train()
+        master = MasterWeights(model) if bf16 and param_dtype == "bfloat16" else None
+        params = master.optimizer_groups(0.0) if master is not None else model.parameters()
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and master is None)
+        with compiled_forward(model, compile_ours):
+            for _ in range(3):
+                step_fn(model, opt, x, y, True, autocast, master)
+    else:
+        model = RefGPT(cfg).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        forward = torch.compile(model) if ref_compile else None
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+        for _ in range(3):
+            step_fn(model, opt, x, y, False, autocast, forward=forward)
+    m = re.search(r"VmHWM:\s+(\d+)", _STATUS.read_text()) if _STATUS.exists() else None
+    return int(m.group(1)) / 1024 if m else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_in_subprocesses(argv: list[str], name: str) -> dict[str, float]:
+    """{"ours", "ref"}: peak RSS of each model trained alone in its own process (`--alone`)."""
+    import subprocess
+    import sys
+
+    out = {}
+    for who in ("ours", "ref"):
+        args = [a for a in argv if a not in ("--rss",)]
+        cmd = [sys.executable, __file__, *args, "--presets", name, "--alone", who]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[who] = float(re.search(r"peak RSS ([\d.]+) MiB", res.stdout).group(1))
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=["tiny", "huge"], choices=list(SHAPES))
@@ -241,10 +289,16 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--ref", default=None, choices=["eager", "compile"], help="default: compile with bf16")
     ap.add_argument("--compile", action="store_true", help="ours: torch.compile the forward (compile=True)")
+    ap.add_argument("--rss", action="store_true", help="also: each model's peak RSS trained alone in a subprocess")
+    ap.add_argument("--alone", default=None, choices=["ours", "ref"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     param_dtype = a.param_dtype or ("bfloat16" if a.dtype == "bfloat16" else "float32")
     ref_compile = (a.ref or ("compile" if a.dtype == "bfloat16" else "eager")) == "compile"
     torch.set_num_threads(a.threads)
+    if a.alone:
+        kw = dict(param_dtype=param_dtype, ref_compile=ref_compile, compile_ours=a.compile)
+        print(f"peak RSS {alone(a.presets[0], a.dtype, a.alone, **kw):.1f} MiB")
+        return
     peak = matmul_peak(torch.bfloat16 if a.dtype == "bfloat16" else torch.float32)
     print(f"torch {torch.__version__}, {a.threads} threads, {a.dtype}; matmul peak {peak / 1e9:.0f} GFLOP/s")
     ours_desc = "bf16 weights + fp32 masters" if param_dtype == "bfloat16" and a.dtype == "bfloat16" else a.dtype
@@ -272,6 +326,14 @@ def main(argv=None) -> None:
             f"compilation) ours {r['warmup_s']['ours']:.1f} s, ref {r['warmup_s']['ref']:.1f} s; peak RSS ratio "
             f"{po / pr:.2f}, step RSS ratio {so / max(sr, 1e-9):.2f}"
         )
+        if a.rss:
+            import sys
+
+            alone_rss = rss_in_subprocesses(list(sys.argv[1:] if argv is None else argv), name)
+            print(
+                f"       trained alone (own process, 3 steps): peak RSS ours {alone_rss['ours']:,.0f} MiB, ref "
+                f"{alone_rss['ref']:,.0f} MiB, ratio {alone_rss['ours'] / alone_rss['ref']:.2f}"
+            )
     if not a.no_sampling:
         print("\nsampling 200 tokens, batch 1:")
         for name in a.presets:

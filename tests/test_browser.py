@@ -386,6 +386,21 @@ def test_patching_dashboard_in_jupyterlab(page, lab, tmp_path):
     run_dashboard(page, lab, tmp_path, "patching", cells, move)
 
 
+def test_circuit_dashboard_in_jupyterlab(page, lab, tmp_path):
+    cells = [
+        SETUP,
+        "from tinygpt.widgets import CircuitDashboard\n"
+        "dash = CircuitDashboard(model, 'abcdefgh abcdefg', 'abcdefXh abcdefg', correct='h', incorrect='X', size=8)\n"
+        "dash",
+    ]
+    before, after = run_dashboard(page, lab, tmp_path, "circuits", cells, _select("method", "exact"), plots=2)
+    titles = page.locator(NOTEBOOK).locator(".js-plotly-plot .gtitle").all_text_contents()
+    assert titles[0].startswith("exact: top 8 of") and titles[1].startswith("Faithfulness of the exact ranking")
+    graph, curve = json.loads(after)
+    assert len(graph) == 8 + 1 and len(curve) == 1  # 8 edges and the nodes; one faithfulness line
+    assert "L0H0" in page.locator(NOTEBOOK).locator(".jp-CodeCell").last.inner_text()  # the node table
+
+
 def test_attention_viewer_in_jupyterlab(page, lab, tmp_path):
     # differential attention (three maps per head) and mixture-of-experts (a router view) in one model
     cells = [

@@ -213,6 +213,10 @@ def test_patching_over_latents_matches_a_hand_written_patch(model):
     corrupted_ld = float(logit_diff(model(k), 5, 7))
     assert res.clean_metric == pytest.approx(clean_ld, abs=1e-5) and res.corrupted_metric == pytest.approx(corrupted_ld)
     assert res.axes == ("latent",) and len(res.meta["latents"]) == res.values.shape[0] > 0
+    (cell, best), *_ = res.top(1)  # cells are named by latent id, not by row
+    assert best == float(res.values.max()) and cell == {"latent": res.meta["latents"][int(res.values.argmax())]}
+    with splice(model, sae, error_term=True):
+        assert best == pytest.approx(manual(cell["latent"]), abs=1e-5)
     # a latent that is the same in both runs leaves the corrupted run exactly as it is
     with splice(model, sae, error_term=True):
         _, ck = model.run_with_cache(k, names_filter=[name])
@@ -230,3 +234,22 @@ def test_patching_over_latents_matches_a_hand_written_patch(model):
     torch.testing.assert_close(norm.values, expect, rtol=1e-4, atol=1e-4)
     res.figure(), by_pos.figure()
     assert not any(n.endswith("hook_sae_acts_post") for n in model.hook_dict)  # unspliced afterwards
+
+
+def test_model_saes_is_the_splice_context_manager():
+    """`with model.saes(sae):` (SAELens' HookedSAETransformer.saes) splices exactly as `splice` does."""
+    from tinygpt import GPT
+    from tinygpt.dictionary import DictionaryConfig, make_dictionary, splice
+
+    torch.manual_seed(0)
+    model = GPT("nano").eval()
+    sae = make_dictionary(DictionaryConfig(arch="topk", d_in=64, d_sae=128, hook="blocks.1.hook_resid_post", k=8))
+    tokens = torch.randint(0, 256, (1, 10))
+    plain = model(tokens)
+    with splice(model, sae, check=False):
+        spliced = model(tokens)
+    with model.saes(sae, check=False) as m:
+        assert m is model
+        torch.testing.assert_close(model(tokens), spliced)
+    assert not torch.allclose(spliced, plain)
+    torch.testing.assert_close(model(tokens), plain)

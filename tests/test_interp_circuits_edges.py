@@ -16,6 +16,7 @@ from _circuit_helpers import induction_pair
 from tinygpt.config import GPTConfig
 from tinygpt.interp.circuits.edges import edge_attribution_patch
 from tinygpt.interp.circuits.graph import Circuit, CircuitError, edge_graph, edge_hooks, parse_node
+from tinygpt.interp.circuits.path import path_patch
 from tinygpt.interp.patching import PatchingError
 from tinygpt.interp.patching.metrics import logit_diff
 from tinygpt.model import GPT
@@ -155,7 +156,7 @@ def test_bad_input_is_refused_naming_the_fix():
         edge_attribution_patch(model, a, b, metric=lambda logits: logits[:, -1, 0])
     with pytest.raises(CircuitError, match="scalar tensor"):
         edge_attribution_patch(model, a, b, metric=lambda logits: 1.0)
-    with pytest.raises(CircuitError, match="'eap' or 'eap-ig'"):
+    with pytest.raises(CircuitError, match="'eap', 'eap-ig' \(with steps=\) or 'exact'"):
         edge_attribution_patch(model, a, b, method="acdc", correct=1, incorrect=2)
     with pytest.raises(CircuitError, match="steps"):
         edge_attribution_patch(model, a, b, method="eap-ig", steps=0, correct=1, incorrect=2)
@@ -164,3 +165,52 @@ def test_bad_input_is_refused_naming_the_fix():
             edge_attribution_patch(GPT(GPTConfig(**cfg, **kw)), a, b, correct=1, incorrect=2)
     # the switches are restored after a run, and after a failed one
     assert not model.cfg.use_split_qkv_input and not model.cfg.use_attn_result and not model.cfg.use_hook_mlp_in
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(n_key_value_heads=2),
+        dict(parallel_attn_mlp=True),
+        dict(positional_embedding_type="rotary", gated_mlp=True, act_fn="silu", normalization_type="RMS"),
+        dict(moe_experts=3, moe_topk=2),
+        dict(diff_attn=True),
+    ],
+    ids=["gqa", "parallel", "rotary_swiglu_rms", "moe", "diff_attn"],
+)
+def test_score_sums_hold_on_variants(variant):
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layers=2, d_model=32, n_heads=4, n_ctx=16, d_vocab=32, init_std=0.3, **variant)
+    model = GPT(cfg).eval().double()
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, 32, (3, 10), generator=g)
+    corrupted = clean.clone()
+    corrupted[:, 3:6] = (corrupted[:, 3:6] + 5) % 32
+    res = edge_attribution_patch(model, clean, corrupted, correct=1, incorrect=2)
+    graph = res.graph
+
+    def fn(logits):
+        return logit_diff(logits, 1, 2)
+
+    for hooks, slices, sums, names in [
+        (graph.receiver_hooks(), graph.receiver_slices(), res.receiver_scores(), graph.receivers),
+        (graph.sender_hooks(), graph.sender_slices(), res.sender_scores(), graph.senders),
+    ]:
+        node = _node_scores(model, clean, corrupted, fn, hooks)
+        for j, (name, head) in enumerate(slices):
+            t = node[name] if head is None else node[name][:, :, head]
+            assert sums[names[j]] == pytest.approx(float(t.sum()), abs=1e-8), names[j]
+    assert max(abs(v) for v in res.receiver_scores().values()) > 0.01
+
+
+def test_exact_method_scores_each_edge_by_patching_it_alone(induction_model):
+    """method="exact": every edge's score is `path_patch` of its sender into its receiver alone (the reference the
+    estimates are checked against), laid out like EAP's result."""
+    clean, corrupted, y, n = induction_pair(4, seed=2)
+    exact = edge_attribution_patch(induction_model, clean, corrupted, method="exact", correct=y, incorrect=n)
+    eap = edge_attribution_patch(induction_model, clean, corrupted, correct=y, incorrect=n)
+    assert exact.method == "exact" and exact.scores.shape == eap.scores.shape
+    for sender, receiver in [("L1H0", "logits"), ("L0H1", "L1H0.k"), ("embed", "L0H2.v")]:
+        p = path_patch(induction_model, clean, corrupted, sender=sender, receivers=[receiver], correct=y, incorrect=n)
+        assert exact.score(sender, receiver) == pytest.approx(p.value - p.corrupted_metric, abs=1e-5)
+    assert exact.top(1)[0][:2] == ("L1H0", "logits")

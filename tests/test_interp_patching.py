@@ -361,3 +361,43 @@ def test_head_sweeps_of_a_mixture_of_depths_block_patch_by_token_position(mod_mo
         with torch.no_grad():
             want = float(metric(mod_model.run_with_hooks(corrupted, fwd_hooks=[("blocks.0.attn.hook_z", dense)])))
         assert by_pos.values[0, p, h].item() == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
+def test_llama_and_neox_style_sweeps_equal_transformer_lens(parallel):
+    """Rotary + RMSNorm + SwiGLU + GQA, with and without the parallel residual (GPT-NeoX): the batched engine's
+    block-output shortcuts (attn_out via `finish_from`, mlp_out from resid_post) equal one forward per cell."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        n_ctx=32,
+        parallel_attn_mlp=parallel,
+        positional_embedding_type="rotary",
+        normalization_type="RMS",
+        gated_mlp=True,
+        act_fn="silu",
+        n_key_value_heads=2,
+        bias=False,
+    )
+    model = GPT(cfg).eval()
+    clean = torch.randint(0, 256, (2, 12))
+    corrupted = clean.clone()
+    corrupted[:, 3] = (corrupted[:, 3] + 7) % 256
+
+    def metric(logits):
+        return (logits[:, -1, 5] - logits[:, -1, 9]).mean()
+
+    _, cache = model.run_with_cache(clean)
+    for site, reference in [
+        ("attn_out", tlp.get_act_patch_attn_out),
+        ("mlp_out", tlp.get_act_patch_mlp_out),
+        ("resid_pre", tlp.get_act_patch_resid_pre),
+        ("head", tlp.get_act_patch_attn_head_out_all_pos),
+    ]:
+        ours = patch_sweep(model, clean, corrupted, site, metric, progress=False).values
+        torch.testing.assert_close(ours, reference(model, corrupted, cache, metric), atol=1e-5, rtol=0)
+    if parallel:
+        with pytest.raises(PatchingError, match=r"no blocks.\{layer\}.hook_resid_mid hook \(parallel"):
+            patch_sweep(model, clean, corrupted, "resid_mid", metric, progress=False)

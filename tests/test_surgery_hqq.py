@@ -203,7 +203,7 @@ def test_packed_bf16_model_round_trip(tmp_path, tokens):
     "kwargs,msg",
     [
         ({"layers": 2}, "layer 2 is out of range for a 2-layer model"),
-        ({"targets": "mlp.up_proj"}, r"unknown target 'mlp.up_proj'; valid targets: attn.q_proj"),
+        ({"targets": "mlp.mid_proj"}, r"unknown target 'mlp.mid_proj'; valid targets: attn.q_proj"),
         ({"bits": 0}, "bits must be an int from 1 to 8"),
         ({"bits": 9}, "bits must be an int from 1 to 8"),
         ({"group_size": 48}, "group_size 48 does not divide in_features=64 of blocks.0.attn.q_proj"),

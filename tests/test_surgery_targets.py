@@ -41,9 +41,15 @@ def test_resolve_layers_forms():
 
 
 def test_resolve_targets_forms():
-    assert resolve_targets("mlp") == ["mlp.fc_in", "mlp.fc_out"]
+    assert resolve_targets("mlp") == ["mlp.fc_in", "mlp.fc_out", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     assert resolve_targets("attn") == ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj"]
-    assert len(resolve_targets("all")) == 6
+    assert len(resolve_targets("all")) == 9
+    assert resolve_targets("down_proj,q_proj") == ["attn.q_proj", "mlp.down_proj"]  # HF leaf names
+    assert (
+        resolve_targets("moe.experts")
+        == resolve_targets("experts")
+        == [f"moe.experts.{leaf}" for leaf in ("fc_in", "fc_out", "gate_proj", "up_proj", "down_proj")]
+    )
     assert resolve_targets(["fc_out", "attn.q_proj"]) == ["attn.q_proj", "mlp.fc_out"]
     assert resolve_targets("mlp.fc_in,mlp.fc_in") == ["mlp.fc_in"]
     with pytest.raises(ValueError, match="unknown target 'mlp.fc'.*mlp.fc_in, mlp.fc_out"):
@@ -67,7 +73,10 @@ def test_resolution_on_moe_blocks():
 
 def test_bad_moe_targets_have_clear_errors():
     model = make_moe()
-    with pytest.raises(ValueError, match=r"unknown target 'moe.experts.fc_mid'.*moe.experts.\{j\}.fc_out"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown target 'moe.experts.fc_mid'.*moe.experts.\{j\}.<leaf>, <leaf> one of fc_in, fc_out, gate_proj",
+    ):
         resolve_targets("moe.experts.fc_mid")
     with pytest.raises(ValueError, match="unknown target 'moe.router'"):
         resolve_targets("moe.router")
@@ -95,3 +104,46 @@ def test_patterns_reach_any_linear_layer_and_name_what_they_miss():
         select_modules(model, "mlp.gate", None, patterns=True)
     assert select_modules(model, None, [1], patterns=True, default="attn.q_proj")[0][:2] == (1, "attn.q_proj")
     assert isinstance(SurgeryError("x"), ValueError)
+
+
+# ------------------------------------------------------------------------------------- Llama-style and HF-style MoE
+def make_llama(seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    cfg = GPTConfig(
+        n_layers=2, d_model=32, n_heads=4, n_key_value_heads=2, d_mlp=48, n_ctx=32, positional_embedding_type="rotary",
+        normalization_type="RMS", gated_mlp=True, act_fn="silu", bias=False, **kw,
+    )  # fmt: skip
+    return GPT(cfg).eval()
+
+
+def test_gated_mlp_and_gqa_matrices_are_targets():
+    model = make_llama()
+    names = [t for ly, t, _ in select_linears(model, "all", 0)]
+    assert names == ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj"] + [
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    ]  # fmt: skip
+    assert [t for _, t, _ in select_linears(model, "mlp", 1)] == ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    ((_, _, k),) = select_linears(model, "k_proj", 0)
+    assert tuple(k.weight.shape) == (2 * 8, 32)  # GQA: n_key_value_heads * d_head rows
+    with pytest.raises(SurgeryError, match="'mlp.fc_in' is in none.*has attn.q_proj.*mlp.gate_proj, mlp.up_proj"):
+        select_linears(model, "fc_in", None)
+
+
+@pytest.mark.parametrize("style", ["mixtral", "qwen2_moe"])
+def test_hf_style_experts_are_targets(style):
+    shared = 24 if style == "qwen2_moe" else 0
+    model = make_llama(moe_experts=N_EXPERTS, moe_topk=2, moe_style=style, moe_shared_d_mlp=shared)
+    ex = [f"moe.experts.{j}.gate_proj" for j in range(N_EXPERTS)]
+    plus = ["moe.shared_expert.gate_proj"] if shared else []
+    assert [t for _, t, _ in select_linears(model, "gate_proj", 0)] == ex + plus
+    assert [t for _, t, _ in select_linears(model, "moe.experts.gate_proj", 0)] == ex  # the routed experts only
+    mlp = select_linears(model, "mlp", None)
+    assert len(mlp) == 2 * 3 * (N_EXPERTS + bool(shared))  # every expert matrix, routers excluded
+    assert all(isinstance(m, torch.nn.Linear) and "router" not in t and "_gate" not in t for _, t, m in mlp)
+    assert len(select_linears(model, "experts", 1)) == 3 * N_EXPERTS
+    assert [t for _, t, _ in select_linears(model, "moe.experts.1.down_proj", 1)] == ["moe.experts.1.down_proj"]
+    with pytest.raises(SurgeryError, match=r"in none.*moe.experts.\{0..2\}.gate_proj"):
+        select_linears(model, "moe.experts.fc_in", None)
+    dense = make_llama()
+    with pytest.raises(SurgeryError, match="no weight matrices selected"):
+        select_linears(dense, "experts", None)  # a group naming nothing in the model

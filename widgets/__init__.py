@@ -8,6 +8,7 @@ never runs the model itself.
     base.py       `Dashboard`: status line, output area, error reporting, callbacks, figure updates, display
     _inputs.py    prompts typed into a text box (token ids for a model without a tokenizer), evaluation tokens
     lens.py  ablation.py  patching.py  attention.py  training.py  laser.py  hqq.py  evalmatrix.py  features.py
+                  circuits.py
                   one each
 """
 
@@ -27,6 +28,7 @@ _LAZY = {
     "TrainingDashboard": "training",
     "EvalMatrixDashboard": "evalmatrix",
     "FeatureDashboard": "features",
+    "CircuitDashboard": "circuits",
 }
 
 

@@ -24,8 +24,9 @@ def _lora_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--targets",
         default="attn.q_proj,attn.v_proj",
-        help="comma-separated: mlp.fc_in, mlp.fc_out, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, groups "
-        "mlp/attn/all, or block-relative paths with * (default attn.q_proj,attn.v_proj)",
+        help="comma-separated: attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.fc_in, mlp.fc_out, "
+        "mlp.gate_proj, mlp.up_proj, mlp.down_proj (or leaf names), groups mlp/attn/all/experts, or block-relative "
+        "paths with * (default attn.q_proj,attn.v_proj)",
     )
     add(p, "--layers")
     p.add_argument("--rank", type=int, default=8)

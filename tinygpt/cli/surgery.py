@@ -17,8 +17,9 @@ from tinygpt.cli._command import command, file_size, out_file
 from tinygpt.cli._flags import add
 
 _TARGET_HELP = (
-    "mlp.fc_in, mlp.fc_out, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, or mlp/attn/all; on MoE models "
-    "mlp.* means every expert's matrix, and moe.experts.J.fc_in / moe.experts.J.fc_out names expert J"
+    "attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.fc_in, mlp.fc_out, mlp.gate_proj, mlp.up_proj, "
+    "mlp.down_proj (or the leaf names), or mlp/attn/all/experts; on MoE models mlp.* means every expert's matrix, "
+    "and moe.experts.J.<leaf> names expert J"
 )
 
 

@@ -54,7 +54,7 @@ from tinygpt.dictionary.train import SAETrainResult, train_sae
 from tinygpt.model import register_method
 from tinygpt.sampling import register_intervention
 
-register_method("saes", splice)  # `model.saes(sae, error_term=True)` once GPT defines the `saes` convenience
+register_method("saes", splice)  # `with model.saes(sae, error_term=True): ...`
 register_intervention(as_steering, kind="steer")  # `tinygpt.generate(..., steer=vector)`
 
 __all__ = [

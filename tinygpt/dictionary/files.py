@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tinygpt.checkpoint import content_hash, model_fingerprint, read_manifest, write_tensor_file
+from tinygpt.checkpoint import content_hash, load_matching, model_fingerprint, read_manifest, write_tensor_file
 from tinygpt.dictionary.errors import DictionaryError, DictionaryFileError, DictionaryMismatchError
 from tinygpt.dictionary.modules import DictionaryConfig, SparseDictionary, make_dictionary
 from tinygpt.dictionary.trainer import OPTIM_PREFIX, STATE_PREFIX
@@ -163,16 +163,8 @@ def _build(manifest: dict[str, Any], tensors: dict[str, Tensor], where: str) -> 
         raise DictionaryFileError(f"{where}: invalid dictionary record in the manifest ({e})") from e
     sae = make_dictionary(cfg)
     weights = {k: v for k, v in tensors.items() if not k.startswith((OPTIM_PREFIX, STATE_PREFIX))}
-    expected = set(sae.state_dict())
-    if set(weights) != expected:
-        raise DictionaryFileError(
-            f"{where}: tensors do not match the dictionary record: missing {sorted(expected - set(weights))}, "
-            f"unexpected {sorted(set(weights) - expected)}"
-        )
-    try:
-        sae.load_state_dict(weights)
-    except RuntimeError as e:
-        raise DictionaryFileError(f"{where}: tensor shapes do not match the dictionary record: {e}") from e
+    record = f"its dictionary record ({cfg.arch}, d_in={cfg.d_in}, d_sae={cfg.d_sae})"
+    load_matching(sae, weights, where=where, record=record, error=DictionaryFileError)
     return sae
 
 

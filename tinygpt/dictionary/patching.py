@@ -43,6 +43,11 @@ class LatentPatchingResult(PatchingResult):
             raise DictionaryError("clean and corrupted metrics are equal: nothing to normalise against")
         return dataclasses.replace(self, values=(self.values - self.corrupted_metric) / span, normalized=True)
 
+    def top(self, k: int = 5) -> list[tuple[dict[str, int], float]]:
+        """The k cells with the largest value, as ({"latent": latent id[, "pos": position]}, value)."""
+        ids = self.meta["latents"]
+        return [({**cell, "latent": ids[cell["latent"]]}, v) for cell, v in super().top(k)]
+
     def figure(self, title: str | None = None):
         """Plotly: a bar per latent, or a (latent x position) heatmap."""
         import plotly.graph_objects as go

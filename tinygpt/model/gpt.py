@@ -392,6 +392,11 @@ class GPT(HookedRootModule):
         """Write a `.tinygpt` file (see `tinygpt.save`, registered by `tinygpt.checkpoint`)."""
         return _method("save", "tinygpt.checkpoint")(self, path, **kwargs)
 
+    def saes(self, saes: Any, **kwargs: Any):
+        """Context manager: the model with sparse dictionaries spliced in (`tinygpt.dictionary.splice`), as
+        SAELens' `HookedSAETransformer.saes`."""
+        return _method("saes", "tinygpt.dictionary")(self, saes, **kwargs)
+
 
 def _pos_weight(model: GPT) -> Tensor:
     if model.pos_embed is None:

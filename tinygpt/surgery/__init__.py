@@ -7,9 +7,10 @@
     print(hqq_(model, bits=4, group_size=64, packed=True))            # per-matrix RTN vs HQQ error
     model.save("tiny-4bit.tinygpt")                                    # factored / packed layers load back
 
-Targets are named relative to a block: mlp.fc_in, mlp.fc_out, attn.q_proj, attn.k_proj, attn.v_proj,
-attn.o_proj (groups: mlp, attn, all). Layers: an int, a list, "8-11", "0,2,5" or None (all). On MoE blocks
-mlp.* stand for every expert's matrix (moe.experts.{j}.fc_in / fc_out, also nameable directly); blocks that
+Targets are named relative to a block: attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.fc_in,
+mlp.fc_out, and for gated MLPs mlp.gate_proj, mlp.up_proj, mlp.down_proj (the Hugging Face names; leaf names
+alone work too; groups: mlp, attn, all, experts). Layers: an int, a list, "8-11", "0,2,5" or None (all). On MoE
+blocks mlp.* stand for every expert's matrix (moe.experts.{j}.<leaf>, also nameable directly); blocks that
 lack a matrix (YOCO's cross-decoder: no attn.k_proj / attn.v_proj) are skipped by groups. See docs/surgery.md.
 
 Modules: `targets` (the target grammar, shared with LoRA), `restore` (exact undo, in-place vs context-manager

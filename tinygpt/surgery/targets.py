@@ -2,18 +2,25 @@
 
 Targets are named relative to a block, as `tinygpt inspect` shows them (`blocks.3.mlp.fc_out.weight`):
 
-    mlp.fc_in  mlp.fc_out  attn.q_proj  attn.k_proj  attn.v_proj  attn.o_proj
-    groups: "mlp" (both MLP matrices), "attn" (all four attention projections), "all" (all six)
+    attn.q_proj  attn.k_proj  attn.v_proj  attn.o_proj          (the Hugging Face names; k/v narrower under GQA)
+    mlp.fc_in  mlp.fc_out                                      (GPT-2-style MLP)
+    mlp.gate_proj  mlp.up_proj  mlp.down_proj                  (gated MLP: SwiGLU / GeGLU, Llama-style)
+    groups: "mlp" (every MLP matrix the block has), "attn" (all four attention projections), "all" (both),
+            "experts" (every expert matrix of MoE blocks, = "moe.experts")
 
-Leaf names alone ("fc_out", "q_proj") are accepted too; a comma-separated string or a list combines names.
+Leaf names alone ("fc_out", "q_proj", "gate_proj") are accepted too; a comma-separated string or a list
+combines names.
 
-Mixture-of-Experts blocks (`tinygpt.arch.moe`) have no `mlp`: there `mlp.fc_in` / `mlp.fc_out` (and so the
-"mlp" and "all" groups) stand for every expert's matrix of that block, `moe.experts.{j}.fc_in` /
-`moe.experts.{j}.fc_out`, and each expert matrix is operated on (and reported, e.g. "moe.experts.2.fc_out")
-on its own. Experts can be named explicitly: `moe.experts.fc_in` (every expert) or `moe.experts.2.fc_out`
-(expert 2 only); these names apply only to MoE blocks. A block that lacks a matrix (YOCO's cross-decoder
-blocks have no `attn.k_proj` / `attn.v_proj`) is skipped for it, but a target named on its own (not through
-a group) must exist in at least one selected block.
+Mixture-of-Experts blocks (`tinygpt.arch.moe`, and the Mixtral / Qwen2-MoE blocks of `tinygpt.arch.hf_moe`)
+have no `mlp`: there the `mlp.*` names (and so the "mlp" and "all" groups) stand for every expert's matrix of
+that leaf, `moe.experts.{j}.fc_in` / `.fc_out` (tinygpt experts) or `moe.experts.{j}.gate_proj` / `.up_proj` /
+`.down_proj` (gated experts), plus Qwen2-MoE's shared expert `moe.shared_expert.{gate,up,down}_proj`; each
+expert matrix is operated on (and reported, e.g. "moe.experts.2.down_proj") on its own. The routers
+(`moe.router`, `moe.shared_expert_gate`) are never in a group. Experts can be named explicitly:
+`moe.experts.up_proj` (every expert) or `moe.experts.2.fc_out` (expert 2 only); these names apply only to MoE
+blocks. A block that lacks a matrix (YOCO's cross-decoder blocks have no `attn.k_proj` / `attn.v_proj`, a
+gated MLP has no `mlp.fc_in`) is skipped for it, but a target named on its own (not through a group) must
+exist in at least one selected block.
 
 With `patterns=True` (what LoRA uses) any other block-relative path to a linear layer is accepted as well,
 with `*` wildcards (`moe.experts.*.fc_in`, `attn.*_proj`, `moe.router`).
@@ -40,18 +47,33 @@ class SurgeryError(TinyGPTValueError):
     """A bad surgery argument: an unknown target, a layer out of range, a matrix a block lacks, bad settings."""
 
 
-TARGETS: tuple[str, ...] = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.fc_in", "mlp.fc_out")
+TARGETS: tuple[str, ...] = (
+    "attn.q_proj",
+    "attn.k_proj",
+    "attn.v_proj",
+    "attn.o_proj",
+    "mlp.fc_in",
+    "mlp.fc_out",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+_EXPERT_LEAVES = ("fc_in", "fc_out", "gate_proj", "up_proj", "down_proj")
+_GATED_LEAVES = ("gate_proj", "up_proj", "down_proj")
 TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "attn": TARGETS[:4],
     "mlp": TARGETS[4:],
     "all": TARGETS,
+    "experts": tuple(f"moe.experts.{leaf}" for leaf in _EXPERT_LEAVES),
 }
+_GROUP_ALIASES = {"moe.experts": "experts"}
 _LEAF = {t.split(".")[1]: t for t in TARGETS}
 
 TargetSpec = str | Sequence[str] | None
 LayerSpec = int | str | Sequence[int] | range | None
 
-_MOE_TARGET = re.compile(r"^moe\.experts\.(?:(\d+)\.)?(fc_in|fc_out)$")
+_MOE_TARGET = re.compile(r"^moe\.experts\.(?:(\d+)\.)?(fc_in|fc_out|gate_proj|up_proj|down_proj)$")
+_SHARED_TARGET = re.compile(r"^moe\.shared_expert\.(gate_proj|up_proj|down_proj)$")
 _PATH = re.compile(r"^[A-Za-z0-9_*?\[\]]+(\.[A-Za-z0-9_*?\[\]]+)*$")
 
 
@@ -60,25 +82,30 @@ def valid_target_names() -> str:
         ", ".join(TARGETS)
         + "; groups: "
         + ", ".join(TARGET_GROUPS)
-        + "; MoE experts: moe.experts.fc_in, moe.experts.fc_out, moe.experts.{j}.fc_in, moe.experts.{j}.fc_out"
+        + "; MoE experts: moe.experts.<leaf> (every expert) or moe.experts.{j}.<leaf>, <leaf> one of "
+        + ", ".join(_EXPERT_LEAVES)
+        + "; Qwen2-MoE shared expert: moe.shared_expert.gate_proj / up_proj / down_proj"
     )
 
 
 def _known(name: str) -> bool:
-    return name in TARGETS or _MOE_TARGET.match(name) is not None
+    return name in TARGETS or _MOE_TARGET.match(name) is not None or _SHARED_TARGET.match(name) is not None
 
 
 def target_sort_key(name: str) -> tuple[int, int, int, str]:
     """Sort key of block-relative target names: `TARGETS` order first, then MoE expert matrices leaf-major
-    (every expert's fc_in, then every expert's fc_out, by expert index; "every expert" before expert 0),
-    then anything else alphabetically. Accepts canonical names ("mlp.fc_in"), expert names
-    ("moe.experts.fc_in", "moe.experts.3.fc_in") and any other module path."""
+    (every expert's fc_in, then every expert's fc_out, ... by expert index; "every expert" before expert 0),
+    then the shared expert's matrices, then anything else alphabetically. Accepts canonical names
+    ("mlp.fc_in"), expert names ("moe.experts.fc_in", "moe.experts.3.gate_proj") and any other module path."""
     if name in TARGETS:
         return (0, TARGETS.index(name), 0, "")
     m = _MOE_TARGET.match(name)
     if m is not None:
-        return (1, 0 if m.group(2) == "fc_in" else 1, -1 if m.group(1) is None else int(m.group(1)), "")
-    return (2, 0, 0, name)
+        return (1, _EXPERT_LEAVES.index(m.group(2)), -1 if m.group(1) is None else int(m.group(1)), "")
+    m = _SHARED_TARGET.match(name)
+    if m is not None:
+        return (2, _GATED_LEAVES.index(m.group(1)), 0, "")
+    return (3, 0, 0, name)
 
 
 def sort_targets(names: Iterable[str]) -> list[str]:
@@ -90,8 +117,9 @@ def resolve_targets(spec: TargetSpec, default: TargetSpec = "all", *, patterns: 
     """Expand a target spec into canonical names, in `target_sort_key` order, without duplicates.
 
     Args:
-        spec: a name ("mlp.fc_out" or "fc_out"), a group ("mlp", "attn", "all"), a MoE expert name
-            ("moe.experts.fc_in", "moe.experts.2.fc_out"), a comma-separated string of those, a list of them,
+        spec: a name ("mlp.fc_out", "fc_out", "gate_proj"), a group ("mlp", "attn", "all", "experts"), a MoE
+            expert name ("moe.experts.fc_in", "moe.experts.2.down_proj", "moe.shared_expert.up_proj"), a
+            comma-separated string of those, a list of them,
             or None (= `default`). MoE names come after the `TARGETS` ones; they are expanded per block by
             `block_targets`.
         patterns: also accept other block-relative module paths, with `*` wildcards (kept as they are).
@@ -114,6 +142,7 @@ def _expand_targets(spec: TargetSpec, default: TargetSpec, patterns: bool = Fals
         name = raw.strip()
         if patterns and not name:
             continue
+        name = _GROUP_ALIASES.get(name, name)
         if name in TARGET_GROUPS:
             chosen.update(TARGET_GROUPS[name])
             continue
@@ -130,21 +159,25 @@ def _expand_targets(spec: TargetSpec, default: TargetSpec, patterns: bool = Fals
     return sort_targets(chosen), explicit
 
 
-def block_targets(model: nn.Module, layer: int, targets: Sequence[str]) -> list[str]:
+def block_targets(model: nn.Module, layer: int, targets: Sequence[str], *, strict: bool = True) -> list[str]:
     """The concrete block-relative module paths that canonical `targets` name in block `layer`.
 
     On a dense block the names are returned as they are. On a MoE block (one with `moe.experts` and no `mlp`)
-    `mlp.fc_in` / `mlp.fc_out` and `moe.experts.fc_in` / `moe.experts.fc_out` become every expert's matrix
-    (`moe.experts.{j}.fc_in`, ...) and `moe.experts.{j}.<leaf>` is checked against the number of experts.
-    Other names (patterns) become the paths of the block's linear layers they match. Duplicates are dropped,
-    first occurrence kept.
+    `mlp.<leaf>` and `moe.experts.<leaf>` become every expert's matrix (`moe.experts.{j}.<leaf>`; `mlp.<leaf>`
+    also the shared expert's `moe.shared_expert.<leaf>` where there is one) and `moe.experts.{j}.<leaf>` is
+    checked against the number of experts. Other names (patterns) become the paths of the block's linear
+    layers they match. The paths are not checked to exist (a gated expert has no `fc_in`: `select_modules`
+    skips what a block lacks). Duplicates are dropped, first occurrence kept.
 
+    Args:
+        strict: raise for an expert name on a dense block (False: name nothing there; what groups use).
     Raises:
-        SurgeryError: a MoE name on a block without experts, or an expert index out of range.
+        SurgeryError: (with `strict`) a MoE name on a block without experts, or an expert index out of range.
     """
     block = model.blocks[layer]
     moe = getattr(block, "moe", None)
     experts = getattr(moe, "experts", None) if not hasattr(block, "mlp") else None
+    shared = experts is not None and getattr(moe, "shared_expert", None) is not None
     out: list[str] = []
     for t in targets:
         m = _MOE_TARGET.match(t)
@@ -155,9 +188,11 @@ def block_targets(model: nn.Module, layer: int, targets: Sequence[str]) -> list[
             out.append(t)
             continue
         if experts is None:
+            if not strict:
+                continue
             raise SurgeryError(
                 f"target {t!r} names MoE experts, but block {layer} has no `moe.experts` (it is a dense block); "
-                "use mlp.fc_in / mlp.fc_out there"
+                "use the mlp.* names there"
             )
         leaf = m.group(2) if m else t.split(".", 1)[1]
         if m and m.group(1) is not None:
@@ -169,6 +204,8 @@ def block_targets(model: nn.Module, layer: int, targets: Sequence[str]) -> list[
             out.append(f"moe.experts.{j}.{leaf}")
         else:
             out.extend(f"moe.experts.{j}.{leaf}" for j in range(len(experts)))
+            if m is None and shared and leaf in _GATED_LEAVES:
+                out.append(f"moe.shared_expert.{leaf}")
     return list(dict.fromkeys(out))
 
 
@@ -268,9 +305,16 @@ def _find_module(model: nn.Module, layer: int, target: str) -> nn.Module | None:
 def _block_matrices(model: nn.Module, layer: int) -> list[str]:
     """The target names block `layer` really has (for error messages)."""
     names = [t for t in TARGETS if _find_module(model, layer, t) is not None]
-    experts = getattr(getattr(model.blocks[layer], "moe", None), "experts", None)
+    moe = getattr(model.blocks[layer], "moe", None)
+    experts = getattr(moe, "experts", None)
     if experts is not None:
-        names += [f"moe.experts.{{0..{len(experts) - 1}}}.{leaf}" for leaf in ("fc_in", "fc_out")]
+        names += [
+            f"moe.experts.{{0..{len(experts) - 1}}}.{leaf}"
+            for leaf in _EXPERT_LEAVES
+            if _find_module(model, layer, f"moe.experts.0.{leaf}") is not None
+        ]
+    if getattr(moe, "shared_expert", None) is not None:
+        names += [f"moe.shared_expert.{leaf}" for leaf in _GATED_LEAVES]
     return names
 
 
@@ -333,7 +377,7 @@ def select_modules(
     seen: set[tuple[int, str]] = set()
     for layer in lay:
         for t in tgt:
-            for concrete in block_targets(model, layer, [t]):
+            for concrete in block_targets(model, layer, [t], strict=t in explicit):
                 mod = _find_module(model, layer, concrete)
                 if mod is None:
                     continue

@@ -84,7 +84,8 @@ class TrainConfig:
             optimizer updates fp32 master copies (`tinygpt.training.precision.MasterWeights`); the forward and
             backward then run in bf16 without casts, faster than autocast on bf16-capable CPUs and GPUs. The
             model ends (and checkpoints hold it) in fp32. One process only.
-        compile: run the forward `torch.compile`d while nothing is hooked (hooked calls run eager).
+        compile: run the forward `torch.compile`d while nothing is hooked (hooked calls run eager); one process
+            only (ignored under torchrun).
         log_every: print a plain progress line every N steps (None: every 10% of the run, at most every 50
             steps, when stderr is not a terminal and progress is on; 0: never); see `tinygpt.training.logline`.
         val_split: fraction of the tokens held out for validation.

@@ -52,7 +52,7 @@ from tinygpt.interp.circuits._common import CircuitError, add_zero, grad_enabled
 from tinygpt.interp.patching.api import PatchingResult, _pair, _pos_labels
 from tinygpt.interp.patching.metrics import LogitDiff, resolve_metric
 
-__all__ = ["ATP_SITES", "attribution_patch"]
+__all__ = ["ATP_SITES", "attribution_patch", "node_attribution"]
 
 # site -> (hook name template, cell axes)
 ATP_SITES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -339,3 +339,29 @@ def _qk_fixed(site: str, names: dict[str, str], src, base, grads) -> Tensor:
     eff = torch.where(live, grow * (g - mean_g) / norm, 0.0).sum(-2)  # [b, H, S]: summed over queries
     eff = eff.view(eff.shape[0], hk, group, -1).sum(2)  # [b, Hk, S]
     return eff.transpose(1, 2)  # [b, S, Hk]
+
+
+def node_attribution(
+    model, clean: Any, corrupted: Any, metric=None, *, correct: Any = None, incorrect: Any = None
+) -> dict[str, float]:
+    """Each node of the edge graph's attribution-patching score (all positions): heads from `site="head"`, MLPs
+    from `"mlp_out"` and the embeddings from layer 0's `"resid_pre"`, summed over positions; each the estimated
+    metric change (cell minus the corrupted metric). AtP is linear, so a sum of cells estimates patching them
+    together, and each node's score equals the sum of its outgoing EAP edge scores.
+
+    Returns:
+        node name ("embed", "L{layer}H{head}", "MLP{layer}") -> estimated effect.
+    """
+    kw = dict(metric=metric, correct=correct, incorrect=incorrect)
+
+    def effects(site: str, **more) -> Tensor:
+        r = attribution_patch(model, clean, corrupted, site=site, **kw, **more)
+        return r.values - r.corrupted_metric
+
+    heads = effects("head")  # [layer, head]
+    mlps = effects("mlp_out").sum(-1)  # [layer]
+    out = {"embed": float(effects("resid_pre", layers=[0])[0].sum())}
+    for layer in range(heads.shape[0]):
+        out |= {f"L{layer}H{h}": float(heads[layer, h]) for h in range(heads.shape[1])}
+        out[f"MLP{layer}"] = float(mlps[layer])
+    return out

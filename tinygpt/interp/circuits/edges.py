@@ -42,7 +42,7 @@ from tinygpt.interp.patching.metrics import Metric, resolve_metric
 
 __all__ = ["Circuit", "EdgeAttributionResult", "EdgeGraph", "edge_attribution_patch", "edge_graph"]
 
-METHODS = ("eap", "eap-ig")
+METHODS = ("eap", "eap-ig", "exact")
 
 
 @dataclass
@@ -53,7 +53,7 @@ class EdgeAttributionResult:
         scores: [n_senders, n_receivers] (rows `graph.senders`, columns `graph.receivers`); 0 where there is no
             edge (`graph.mask`).
         graph: the model's `EdgeGraph`.
-        method: "eap" or "eap-ig" (with `steps`).
+        method: "eap", "eap-ig" (with `steps`) or "exact".
         clean_metric, corrupted_metric: the metric on the two runs.
     """
 
@@ -198,7 +198,9 @@ def edge_attribution_patch(
         clean, corrupted: prompts of equal token length: text, texts, or tokens [batch, pos].
         metric: logits [batch, pos, d_vocab] -> a scalar tensor (differentiable); default the logit difference
             of correct vs incorrect at the last position (the runs' top predictions when not given).
-        method: "eap" (the gradient at the corrupted run) or "eap-ig" (averaged along corrupted -> clean).
+        method: "eap" (the gradient at the corrupted run), "eap-ig" (averaged along corrupted -> clean), or
+            "exact" (each edge patched alone from the clean run: `path_patch` of every sender into one receiver
+            at a time; two forwards per edge, for small models and for checking the estimates).
         steps: EAP-IG's number of gradient evaluations (forward + backward each); ignored by "eap".
         correct, incorrect: answer tokens for the default metric (ids or single-token strings).
         progress: a tqdm bar over EAP-IG's steps (None: the package default).
@@ -215,9 +217,11 @@ def edge_attribution_patch(
     """
     method = str(method).lower().replace("_", "-")
     if method not in METHODS:
-        raise CircuitError(f"unknown method {method!r}; choose 'eap' or 'eap-ig' (with steps=)")
+        raise CircuitError(f"unknown method {method!r}; choose 'eap', 'eap-ig' (with steps=) or 'exact'")
     if method == "eap-ig" and (not isinstance(steps, int) or steps < 1):
         raise CircuitError(f"steps must be a positive integer (EAP-IG's gradient evaluations), got {steps!r}")
+    if method == "exact":
+        return _exact_edges(model, clean, corrupted, metric, correct, incorrect, progress)
     graph = edge_graph(model)
     clean_t, corrupted_t = _pair(model, clean, corrupted)
     resolved: dict[str, Metric] = {}
@@ -259,3 +263,24 @@ def edge_attribution_patch(
         n_steps,
         meta=dict(clean_tokens=clean_t, corrupted_tokens=corrupted_t),
     )
+
+
+def _exact_edges(model, clean, corrupted, metric, correct, incorrect, progress) -> EdgeAttributionResult:
+    """Every edge's exact effect: the metric change when that edge alone carries the clean sender's output
+    (`path_patch` of each sender into one receiver at a time)."""
+    from tqdm.auto import tqdm
+
+    from tinygpt.interp.circuits.path import path_patch
+
+    graph = edge_graph(model)
+    scores = torch.zeros(len(graph.senders), len(graph.receivers), dtype=torch.float64)
+    res = None
+    bar = tqdm(graph.receivers, desc="exact edges", disable=not progress_enabled(progress), leave=False)
+    for j, receiver in enumerate(bar):
+        res = path_patch(
+            model, clean, corrupted, receivers=[receiver], metric=metric, correct=correct, incorrect=incorrect,
+            progress=False,
+        )
+        for sender, value in res.values.items():
+            scores[graph.sender_index[sender], j] = value - res.corrupted_metric
+    return EdgeAttributionResult(scores, graph, "exact", res.clean_metric, res.corrupted_metric, meta=dict(res.meta))

@@ -240,6 +240,13 @@ def _patch(
 ) -> PatchingResult:
     clean_t, corrupted_t = _pair(model, clean, corrupted)
     n_layers = model.cfg.n_layers
+    for s in sites:
+        if SITES[s][0].format(layer=0) not in model.hook_dict:
+            why = " (parallel attention+MLP blocks have none)" if getattr(model.cfg, "parallel_attn_mlp", 0) else ""
+            raise PatchingError(
+                f"site {s!r}: the model has no {SITES[s][0].format(layer='{layer}')} hook{why}; "
+                f"patch one of {[x for x in SITES if SITES[x][0].format(layer=0) in model.hook_dict]}"
+            )
     layer_list = list(range(n_layers)) if layers is None else [int(x) % n_layers for x in layers]
     for x in layers or []:
         if not -n_layers <= int(x) < n_layers:

@@ -42,7 +42,7 @@ DIRECT: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "resid_pre": (("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v"),) * 2,
     "resid_mid": (("hook_resid_post",), ("hook_resid_post",)),
     "attn_out": (("hook_attn_out",), ("hook_resid_pre", "hook_resid_post")),
-    "mlp_out": (("hook_mlp_out",), ("hook_resid_mid", "hook_resid_post")),
+    "mlp_out": (("hook_mlp_out",), ("hook_mlp_out", "hook_resid_post")),
 }
 
 _ROW_BUDGET = {"cpu": 768, "gpu": 1 << 16}  # packed rows per position-sweep chunk (see sweep)
@@ -73,20 +73,19 @@ def _patched_rows(model, site: str, layer: int, rows: PackedRows, clean, corrupt
     final block), computed from the two runs' cached activations.
 
     Nothing is recomputed that the patch leaves unchanged. A patch at position p of `resid_mid` gives the clean
-    `resid_post` at p; of `mlp_out`, the corrupted `resid_mid` plus the clean `mlp_out` at p; of `attn_out`, the
-    feed-forward half of the block on the corrupted `resid_pre` plus the clean `attn_out` (one pass shared by
-    every cell of the layer); every other position keeps the corrupted `resid_post`. A patch of `resid_pre` at p
+    `resid_post` at p; of `mlp_out`, the corrupted `resid_post - mlp_out` plus the clean `mlp_out` at p; of
+    `attn_out`, the rest of the block (`finish_from`: its feed-forward half, or a parallel block's MLP) on the
+    corrupted `resid_pre` and the clean `attn_out` (one pass shared by every cell of the layer); every other position keeps the corrupted `resid_post`. A patch of `resid_pre` at p
     changes the keys and values at p only (to the clean run's): the block runs for p and every later position
     with its queries, keys and values known from the two runs (`PackedRows.known`)."""
     c = {x: clean[f"blocks.{layer}.{x}"] for x in DIRECT[site][0]}
     k = {x: corrupted[f"blocks.{layer}.{x}"] for x in DIRECT[site][1]}
     if site == "resid_mid":
         return rows.take(k["hook_resid_post"], first=c["hook_resid_post"])
-    if site == "mlp_out":
-        return rows.take(k["hook_resid_post"], first=k["hook_resid_mid"] + c["hook_mlp_out"])
+    if site == "mlp_out":  # resid_post - mlp_out is resid_mid (or, in a parallel block, resid_pre + attn_out)
+        return rows.take(k["hook_resid_post"], first=k["hook_resid_post"] - k["hook_mlp_out"] + c["hook_mlp_out"])
     if site == "attn_out":
-        mid = k["hook_resid_pre"] + c["hook_attn_out"]
-        post = model.run_from(layer, mid, start_at="resid_mid", stop_at=layer + 1)
+        post = model.blocks[layer].finish_from(k["hook_resid_pre"], c["hook_attn_out"])
         return rows.take(k["hook_resid_post"], first=post)
     rows.known[layer] = tuple(rows.take(k[f"attn.hook_{x}"], first=c[f"attn.hook_{x}"]) for x in "qkv")
     x = rows.take(k["hook_resid_pre"], first=c["hook_resid_pre"])[None]
