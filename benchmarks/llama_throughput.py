@@ -18,6 +18,12 @@ reports each repeat's ratio and their median, for a noisy machine.
     python benchmarks/llama_throughput.py                        # tiny (batch 8 x 256, vocab 256), 2 KV heads
     python benchmarks/llama_throughput.py --repeats 3 --rounds 7 --threads 1
     python benchmarks/llama_throughput.py --preset huge --vocab 49152 --batch 4
+
+Measured on the shared 2-core CPU box (tiny, fp32, torch 2.13.0+cpu, 2026-12-07): with 1 thread (--repeats 3
+--rounds 7) median ratio 1.003 (repeats 1.003, 1.009, 0.997; CPU-time ratio 0.997) and, in a second run beside
+another job, 0.985 (0.924, 0.985, 1.027; CPU-time 0.994). With 2 threads and a load average of 4-10 from other
+jobs the per-round ratios spread from 0.12 to 3.3 (medians 0.72 and 0.93): not a usable measurement; rerun on a
+quiet machine.
 """
 
 from __future__ import annotations

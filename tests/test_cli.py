@@ -310,7 +310,18 @@ def _option_snapshot(action: argparse.Action) -> dict:
 
 
 #: flags added after the snapshot (issue 18: an existing output is replaced only with --overwrite)
-ADDED_SINCE = {"--overwrite", "--architecture", "--float32", "--n-ctx"}  # --architecture ...: HF interop (issue 16)
+ADDED_SINCE = {"--overwrite", "--architecture", "--float32", "--n-ctx"}  # --architecture, ...: HF interop
+ADDED_SINCE |= {"--param-dtype", "--compile", "--log-every"}  # training at the hardware's limit (issue 17)
+ADDED_SINCE |= {
+    "--rope",
+    "--rope-theta",
+    "--rotary-pct",
+    "--norm",
+    "--mlp",
+    "--kv-heads",
+    "--no-bias",
+    "--parallel-residual",
+}
 ADDED_COMMANDS = {"sae", "sae-eval", "sae-export", "sae-import"}  # sparse dictionaries (issue 14)
 
 
@@ -369,6 +380,7 @@ def test_shared_flags_are_declared_once():
     assert twice == {
         "--heldout": ["eval.py", "eval.py"],  # eval/leaderboard: a fraction; memorization: the examples' file
         "--targets": ["lora.py", "surgery.py"],  # lora: comma-separated; laser/hqq: one or more words
+        "--hook": ["sae.py", "sae.py"],  # sae: a comma list (one dictionary each); sae-import: the one hook to use
     }
 
 

@@ -192,8 +192,10 @@ class GPTConfig:
         # --- HF-style MoE (helper `families`) ---
         if self.moe_style not in MOE_STYLES:
             raise ConfigError(f"moe_style must be one of {MOE_STYLES}, got {self.moe_style!r}")
-        if not isinstance(self.moe_shared_d_mlp, int) or isinstance(self.moe_shared_d_mlp, bool) or (
-            self.moe_shared_d_mlp < 0
+        if (
+            not isinstance(self.moe_shared_d_mlp, int)
+            or isinstance(self.moe_shared_d_mlp, bool)
+            or (self.moe_shared_d_mlp < 0)
         ):
             raise ConfigError(f"moe_shared_d_mlp must be an integer >= 0, got {self.moe_shared_d_mlp!r}")
         if not isinstance(self.moe_norm_topk, bool):

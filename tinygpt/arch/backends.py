@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from tinygpt.arch.triton import attention as triton_attn
 from tinygpt.arch.triton.attention import BackendUnavailable
@@ -46,6 +46,7 @@ __all__ = [
     "attn_mask",
     "backend_for",
     "check_backend",
+    "observed",
     "use_eager",
 ]
 
@@ -61,6 +62,27 @@ _triton_ok: bool | None = None  # cached: is triton importable (checked once, wi
 
 class PatternUnavailable(TinyGPTError, RuntimeError):
     """A hook needs the attention pattern but the chosen backend never materialises it."""
+
+
+def observed(hp: nn.Module) -> bool:
+    """True if anything (a TransformerLens hook, a torch hook, a patched forward) watches `hp`: the test of every
+    fast path (fused attention, fused norms, the chunked loss), which runs only where nobody looks."""
+    if (
+        hp._forward_hooks
+        or hp._forward_pre_hooks
+        or hp._backward_hooks
+        or hp._backward_pre_hooks
+        or nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+    ):
+        return True
+    fwd = hp.__dict__.get("forward")
+    if fwd is None:
+        return False
+    # nnsight installs a controller as the instance forward, inert outside a trace: it only observes
+    # while one of its traces is running.
+    active = getattr(getattr(fwd, "state", None), "active", None)
+    return active is None or active()[0] is not None
 
 
 def use_eager(impl: str, pattern_observed: bool, device: torch.device | None = None) -> bool:

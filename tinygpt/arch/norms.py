@@ -22,21 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from tinygpt.arch.backends import observed
+
 __all__ = ["RMSNorm"]
-
-
-def _observed(hp: HookPoint) -> bool:
-    # The rule of tinygpt.model.layers.observed, imported lazily there would be an upward import: arch is below
-    # model, so the check is repeated here (hooks on the point, global hooks, or a patched instance forward).
-    if hp._forward_hooks or hp._forward_pre_hooks or hp._backward_hooks or hp._backward_pre_hooks:
-        return True
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return True
-    fwd = hp.__dict__.get("forward")
-    if fwd is None:
-        return False
-    active = getattr(getattr(fwd, "state", None), "active", None)
-    return active is None or active()[0] is not None
 
 
 class RMSNorm(nn.Module):
@@ -60,7 +48,7 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
     def forward(self, x: Tensor) -> Tensor:
-        if _observed(self.hook_scale):
+        if observed(self.hook_scale):
             xf = x.float() if x.dtype not in (torch.float32, torch.float64) else x
             inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
             scale = inv.reciprocal()

@@ -27,6 +27,7 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--text-field": {"default": "text", "help": "JSONL field holding the text"},
     "--tokenizer": {"default": None, "help": "'byte' or a tokenizer.json / Hugging Face tokenizer directory"},
     "--template": {"default": None, "help": "chat template: chatml, alpaca, or a .json file"},
+    "--model": {"default": None, "help": "the base model (.tinygpt)"},
     # where and how a command runs
     "--device": {"default": None, "help": "cuda, mps or cpu (default: best available)"},
     "--threads": {"type": int, "default": None, "help": "torch CPU threads"},

@@ -167,7 +167,7 @@ def _sae_eval_flags(p: argparse.ArgumentParser) -> None:
         nargs="+",
         help="the .sae file(s) or SAELens directories to evaluate (a .tinygpt among them is the model)",
     )
-    p.add_argument("--model", default=None, help="the base model (default: the model the dictionary was saved from)")
+    add(p, "--model", help="the base model (default: the model the dictionary was saved from)")
     add_corpus_flags(p)
     add(p, "--tokens", default=65_536, help="evaluation tokens (default 65,536)")
     add(p, "--ctx", help="window length (default: the model's n_ctx)")
@@ -246,7 +246,7 @@ def _import_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", help="an SAELens directory (cfg.json + sae_weights.safetensors)")
     add(p, "--out", help="the .sae file to write")
     add(p, "--overwrite")
-    p.add_argument("--model", default=None, help="the base model: hooks checked, and an unpinned dictionary pinned")
+    add(p, "--model", help="the base model: hooks checked, and an unpinned dictionary pinned")
     p.add_argument("--hook", default=None, help="the hook to use when cfg.json's hook_name is not one of the model's")
 
 

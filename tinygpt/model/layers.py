@@ -33,6 +33,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from tinygpt.arch import backends
+from tinygpt.arch.backends import observed
 from tinygpt.arch.gated_mlp import activation
 from tinygpt.arch.norms import RMSNorm
 from tinygpt.arch.rotary import Rotary
@@ -48,26 +49,6 @@ __all__ = ["MLP", "Attention", "Block", "LayerNorm", "ModelError", "check_switch
 
 class ModelError(TinyGPTValueError):
     """A bad input to the model: too long for its context, no tokenizer for text, not a single token, ..."""
-
-
-def observed(hp: HookPoint) -> bool:
-    """True if anything (a TransformerLens hook, a torch hook, a patched forward) watches `hp`."""
-    if (
-        hp._forward_hooks
-        or hp._forward_pre_hooks
-        or hp._backward_hooks
-        or hp._backward_pre_hooks
-        or nn.modules.module._global_forward_hooks
-        or nn.modules.module._global_forward_pre_hooks
-    ):
-        return True
-    fwd = hp.__dict__.get("forward")
-    if fwd is None:
-        return False
-    # nnsight installs a controller as the instance forward, inert outside a trace: it only observes
-    # while one of its traces is running.
-    active = getattr(getattr(fwd, "state", None), "active", None)
-    return active is None or active()[0] is not None
 
 
 class LayerNorm(nn.Module):

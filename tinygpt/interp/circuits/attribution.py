@@ -50,18 +50,14 @@ from torch import Tensor
 from tinygpt.inputs import eval_mode
 from tinygpt.interp.circuits._common import CircuitError, add_zero, grad_enabled, require_hooks, scalar_metric
 from tinygpt.interp.patching.api import PatchingResult, _pair, _pos_labels
+from tinygpt.interp.patching.engine import SITES
 from tinygpt.interp.patching.metrics import LogitDiff, resolve_metric
 
 __all__ = ["ATP_SITES", "attribution_patch", "node_attribution"]
 
-# site -> (hook name template, cell axes)
+# site -> (hook name template, cell axes): the exact sweeps' sites (same layout), MLP neurons, and q/k/v by head
 ATP_SITES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "resid_pre": ("blocks.{layer}.hook_resid_pre", ("layer", "pos")),
-    "resid_mid": ("blocks.{layer}.hook_resid_mid", ("layer", "pos")),
-    "attn_out": ("blocks.{layer}.hook_attn_out", ("layer", "pos")),
-    "mlp_out": ("blocks.{layer}.hook_mlp_out", ("layer", "pos")),
-    "head": ("blocks.{layer}.attn.hook_z", ("layer", "head")),
-    "head_by_pos": ("blocks.{layer}.attn.hook_z", ("layer", "pos", "head")),
+    **SITES,
     "neuron": ("blocks.{layer}.mlp.hook_post", ("layer", "neuron")),
     **{
         f"head_{x}{suffix}": (f"blocks.{{layer}}.attn.hook_{x}", axes)

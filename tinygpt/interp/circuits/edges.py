@@ -278,7 +278,13 @@ def _exact_edges(model, clean, corrupted, metric, correct, incorrect, progress) 
     bar = tqdm(graph.receivers, desc="exact edges", disable=not progress_enabled(progress), leave=False)
     for j, receiver in enumerate(bar):
         res = path_patch(
-            model, clean, corrupted, receivers=[receiver], metric=metric, correct=correct, incorrect=incorrect,
+            model,
+            clean,
+            corrupted,
+            receivers=[receiver],
+            metric=metric,
+            correct=correct,
+            incorrect=incorrect,
             progress=False,
         )
         for sender, value in res.values.items():

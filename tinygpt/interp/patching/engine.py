@@ -75,9 +75,10 @@ def _patched_rows(model, site: str, layer: int, rows: PackedRows, clean, corrupt
     Nothing is recomputed that the patch leaves unchanged. A patch at position p of `resid_mid` gives the clean
     `resid_post` at p; of `mlp_out`, the corrupted `resid_post - mlp_out` plus the clean `mlp_out` at p; of
     `attn_out`, the rest of the block (`finish_from`: its feed-forward half, or a parallel block's MLP) on the
-    corrupted `resid_pre` and the clean `attn_out` (one pass shared by every cell of the layer); every other position keeps the corrupted `resid_post`. A patch of `resid_pre` at p
-    changes the keys and values at p only (to the clean run's): the block runs for p and every later position
-    with its queries, keys and values known from the two runs (`PackedRows.known`)."""
+    corrupted `resid_pre` and the clean `attn_out` (one pass shared by every cell of the layer); every other
+    position keeps the corrupted `resid_post`. A patch of `resid_pre` at p changes the keys and values at p only
+    (to the clean run's): the block runs for p and every later position with its queries, keys and values known
+    from the two runs (`PackedRows.known`)."""
     c = {x: clean[f"blocks.{layer}.{x}"] for x in DIRECT[site][0]}
     k = {x: corrupted[f"blocks.{layer}.{x}"] for x in DIRECT[site][1]}
     if site == "resid_mid":
