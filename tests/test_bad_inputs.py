@@ -96,9 +96,10 @@ def _write_bad_files(d: Path) -> None:
     (d / "notjson.jsonl").write_text('{"instruction": "a", "response": "b"}\nnot json at all\n')
     (d / "nokeys.jsonl").write_text('{"prompt": 3}\n')
     (d / "nothing.jsonl").write_text("")
-    other = tinygpt.GPT("nano")
     torch.manual_seed(1)
-    tinygpt.save(other, d / "other.tinygpt")
+    tinygpt.save(tinygpt.GPT("nano"), d / "other.tinygpt")
+    lora = ["lora", str(d / "other.tinygpt"), "--corpus", str(d / "c.txt"), "--steps", "1", *RUN]
+    assert main([*lora, "--out", str(d / "other.lora")]) == 0
 
 
 def _with_config(data: bytes, change: dict, out: Path) -> None:
@@ -354,6 +355,13 @@ ARG_CASES = [
     ("magpie-count", ["magpie", T, "--count", "0", "--out", "{w}/n.jsonl"], {}, r"count must be a positive"),
     ("leaderboard-empty", ["leaderboard", "{w}/adir"], {}, r"adir holds no .tinygpt files"),
     ("tuned-lens-steps", ["tuned-lens", T, "--steps", "0", "--out", "{w}/n.lenses", "--no-progress"], {}, r">= 1"),
+    ("lora-merge-other-base", ["lora-merge", T, "{w}/other.lora", "--out", N], {}, r"other.lora is pinned to another"),
+    (
+        "sft-resume-other-base",
+        ["sft", "{w}/other.tinygpt", "--out", "{w}/sft.tinygpt", "--resume", "--steps", "3", *RUN],
+        {},
+        r"that run fine-tunes .*plain.tinygpt, not .*other.tinygpt",
+    ),
     ("tuned-lens-lr", ["tuned-lens", T, "--lr", "-1", "--out", "{w}/n.lenses", "--no-progress"], {}, r"lr must be > 0"),
 ]
 CASES += FILE_CASES + ARG_CASES
@@ -579,3 +587,10 @@ def test_inspect_warns_when_the_tensors_do_not_match_the_config(world, capsys):
     assert "WARNING     the tensors do not match its config" in out and "this file will not load" in out
     assert main(["inspect", str(world / "plain.tinygpt")]) == 0
     assert "WARNING" not in capsys.readouterr().out
+
+
+def test_library_es_refuses_its_input_and_an_existing_out(world, tmp_path):
+    with pytest.raises(OutputError, match=r"also an input of this command"):
+        tinygpt.es(world / "plain.tinygpt", steps=1, out=world / "plain.tinygpt", overwrite=True, progress=False)
+    with pytest.raises(OutputError, match=r"ft.tinygpt already exists; pass overwrite=True"):
+        tinygpt.es(world / "plain.tinygpt", steps=1, out=world / "ft.tinygpt", progress=False)

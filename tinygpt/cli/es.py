@@ -94,6 +94,7 @@ def cmd_es(a: argparse.Namespace) -> int:
         prompts=a.prompt or ["\n"],
         batched={"auto": None, "yes": True, "no": False}[a.batched],
         out=a.out,
+        overwrite=a.overwrite,
         device=a.device,
         progress=progress(a),
         **given(a, _ES_FLAGS),

@@ -67,7 +67,7 @@ def cmd_sft(a: argparse.Namespace) -> int:
 
     if a.data is None and not a.resume:
         raise CommandError("--data is required (a .jsonl file of instruction/response or messages records)")
-    res = sft(None if a.resume else a.model, a.data, **given(a, _SFT_FLAGS), **run_options(a))
+    res = sft(a.model, a.data, **given(a, _SFT_FLAGS), **run_options(a))
     extra = (f"template {res.template.name}", f"saved {res.path}")
     return report(res, ("loss",), extra, before=(f"data: {res.describe_data()}",))
 

@@ -46,6 +46,7 @@ usual. See `tinygpt.model.gpt.GPT.forward`.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -253,7 +254,26 @@ def _no_grad_loss(hidden, weight, targets, ignore_index, reduction, chunk, dtype
     return total / (targets != ignore_index).sum().float() if reduction == "mean" else total
 
 
-@torch.compiler.disable  # chunk loops, a lock and data-dependent rows: eager even inside a compiled forward
+def _eager_even_when_compiled(fn):
+    """`torch.compiler.disable(fn)` (chunk loops, a lock and data-dependent rows: eager even inside a compiled
+    forward), applied at the first call or by `.prepare()`: applying it imports torch._dynamo, and with it triton
+    where installed, which `import tinygpt` must not do (`compiled_forward` calls `.prepare()` before compiling)."""
+    impl: list = []
+
+    def prepare() -> None:
+        if not impl:
+            impl.append(torch.compiler.disable(fn))
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        prepare()
+        return impl[0](*args, **kwargs)
+
+    run.prepare = prepare
+    return run
+
+
+@_eager_even_when_compiled
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from tinygpt.model.layers import observed
+from tinygpt.model.loss import linear_cross_entropy
 
 __all__ = ["MasterWeights", "compiled_forward", "hooked"]
 
@@ -141,6 +142,7 @@ def compiled_forward(model: nn.Module, enabled: bool = True, **compile_options: 
         yield model
         return
     eager = model.forward
+    linear_cross_entropy.prepare()  # the loss stays eager inside the compiled graph
     compiled = torch.compile(eager, **compile_options)
 
     def forward(*args: Any, **kwargs: Any) -> Any:

@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -95,7 +96,7 @@ from tinygpt.training.es.params import ESParams, centered_ranks, noise_seed, sel
 from tinygpt.training.es.result import ESConfig, ESResult
 from tinygpt.training.es.rewards import Reward, word_list_reward, words_of
 from tinygpt.training.logline import LogLines
-from tinygpt.training.run import corpus_from_record, warn_changed
+from tinygpt.training.run import check_run_output, corpus_from_record, warn_changed
 from tinygpt.training.settings import RunOptions, SettingError, given, make_config
 
 
@@ -131,6 +132,8 @@ def es(
     opts, settings = RunOptions.split(options, what="es", settings=ESConfig, own=("steps", "population", "sigma", "lr"))
     explicit = {**given(steps=steps, population=population, sigma=sigma, lr=lr), **settings}
     out = Path(opts.out) if opts.out is not None else None
+    inputs = [model] if isinstance(model, (str, os.PathLike)) else []
+    check_run_output(out, overwrite=opts.overwrite, resume=opts.resume, inputs=inputs)  # before any work
     history: list[dict[str, float]] = []
     if opts.resume:
         model, cfg, history, saved_corpus = _resume(out, opts.config, explicit)

@@ -52,7 +52,7 @@ from typing import Any
 
 from tinygpt.model import GPT
 from tinygpt.training.loop import TrainResult, fit
-from tinygpt.training.pretrain import FINETUNE_DEFAULTS, finetune
+from tinygpt.training.pretrain import FINETUNE_DEFAULTS, check_resumed_base, finetune
 from tinygpt.training.run import start_run, warn_changed_options
 from tinygpt.training.settings import RunOptions, SettingError, given
 from tinygpt.training.sft.batches import (
@@ -177,8 +177,11 @@ def sft(
     )
     run = start_run(run_opts, settings, what="sft", record="sft", defaults=SFT_DEFAULTS)
     cfg = run.config
+    base = str(model) if isinstance(model, (str, os.PathLike)) else getattr(model, "source_path", None)
     if run.resumed is not None:
         rec = run.record
+        check_resumed_base(model, rec, run.out)  # a base given on resume must be the run's own
+        base = rec.get("base")
         model = run.resumed.model
         tmpl = Template.from_dict(rec["template"])
         if template is not None and load_template(template).to_dict() != tmpl.to_dict():
@@ -222,6 +225,7 @@ def sft(
     units = pack_examples(train_ex, ctx) if opts["packing"] else train_ex
     batches = SFTBatches(units, val_ex[: cfg.val_batches * cfg.batch_size], cfg)
     record = {
+        "base": base,
         "template": tmpl.to_dict(),
         "data": str(data) if isinstance(data, (str, os.PathLike)) else None,
         "data_sha256": data_hash(data),
