@@ -96,6 +96,7 @@ def _write_bad_files(d: Path) -> None:
     (d / "notjson.jsonl").write_text('{"instruction": "a", "response": "b"}\nnot json at all\n')
     (d / "nokeys.jsonl").write_text('{"prompt": 3}\n')
     (d / "nothing.jsonl").write_text("")
+    tinygpt.tokenizer.train_bpe(LINES * 20, 300, out=d / "bpe", progress=False)
     torch.manual_seed(1)
     tinygpt.save(tinygpt.GPT("nano"), d / "other.tinygpt")
     lora = ["lora", str(d / "other.tinygpt"), "--corpus", str(d / "c.txt"), "--steps", "1", *RUN]
@@ -266,6 +267,12 @@ CASES = [
         _train(Path("{w}/c.txt"), Path("{w}/plain.tinygpt"), 6, "--resume"),
         {},
         r"holds no training state",
+    ),
+    (
+        "resume-other-tokenizer",
+        [*_train(Path("{w}/c.txt"), Path(T), 6, "--resume"), "--tokenizer", "{w}/bpe"],
+        {},
+        r"cannot resume .*m.tinygpt with tokenizer .*bpe: the run was tokenized with byte, vocab 256",
     ),
     ("resume-missing", _train(Path("{w}/c.txt"), Path("{w}/nope.tinygpt"), 6, "--resume"), {}, r"does not exist"),
     # defect 7: messages

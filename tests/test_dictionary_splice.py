@@ -253,3 +253,37 @@ def test_model_saes_is_the_splice_context_manager():
         torch.testing.assert_close(model(tokens), spliced)
     assert not torch.allclose(spliced, plain)
     torch.testing.assert_close(model(tokens), plain)
+
+
+def test_attribution_patching_over_latents_is_the_first_order_estimate_of_patch_latents(model):
+    """`attribute_latents`: laid out like `patch_latents`, and each cell's effect is the derivative of patching
+    along clean - corrupted (checked by a finite difference of the exact patch), with the weights untouched."""
+    from tinygpt.dictionary import attribute_latents, patch_latents
+    from tinygpt.interp.patching import logit_diff
+
+    sae = _sae("topk")
+    c, k = model.to_tokens("ROMEO: good morrow"), model.to_tokens("JULIET: good morrow"[:18])
+    exact = patch_latents(model, sae, c, k, correct=5, incorrect=7)
+    est = attribute_latents(model, sae, c, k, correct=5, incorrect=7)
+    assert est.meta["latents"] == exact.meta["latents"] and est.axes == exact.axes == ("latent",)
+    assert est.corrupted_metric == pytest.approx(exact.corrupted_metric, abs=1e-5)
+    assert est.clean_metric == pytest.approx(exact.clean_metric, abs=1e-5) and est.meta["estimate"]
+    assert all(p.grad is None for p in [*model.parameters(), *sae.parameters()])
+    assert all(p.requires_grad for p in model.parameters())
+    name, eps = f"{HOOK}.hook_sae_acts_post", 1e-2
+    with torch.no_grad(), splice(model, sae, error_term=True):
+        _, cc = model.run_with_cache(c, names_filter=[name])
+        _, ck = model.run_with_cache(k, names_filter=[name])
+        for row, latent in list(enumerate(est.meta["latents"]))[:4]:
+
+            def nudge(t, hook, i=latent):
+                t = t.clone()
+                t[:, :, i] += eps * (cc[name][:, :, i] - ck[name][:, :, i])
+                return t
+
+            moved = float(logit_diff(model.run_with_hooks(k, fwd_hooks=[(name, nudge)]), 5, 7))
+            derivative = (moved - est.corrupted_metric) / eps
+            assert float(est.values[row]) - est.corrupted_metric == pytest.approx(derivative, rel=0.05, abs=1e-3)
+    by_pos = attribute_latents(model, sae, c, k, correct=5, incorrect=7, by_pos=True)
+    assert by_pos.values.shape == (len(est.meta["latents"]), c.shape[1])
+    torch.testing.assert_close(by_pos.values.sum(1) - (c.shape[1] - 1) * est.corrupted_metric, est.values)

@@ -38,7 +38,7 @@ from tinygpt.dictionary.modules import (
     TopKSAE,
     make_dictionary,
 )
-from tinygpt.dictionary.patching import LatentPatchingResult, patch_latents
+from tinygpt.dictionary.patching import LatentPatchingResult, attribute_latents, patch_latents
 from tinygpt.dictionary.probe import (
     SeparationResult,
     any_speaker_tag_labels,
@@ -93,6 +93,7 @@ __all__ = [
     "load_feature_index",
     "load_sae",
     "make_dictionary",
+    "attribute_latents",
     "patch_latents",
     "run_with_saes",
     "save_sae",

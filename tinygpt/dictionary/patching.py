@@ -116,12 +116,7 @@ def patch_latents(
         a_clean, a_corr = cache[name], cache_k[name]  # [batch, pos, d_sae]
         fn = resolve_metric(model, metric, correct, incorrect, clean_logits, corrupted_logits)
         clean_value, corrupted_value = scalar(fn(clean_logits)), scalar(fn(corrupted_logits))
-        if latents is None:
-            ids = (a_clean != a_corr).flatten(0, 1).any(0).nonzero().squeeze(-1)
-        else:
-            ids = torch.as_tensor(latents, dtype=torch.long).reshape(-1)
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= sae.d_sae):
-                raise DictionaryError(f"latents must be in [0, {sae.d_sae}), got {latents!r}")
+        ids = _latent_ids(sae, latents, a_clean, a_corr)
         n_pos = c.shape[1]
         cells = [(int(i), p) for i in ids.tolist() for p in (range(n_pos) if by_pos else [None])]
         values = []
@@ -144,11 +139,7 @@ def patch_latents(
     vals = torch.tensor(values, dtype=torch.float32)
     if by_pos:
         vals = vals.reshape(len(ids), n_pos)
-    try:
-        ct, kt = model.to_str_tokens(c[0]), model.to_str_tokens(k[0])
-    except (ValueError, AttributeError):
-        ct = kt = [""] * n_pos
-    pos_labels = [f"{i} {x!r}" if x == y else f"{i} {x!r}/{y!r}" for i, (x, y) in enumerate(zip(ct, kt))]
+    pos_labels = _pos_labels(model, c, k)
     answers = dict(correct=fn.correct.tolist(), incorrect=fn.incorrect.tolist()) if isinstance(fn, LogitDiff) else {}
     res = LatentPatchingResult(
         vals,
@@ -162,4 +153,98 @@ def patch_latents(
     return res.normalize() if normalize else res
 
 
-__all__ = ["LatentPatchingResult", "patch_latents"]
+def attribute_latents(
+    model,
+    sae: SparseDictionary,
+    clean: Any,
+    corrupted: Any,
+    metric: Metric | None = None,
+    *,
+    correct: Any = None,
+    incorrect: Any = None,
+    latents: Any = None,
+    by_pos: bool = False,
+    normalize: bool = False,
+) -> LatentPatchingResult:
+    """Attribution patching (AtP) over latents: `patch_latents`' sweep estimated from one clean forward and one
+    corrupted forward + backward, laid out exactly like it (same latents, same axes).
+
+    Each cell is `metric(corrupted) + (a_clean - a_corrupted) · ∂metric/∂a` at the corrupted run (denoising, as
+    `tinygpt.interp.attribution_patch`), with `a` the latent activations `{site}.hook_sae_acts_post` of the
+    dictionary spliced in with its error term (so both runs are the clean model's exactly).
+
+    Args:
+        model, sae, clean, corrupted, metric, correct, incorrect, latents, by_pos, normalize: as `patch_latents`.
+
+    Returns:
+        A `LatentPatchingResult` with `meta["estimate"] = True`.
+    """
+    c = as_tokens(model, clean, what="clean", error=DictionaryError)
+    k = as_tokens(model, corrupted, what="corrupted", error=DictionaryError)
+    if c.shape != k.shape:
+        raise DictionaryError(f"clean and corrupted must have the same shape, got {tuple(c.shape)}, {tuple(k.shape)}")
+    name = f"{sae.site}.hook_sae_acts_post"
+    saved: dict[str, Tensor] = {}
+
+    def take_grad(acts: Tensor, hook) -> Tensor:
+        acts = acts.detach().requires_grad_(True)
+        saved["acts"] = acts
+        return acts
+
+    frozen = [p for p in model.parameters() if p.requires_grad] + [p for p in sae.parameters() if p.requires_grad]
+    with eval_mode(model), splice(model, sae, error_term=True):
+        with torch.no_grad():
+            clean_logits, cache = model.run_with_cache(c, names_filter=[name])
+        a_clean = cache[name]  # [batch, pos, d_sae]
+        try:
+            for p in frozen:  # gradients for the latents only; the weights' .grad stay untouched
+                p.requires_grad_(False)
+            with torch.enable_grad():
+                corrupted_logits = model.run_with_hooks(k, fwd_hooks=[(name, take_grad)])
+                fn = resolve_metric(model, metric, correct, incorrect, clean_logits.detach(), corrupted_logits.detach())
+                value = fn(corrupted_logits)
+                if not isinstance(value, Tensor) or value.numel() != 1:
+                    raise DictionaryError("metric must return a scalar tensor (one number for the batch)")
+                (grad,) = torch.autograd.grad(value.reshape(()), saved["acts"])
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        a_corr = saved["acts"].detach()
+        clean_value, corrupted_value = scalar(fn(clean_logits)), scalar(value.detach())
+    effect = ((a_clean - a_corr) * grad).sum(0)  # [pos, d_sae]
+    ids = _latent_ids(sae, latents, a_clean, a_corr).to(effect.device)
+    cells = effect[:, ids].T if by_pos else effect[:, ids].sum(0)  # [n_latents, pos] or [n_latents]
+    vals = (corrupted_value + cells).detach().float().cpu()
+    pos_labels = _pos_labels(model, c, k)
+    answers = dict(correct=fn.correct.tolist(), incorrect=fn.incorrect.tolist()) if isinstance(fn, LogitDiff) else {}
+    res = LatentPatchingResult(
+        vals,
+        ("latent", "pos") if by_pos else ("latent",),
+        {"latent": [str(i) for i in ids.tolist()], "pos": pos_labels},
+        clean_value,
+        corrupted_value,
+        f"{sae.site} latents",
+        meta=dict(latents=ids.tolist(), hook=name, clean_tokens=c, corrupted_tokens=k, estimate=True, **answers),
+    )
+    return res.normalize() if normalize else res
+
+
+def _latent_ids(sae: SparseDictionary, latents: Any, a_clean: Tensor, a_corr: Tensor) -> Tensor:
+    """The latents a sweep covers: those given (checked), else every latent whose activations differ."""
+    if latents is None:
+        return (a_clean != a_corr).flatten(0, 1).any(0).nonzero().squeeze(-1)
+    ids = torch.as_tensor(latents, dtype=torch.long).reshape(-1)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= sae.d_sae):
+        raise DictionaryError(f"latents must be in [0, {sae.d_sae}), got {latents!r}")
+    return ids
+
+
+def _pos_labels(model, c: Tensor, k: Tensor) -> list[str]:
+    try:
+        ct, kt = model.to_str_tokens(c[0]), model.to_str_tokens(k[0])
+    except (ValueError, AttributeError):
+        ct = kt = [""] * c.shape[1]
+    return [f"{i} {x!r}" if x == y else f"{i} {x!r}/{y!r}" for i, (x, y) in enumerate(zip(ct, kt))]
+
+
+__all__ = ["LatentPatchingResult", "attribute_latents", "patch_latents"]

@@ -20,7 +20,7 @@ from tinygpt.checkpoint import as_model
 from tinygpt.config import PRESETS, GPTConfig
 from tinygpt.io import same_file
 from tinygpt.model import GPT
-from tinygpt.tokenizer import Tokenizer, load_tokenizer
+from tinygpt.tokenizer import Tokenizer, describe_tokenizer, load_tokenizer, vocab_mismatch
 from tinygpt.training.loop import TrainResult, fit
 from tinygpt.training.run import corpus_batches, start_run
 from tinygpt.training.settings import RunOptions, SettingError
@@ -69,6 +69,14 @@ def train(
     if run.resumed is not None:
         model = run.resumed.model
         check_resumed_architecture(model.cfg, preset, model_config, run.out)
+        if tokenizer is not None:  # the run's tokenizer is in its file; another one would change the data
+            why = vocab_mismatch(load_tokenizer(tokenizer), model._require_tokenizer())
+            if why:
+                raise SettingError(
+                    f"cannot resume {run.out} with tokenizer {tokenizer}: the run was tokenized with "
+                    f"{describe_tokenizer(model._require_tokenizer())} ({why}); drop --tokenizer to continue it, or "
+                    "start a new run in another file"
+                )
     elif model is None:
         preset = preset or "tiny"
         tok = load_tokenizer(tokenizer)
