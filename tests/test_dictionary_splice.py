@@ -287,3 +287,30 @@ def test_attribution_patching_over_latents_is_the_first_order_estimate_of_patch_
     by_pos = attribute_latents(model, sae, c, k, correct=5, incorrect=7, by_pos=True)
     assert by_pos.values.shape == (len(est.meta["latents"]), c.shape[1])
     torch.testing.assert_close(by_pos.values.sum(1) - (c.shape[1] - 1) * est.corrupted_metric, est.values)
+
+
+@pytest.mark.parametrize("hook", ["blocks.0.hook_mlp_out", "blocks.1.hook_resid_post"])
+def test_latent_logit_attribution_sums_to_the_site_direct_contribution(hook):
+    """Per-latent DLA: the latents' terms plus the decoder bias, skip and error terms equal the site's own direct
+    contribution (`direct_logit_attribution`'s MLP term, or for the final residual stream the whole logit
+    difference less the biases)."""
+    from tinygpt import GPT, GPTConfig
+    from tinygpt.dictionary import DictionaryConfig, latent_logit_attribution, make_dictionary
+    from tinygpt.interp import direct_logit_attribution
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layers=2, d_model=32, n_heads=2, n_ctx=32)).eval()
+    sae = make_dictionary(DictionaryConfig(arch="topk", d_in=32, d_sae=64, hook=hook, k=6))
+    tokens = torch.randint(0, 256, (2, 10))
+    res = latent_logit_attribution(model, sae, tokens, 5, 7, check=False)
+    dla = direct_logit_attribution(model, tokens, 5, 7)
+    parts = float(res.values.sum()) + res.bias + res.skip + res.error
+    assert parts == pytest.approx(res.site, abs=1e-5) and res.logit_diff == pytest.approx(dla.logit_diff, abs=1e-5)
+    expected = float(dla.mlp[0]) if hook.endswith("mlp_out") else dla.logit_diff - dla.ln_bias - dla.unembed_bias
+    assert res.site == pytest.approx(expected, abs=1e-4)
+    (latent, value), *_ = res.top(1)
+    assert abs(value) == pytest.approx(float(res.values.abs().max())) and value == float(res.values[latent])
+    res.figure()
+    bad = make_dictionary(DictionaryConfig(arch="topk", d_in=32, d_sae=64, hook="blocks.0.hook_resid_post", k=6))
+    with pytest.raises(DictionaryError, match=r"writes the residual stream directly"):
+        latent_logit_attribution(model, bad, tokens, 5, 7, check=False)

@@ -38,7 +38,13 @@ from tinygpt.dictionary.modules import (
     TopKSAE,
     make_dictionary,
 )
-from tinygpt.dictionary.patching import LatentPatchingResult, attribute_latents, patch_latents
+from tinygpt.dictionary.patching import (
+    LatentDLAResult,
+    LatentPatchingResult,
+    attribute_latents,
+    latent_logit_attribution,
+    patch_latents,
+)
 from tinygpt.dictionary.probe import (
     SeparationResult,
     any_speaker_tag_labels,
@@ -70,6 +76,7 @@ __all__ = [
     "FeatureIndex",
     "FeatureReport",
     "JumpReLUSAE",
+    "LatentDLAResult",
     "LatentPatchingResult",
     "ReLUSAE",
     "SAETrainResult",
@@ -94,6 +101,7 @@ __all__ = [
     "load_sae",
     "make_dictionary",
     "attribute_latents",
+    "latent_logit_attribution",
     "patch_latents",
     "run_with_saes",
     "save_sae",

@@ -229,6 +229,101 @@ def attribute_latents(
     return res.normalize() if normalize else res
 
 
+@dataclasses.dataclass
+class LatentDLAResult:
+    """Each latent's direct contribution to `logit[good] - logit[bad]` at one position (batch means).
+
+    Attributes:
+        values: [d_sae] latent i's term `a_i (W_dec[i] / out_scale) · u`.
+        bias: the decoder bias `b_dec`'s term; skip: a transcoder's skip connection's term (0 for an SAE);
+        error: the error term's (what the dictionary misses); site: the site's own direct contribution, which
+            equals `values.sum() + bias + skip + error` (the dictionary is spliced in with its error term).
+        logit_diff: the model's logit difference, for comparison.
+    """
+
+    values: Tensor
+    bias: float
+    skip: float
+    error: float
+    site: float
+    logit_diff: float
+    hook: str
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def top(self, k: int = 5) -> list[tuple[int, float]]:
+        """The k latents with the largest |contribution|, as (latent id, value)."""
+        idx = self.values.abs().argsort(descending=True)[:k]
+        return [(int(i), float(self.values[i])) for i in idx]
+
+    def figure(self, k: int = 20, title: str | None = None):
+        """Plotly: the k largest latent contributions beside the bias, skip and error terms."""
+        import plotly.graph_objects as go
+
+        top = self.top(k)
+        names = [f"latent {i}" for i, _ in top] + ["b_dec", "skip", "error"]
+        vals = [v for _, v in top] + [self.bias, self.skip, self.error]
+        fig = go.Figure(go.Bar(x=names, y=vals))
+        fig.update_xaxes(type="category", tickangle=-45)
+        fig.update_layout(
+            title=title
+            or f"Direct logit attribution of {self.hook} latents (site total {self.site:.3f}, "
+            f"logit diff {self.logit_diff:.3f})",
+            height=400,
+        )
+        return fig
+
+
+def latent_logit_attribution(
+    model, sae: SparseDictionary, tokens: Any, good: Any, bad: Any = None, pos: int = -1, *, check: bool = True
+) -> LatentDLAResult:
+    """Direct logit attribution per latent (`tinygpt.interp.direct_logit_attribution`'s per-neuron view for a
+    dictionary): with the final norm's scale frozen from the run and the dictionary spliced in with its error
+    term, latent i contributes `a_i (W_dec[i] / out_scale) · u` to the logit difference.
+
+    The dictionary's site must write the residual stream directly: a layer's `hook_attn_out` / `hook_mlp_out`
+    (SAEs there, and transcoders), or the final `hook_resid_post`.
+
+    Args:
+        model: the base model.
+        sae: a dictionary pinned to `model` (`check=False` skips the pin check).
+        tokens: a prompt (text, texts of equal length, or tokens [batch, pos]).
+        good, bad: answer tokens (ids or single-token strings), as `direct_logit_attribution`.
+        pos: the position read (default the last).
+    """
+    from tinygpt.interp.circuits.dla import logit_readout  # same layer: the DLA readout, written once
+
+    site = sae.site
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    if not (site.endswith((".hook_attn_out", ".hook_mlp_out")) or site == last):
+        raise DictionaryError(
+            f"latent DLA needs a dictionary whose output writes the residual stream directly (a layer's "
+            f"hook_attn_out or hook_mlp_out, or {last}); {site} reaches the logits only through later layers"
+        )
+    with eval_mode(model), splice(model, sae, error_term=True, check=check):
+        u, cache, logit_diff = logit_readout(model, tokens, good, bad, pos)  # u [b, d_model] float64
+        at = {x: cache[f"{site}.hook_sae_{x}"][:, pos].double() for x in ("acts_post", "recons", "error", "output")}
+    w_dec = (sae.W_dec / sae.out_scale).detach().double()  # [d_sae, d_out]
+    b_dec = (sae.b_dec / sae.out_scale).detach().double()
+    values = (at["acts_post"] * (u @ w_dec.T)).mean(0)  # [d_sae]
+
+    def dot(x: Tensor) -> float:
+        return float((x * u).sum(-1).mean())
+
+    bias = float((u @ b_dec).mean())
+    skip = dot(at["recons"]) - float(values.sum()) - bias
+    meta = dict(good=good, bad=bad, pos=pos)
+    return LatentDLAResult(
+        values=values.float(),
+        bias=bias,
+        skip=skip,
+        error=dot(at["error"]),
+        site=dot(at["output"]),
+        logit_diff=logit_diff,
+        hook=site,
+        meta=meta,
+    )
+
+
 def _latent_ids(sae: SparseDictionary, latents: Any, a_clean: Tensor, a_corr: Tensor) -> Tensor:
     """The latents a sweep covers: those given (checked), else every latent whose activations differ."""
     if latents is None:
@@ -247,4 +342,4 @@ def _pos_labels(model, c: Tensor, k: Tensor) -> list[str]:
     return [f"{i} {x!r}" if x == y else f"{i} {x!r}/{y!r}" for i, (x, y) in enumerate(zip(ct, kt))]
 
 
-__all__ = ["LatentPatchingResult", "attribute_latents", "patch_latents"]
+__all__ = ["LatentDLAResult", "LatentPatchingResult", "attribute_latents", "latent_logit_attribution", "patch_latents"]

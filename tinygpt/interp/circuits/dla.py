@@ -29,7 +29,7 @@ from torch import Tensor
 from tinygpt.inputs import as_tokens, eval_mode
 from tinygpt.interp.circuits._common import CircuitError
 
-__all__ = ["DLAResult", "direct_logit_attribution"]
+__all__ = ["DLAResult", "direct_logit_attribution", "logit_readout"]
 
 
 @dataclass
@@ -171,23 +171,9 @@ def direct_logit_attribution(model, tokens: Any, good: Any, bad: Any = None, pos
         names = cache.cache_dict
         if "ln_final.hook_scale" not in names:
             raise CircuitError("direct logit attribution needs the final norm's hook_scale, which this model lacks")
-        scale = cache["ln_final.hook_scale"][:, pos].double()  # [b, 1]
-        g = _token_ids(model, good, b, toks.device)
-        w_u = model.W_U.double()  # [d_model, d_vocab]
-        direction = w_u[:, g].T  # [b, d_model]
-        b_u = model.b_U.double()
-        unembed_bias = b_u[g]
-        if bad is not None:
-            w = _token_ids(model, bad, b, toks.device)
-            direction = direction - w_u[:, w].T
-            unembed_bias = unembed_bias - b_u[w]
-        ln = model.ln_final
-        weight = getattr(ln, "w", None)
-        bias = getattr(ln, "b", None)
+        u, direction, unembed_bias, g, w = _readout(model, cache, toks, good, bad, pos)
+        bias = getattr(model.ln_final, "b", None)
         rms = getattr(cfg, "normalization_type", "LN") in ("RMS", "RMSPre")
-        u = direction * (weight.double() if weight is not None else 1.0) / scale  # [b, d_model]
-        if not rms:
-            u = u - u.mean(-1, keepdim=True)  # (c - mean c) · v == c · (v - mean v)
 
         def dot(x: Tensor) -> Tensor:  # [b, ..., d_model] at pos -> [...] batch mean
             x = x.double()
@@ -234,6 +220,51 @@ def direct_logit_attribution(model, tokens: Any, good: Any, bad: Any = None, pos
         pos=pos,
         meta=dict(tokens=toks, good=g.tolist(), bad=None if bad is None else w.tolist()),
     )
+
+
+def _readout(model, cache, toks: Tensor, good: Any, bad: Any, pos: int):
+    """The direction `u` [b, d_model] with `u · c` = component c's direct contribution to logit[good] - logit[bad]
+    at `pos` (the final norm's scale frozen from `cache`), and the pieces it is built from: the unembedding
+    difference [b, d_model], the unembedding bias term [b], and the token ids."""
+    b = toks.shape[0]
+    scale = cache["ln_final.hook_scale"][:, pos].double()  # [b, 1]
+    g = _token_ids(model, good, b, toks.device)
+    w_u = model.W_U.double()  # [d_model, d_vocab]
+    direction = w_u[:, g].T  # [b, d_model]
+    b_u = model.b_U.double()
+    unembed_bias = b_u[g]
+    w = None
+    if bad is not None:
+        w = _token_ids(model, bad, b, toks.device)
+        direction = direction - w_u[:, w].T
+        unembed_bias = unembed_bias - b_u[w]
+    weight = getattr(model.ln_final, "w", None)
+    u = direction * (weight.double() if weight is not None else 1.0) / scale  # [b, d_model]
+    if getattr(model.cfg, "normalization_type", "LN") not in ("RMS", "RMSPre"):
+        u = u - u.mean(-1, keepdim=True)  # (c - mean c) · v == c · (v - mean v)
+    return u, direction, unembed_bias, g, w
+
+
+def logit_readout(model, tokens: Any, good: Any, bad: Any = None, pos: int = -1) -> tuple[Tensor, Any, float]:
+    """For other tools' direct logit attribution (e.g. per dictionary latent): one run of `model` on `tokens`,
+    and the direction `u` [batch, d_model] such that `u · c` is a residual-stream component c's direct
+    contribution to `logit[good] - logit[bad]` at `pos`, with the final norm's scale frozen from that run.
+
+    Returns:
+        (u [batch, d_model] float64, the run's `ActivationCache`, the logit difference (batch mean)).
+    """
+    toks = as_tokens(model, tokens, what="tokens", error=CircuitError)
+    if not -toks.shape[1] <= pos < toks.shape[1]:
+        raise CircuitError(f"position {pos} is out of range for prompts of {toks.shape[1]} tokens")
+    with eval_mode(model), torch.no_grad():
+        logits, cache = model.run_with_cache(toks)
+        if "ln_final.hook_scale" not in cache.cache_dict:
+            raise CircuitError("direct logit attribution needs the final norm's hook_scale, which this model lacks")
+        u, _, _, g, w = _readout(model, cache, toks, good, bad, pos)
+        rows = torch.arange(toks.shape[0], device=toks.device)
+        last = logits[:, pos].double()
+        diff = last[rows, g] - (last[rows, w] if w is not None else 0.0)
+        return u, cache, float(diff.mean())
 
 
 def _head_terms(block, z: Tensor | None, out: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
